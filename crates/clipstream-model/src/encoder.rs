@@ -1,0 +1,488 @@
+//! The two towers as ONNX Runtime sessions.
+//!
+//! Input and output names are discovered from each session rather than
+//! assumed, and the element types are adapted (float16 or float32 pixels,
+//! int64 or int32 ids), so fp32, fp16 and quantized exports load alike.
+//! Embeddings come back L2-normalised. `Session::run` takes `&mut self` in
+//! ort 2.0.0-rc.15: a tower is used from one thread at a time.
+
+use std::path::{Path, PathBuf};
+
+use half::f16;
+use ort::session::Session;
+use ort::value::{Outlet, TensorElementType, TensorRef, ValueType};
+
+use crate::error::{ImageError, ModelError};
+use crate::model_dir::{ModelDir, Variant};
+use crate::preprocess::{ImagePreprocessor, PreprocessorConfig};
+use crate::runtime::{self, RuntimeOptions};
+use crate::tokenize::{ClipTokenizer, TokenBatch};
+
+/// L2-normalised embeddings, row-major `[len, dim]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EmbeddingBatch {
+    /// Embedding width.
+    pub dim: usize,
+    /// `len * dim` values.
+    pub data: Vec<f32>,
+}
+
+impl EmbeddingBatch {
+    /// Number of rows.
+    pub fn len(&self) -> usize {
+        self.data.len().checked_div(self.dim).unwrap_or(0)
+    }
+    /// True when there are no rows.
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+    /// Row `i`.
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.data[i * self.dim..(i + 1) * self.dim]
+    }
+    /// Iterates rows.
+    pub fn rows(&self) -> impl Iterator<Item = &[f32]> {
+        self.data.chunks_exact(self.dim.max(1))
+    }
+}
+
+/// Normalises each row to unit L2 norm (in f64, rounded once).
+pub fn l2_normalize_rows(data: &mut [f32], dim: usize) {
+    for row in data.chunks_exact_mut(dim.max(1)) {
+        let norm = row
+            .iter()
+            .map(|&v| f64::from(v) * f64::from(v))
+            .sum::<f64>()
+            .sqrt();
+        if norm > 0.0 {
+            for v in row.iter_mut() {
+                *v = (f64::from(*v) / norm) as f32;
+            }
+        }
+    }
+}
+
+/// Cosine similarity of two unit vectors (their dot product).
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// What is common to both towers.
+#[derive(Debug)]
+struct Tower {
+    session: Session,
+    path: PathBuf,
+    provider: &'static str,
+    output: String,
+    output_type: TensorElementType,
+}
+
+fn tensor_info(outlet: &Outlet) -> Option<(TensorElementType, Vec<i64>)> {
+    match outlet.dtype() {
+        ValueType::Tensor { ty, shape, .. } => Some((*ty, shape.iter().copied().collect())),
+        _ => None,
+    }
+}
+
+fn describe(outlets: &[Outlet]) -> String {
+    outlets
+        .iter()
+        .map(|o| match tensor_info(o) {
+            Some((ty, shape)) => format!("{} ({ty:?} {shape:?})", o.name()),
+            None => o.name().to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl Tower {
+    fn load(path: &Path, options: &RuntimeOptions, output_name: &str) -> Result<Self, ModelError> {
+        let rt = runtime::init(options.library.as_deref())?;
+        let ort_err =
+            |e: ort::Error<ort::session::builder::SessionBuilder>| ModelError::Ort(e.to_string());
+        let mut builder = Session::builder(&rt.environment)?;
+        if options.intra_threads > 0 {
+            builder = builder
+                .with_intra_threads(options.intra_threads)
+                .map_err(ort_err)?;
+        }
+        let (mut builder, provider) = runtime::apply_providers(builder, options)?;
+        let session = builder
+            .commit_from_file(path)
+            .map_err(|e| ModelError::BadGraph {
+                path: path.to_path_buf(),
+                reason: format!("ONNX Runtime could not load it: {e}"),
+            })?;
+        let output = session
+            .outputs()
+            .iter()
+            .find(|o| o.name() == output_name)
+            .or_else(|| {
+                session
+                    .outputs()
+                    .iter()
+                    .find(|o| o.name().ends_with("embeds") || o.name().ends_with("embeddings"))
+            })
+            .ok_or_else(|| ModelError::BadGraph {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "no `{output_name}` output (outputs: {}); export the tower with its projection \
+                     (CLIPVisionModelWithProjection / CLIPTextModelWithProjection)",
+                    describe(session.outputs())
+                ),
+            })?;
+        let (output_type, _) = tensor_info(output).ok_or_else(|| ModelError::BadGraph {
+            path: path.to_path_buf(),
+            reason: format!("output `{}` is not a tensor", output.name()),
+        })?;
+        if !matches!(
+            output_type,
+            TensorElementType::Float32 | TensorElementType::Float16
+        ) {
+            return Err(ModelError::BadGraph {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "output `{}` is {output_type:?}; float32 or float16 expected",
+                    output.name()
+                ),
+            });
+        }
+        let output = output.name().to_string();
+        tracing::info!(model = %path.display(), provider, "loaded tower");
+        Ok(Tower {
+            session,
+            path: path.to_path_buf(),
+            provider,
+            output,
+            output_type,
+        })
+    }
+
+    fn input<'a>(&'a self, wanted: &[&str]) -> Option<&'a Outlet> {
+        let inputs = self.session.inputs();
+        wanted
+            .iter()
+            .find_map(|w| inputs.iter().find(|i| i.name() == *w))
+    }
+
+    fn extract(
+        outputs: &ort::session::SessionOutputs<'_>,
+        name: &str,
+        ty: TensorElementType,
+        rows: usize,
+    ) -> Result<EmbeddingBatch, ModelError> {
+        let value = &outputs[name];
+        let (shape, data): (Vec<i64>, Vec<f32>) = match ty {
+            TensorElementType::Float16 => {
+                let (shape, data) = value.try_extract_tensor::<f16>()?;
+                (
+                    shape.iter().copied().collect(),
+                    data.iter().map(|v| v.to_f32()).collect(),
+                )
+            }
+            _ => {
+                let (shape, data) = value.try_extract_tensor::<f32>()?;
+                (shape.iter().copied().collect(), data.to_vec())
+            }
+        };
+        if shape.len() != 2 || shape[0] as usize != rows {
+            return Err(ModelError::Ort(format!(
+                "output `{name}` has shape {shape:?}; expected [{rows}, dim]"
+            )));
+        }
+        let dim = shape[1] as usize;
+        let mut data = data;
+        l2_normalize_rows(&mut data, dim);
+        Ok(EmbeddingBatch { dim, data })
+    }
+}
+
+/// The image tower.
+#[derive(Debug)]
+pub struct VisionEncoder {
+    tower: Tower,
+    input: String,
+    input_type: TensorElementType,
+}
+
+impl VisionEncoder {
+    /// Loads `vision_model*.onnx`; finds its pixel input (`pixel_values`, or
+    /// the only rank-4 float input) and its `image_embeds` output.
+    pub fn load(path: &Path, options: &RuntimeOptions) -> Result<Self, ModelError> {
+        let tower = Tower::load(path, options, "image_embeds")?;
+        let input = tower
+            .input(&["pixel_values"])
+            .or_else(|| {
+                let floats: Vec<&Outlet> = tower
+                    .session
+                    .inputs()
+                    .iter()
+                    .filter(|i| {
+                        tensor_info(i).is_some_and(|(ty, shape)| {
+                            shape.len() == 4
+                                && matches!(
+                                    ty,
+                                    TensorElementType::Float32 | TensorElementType::Float16
+                                )
+                        })
+                    })
+                    .collect();
+                (floats.len() == 1).then(|| floats[0])
+            })
+            .ok_or_else(|| ModelError::BadGraph {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "no `pixel_values` input (inputs: {})",
+                    describe(tower.session.inputs())
+                ),
+            })?;
+        let (input_type, _) = tensor_info(input).unwrap_or((TensorElementType::Float32, vec![]));
+        if !matches!(
+            input_type,
+            TensorElementType::Float32 | TensorElementType::Float16
+        ) {
+            return Err(ModelError::BadGraph {
+                path: path.to_path_buf(),
+                reason: format!("input `{}` is {input_type:?}; float expected", input.name()),
+            });
+        }
+        let input = input.name().to_string();
+        Ok(VisionEncoder {
+            tower,
+            input,
+            input_type,
+        })
+    }
+
+    /// The execution provider in use (`cpu`, `cuda`, `tensorrt`).
+    pub fn provider(&self) -> &'static str {
+        self.tower.provider
+    }
+
+    /// The ONNX file.
+    pub fn path(&self) -> &Path {
+        &self.tower.path
+    }
+
+    /// Embeds `n` preprocessed images laid out `[n, 3, h, w]` in `pixels`.
+    pub fn embed(
+        &mut self,
+        pixels: &[f32],
+        n: usize,
+        (h, w): (usize, usize),
+    ) -> Result<EmbeddingBatch, ModelError> {
+        if n == 0 {
+            return Ok(EmbeddingBatch {
+                dim: 0,
+                data: Vec::new(),
+            });
+        }
+        assert_eq!(pixels.len(), n * 3 * h * w, "pixel buffer size");
+        let shape = [n as i64, 3, h as i64, w as i64];
+        let t = &mut self.tower;
+        let outputs = match self.input_type {
+            TensorElementType::Float16 => {
+                let half: Vec<f16> = pixels.iter().map(|&v| f16::from_f32(v)).collect();
+                let tensor = TensorRef::from_array_view((shape, half.as_slice()))?;
+                t.session.run(ort::inputs![self.input.as_str() => tensor])?
+            }
+            _ => {
+                let tensor = TensorRef::from_array_view((shape, pixels))?;
+                t.session.run(ort::inputs![self.input.as_str() => tensor])?
+            }
+        };
+        Tower::extract(&outputs, &t.output, t.output_type, n)
+    }
+}
+
+/// The text tower.
+#[derive(Debug)]
+pub struct TextEncoder {
+    tower: Tower,
+    ids: String,
+    ids_type: TensorElementType,
+    mask: Option<(String, TensorElementType)>,
+}
+
+impl TextEncoder {
+    /// Loads `text_model*.onnx`; finds `input_ids` (int64 or int32), the
+    /// optional `attention_mask`, and the `text_embeds` output.
+    pub fn load(path: &Path, options: &RuntimeOptions) -> Result<Self, ModelError> {
+        let tower = Tower::load(path, options, "text_embeds")?;
+        let ids = tower
+            .input(&["input_ids"])
+            .ok_or_else(|| ModelError::BadGraph {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "no `input_ids` input (inputs: {})",
+                    describe(tower.session.inputs())
+                ),
+            })?;
+        let int_type = |o: &Outlet| -> Result<TensorElementType, ModelError> {
+            match tensor_info(o) {
+                Some((ty @ (TensorElementType::Int64 | TensorElementType::Int32), _)) => Ok(ty),
+                other => Err(ModelError::BadGraph {
+                    path: path.to_path_buf(),
+                    reason: format!(
+                        "input `{}` is {:?}; int64 or int32 expected",
+                        o.name(),
+                        other.map(|o| o.0)
+                    ),
+                }),
+            }
+        };
+        let ids_type = int_type(ids)?;
+        let ids = ids.name().to_string();
+        let mask = match tower.input(&["attention_mask"]) {
+            Some(m) => Some((m.name().to_string(), int_type(m)?)),
+            None => None,
+        };
+        if let Some(extra) = tower
+            .session
+            .inputs()
+            .iter()
+            .find(|i| i.name() != ids && mask.as_ref().is_none_or(|(m, _)| i.name() != m))
+        {
+            return Err(ModelError::BadGraph {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "unexpected input `{}` (inputs: {}); a CLIP text tower takes input_ids and optionally attention_mask",
+                    extra.name(),
+                    describe(tower.session.inputs())
+                ),
+            });
+        }
+        Ok(TextEncoder {
+            tower,
+            ids,
+            ids_type,
+            mask,
+        })
+    }
+
+    /// The execution provider in use.
+    pub fn provider(&self) -> &'static str {
+        self.tower.provider
+    }
+
+    /// The ONNX file.
+    pub fn path(&self) -> &Path {
+        &self.tower.path
+    }
+
+    /// Embeds a tokenized batch.
+    pub fn embed(&mut self, tokens: &TokenBatch) -> Result<EmbeddingBatch, ModelError> {
+        if tokens.len == 0 {
+            return Ok(EmbeddingBatch {
+                dim: 0,
+                data: Vec::new(),
+            });
+        }
+        let shape = [tokens.len as i64, tokens.max_len as i64];
+        let as_i32 = |v: &[i64]| v.iter().map(|&x| x as i32).collect::<Vec<i32>>();
+        let ids32;
+        let mask32;
+        let mut inputs: Vec<(
+            std::borrow::Cow<'_, str>,
+            ort::session::SessionInputValue<'_>,
+        )> = Vec::with_capacity(2);
+        match self.ids_type {
+            TensorElementType::Int32 => {
+                ids32 = as_i32(&tokens.input_ids);
+                inputs.push((
+                    self.ids.as_str().into(),
+                    TensorRef::from_array_view((shape, ids32.as_slice()))?.into(),
+                ));
+            }
+            _ => inputs.push((
+                self.ids.as_str().into(),
+                TensorRef::from_array_view((shape, tokens.input_ids.as_slice()))?.into(),
+            )),
+        }
+        if let Some((name, ty)) = &self.mask {
+            match ty {
+                TensorElementType::Int32 => {
+                    mask32 = as_i32(&tokens.attention_mask);
+                    inputs.push((
+                        name.as_str().into(),
+                        TensorRef::from_array_view((shape, mask32.as_slice()))?.into(),
+                    ));
+                }
+                _ => inputs.push((
+                    name.as_str().into(),
+                    TensorRef::from_array_view((shape, tokens.attention_mask.as_slice()))?.into(),
+                )),
+            }
+        }
+        let t = &mut self.tower;
+        let outputs = t.session.run(inputs)?;
+        Tower::extract(&outputs, &t.output, t.output_type, tokens.len)
+    }
+}
+
+/// A whole model: preprocessing, tokenizer and both towers.
+#[derive(Debug)]
+pub struct ClipModel {
+    /// Where it came from.
+    pub dir: ModelDir,
+    /// Image preprocessing.
+    pub preprocessor: ImagePreprocessor,
+    /// Tokenizer.
+    pub tokenizer: ClipTokenizer,
+    /// Image tower.
+    pub vision: VisionEncoder,
+    /// Text tower.
+    pub text: TextEncoder,
+}
+
+impl ClipModel {
+    /// Loads a model directory.
+    pub fn load(
+        root: impl AsRef<Path>,
+        variant: &Variant,
+        options: &RuntimeOptions,
+    ) -> Result<Self, ModelError> {
+        let dir = ModelDir::open(root, variant)?;
+        let preprocessor =
+            ImagePreprocessor::new(PreprocessorConfig::from_file(&dir.preprocessor_config)?);
+        let tokenizer = ClipTokenizer::from_model_dir(&dir)?;
+        let vision = VisionEncoder::load(&dir.vision_model, options)?;
+        let text = TextEncoder::load(&dir.text_model, options)?;
+        Ok(ClipModel {
+            dir,
+            preprocessor,
+            tokenizer,
+            vision,
+            text,
+        })
+    }
+
+    /// Embeds already decoded-and-preprocessed images.
+    pub fn embed_pixels(&mut self, pixels: &[f32], n: usize) -> Result<EmbeddingBatch, ModelError> {
+        let size = self.preprocessor.config.output_size();
+        self.vision.embed(pixels, n, size)
+    }
+
+    /// Decodes, preprocesses and embeds one image's bytes. Bad images are an
+    /// `Ok(Err(..))`: the model is fine, the input is not.
+    pub fn embed_image_bytes(
+        &mut self,
+        bytes: &[u8],
+    ) -> Result<Result<Vec<f32>, ImageError>, ModelError> {
+        let pixels = match self.preprocessor.preprocess(bytes) {
+            Ok(p) => p,
+            Err(e) => return Ok(Err(e)),
+        };
+        let batch = self.embed_pixels(&pixels, 1)?;
+        Ok(Ok(batch.data))
+    }
+
+    /// Tokenizes and embeds texts.
+    pub fn embed_texts<S: AsRef<str>>(
+        &mut self,
+        texts: &[S],
+    ) -> Result<EmbeddingBatch, ModelError> {
+        let tokens = self.tokenizer.encode_batch(texts)?;
+        self.text.embed(&tokens)
+    }
+}

@@ -1,0 +1,38 @@
+//! CLIP on ONNX Runtime, exact to Hugging Face `transformers`.
+//!
+//! This crate knows nothing of Kafka or S3: it turns image bytes and strings
+//! into L2-normalised CLIP embeddings and zero-shot labels. The map:
+//!
+//! - [`runtime`]: finds the ONNX Runtime shared library (ort's `load-dynamic`)
+//!   and chooses execution providers (CPU, CUDA, TensorRT).
+//! - [`model_dir`]: the Hugging Face / transformers.js ONNX export layout
+//!   (`vision_model.onnx`, `text_model.onnx`, `tokenizer.json`,
+//!   `preprocessor_config.json`, `config.json`) and its variants.
+//! - [`preprocess`]: image decoding and `CLIPImageProcessor` reproduced bit
+//!   for bit (Pillow's colour conversions and bicubic resampling).
+//! - [`tokenize`]: `CLIPTokenizerFast` through the `tokenizers` crate.
+//! - [`encoder`]: one ORT session per tower; input/output names discovered
+//!   from the session; fp32 / fp16 / int8 exports alike.
+//! - [`zero_shot`]: label sets (class names × prompt templates) and the
+//!   softmax head.
+//! - [`npy`]: reading and writing `.npy` arrays, for parity checks.
+//!
+//! The types are synchronous and `Send`; callers decide on threads (the
+//! pipeline runs preprocessing on a CPU pool and each tower on its own thread).
+
+pub mod encoder;
+pub mod error;
+pub mod model_dir;
+pub mod npy;
+pub mod preprocess;
+pub mod runtime;
+pub mod tokenize;
+pub mod zero_shot;
+
+pub use encoder::{ClipModel, EmbeddingBatch, TextEncoder, VisionEncoder};
+pub use error::{ImageError, ModelError};
+pub use model_dir::{ModelDir, Variant};
+pub use preprocess::{DecodeLimits, ImagePreprocessor, PreprocessorConfig};
+pub use runtime::{ExecutionProvider, RuntimeOptions};
+pub use tokenize::ClipTokenizer;
+pub use zero_shot::{LabelSet, ZeroShotHead};

@@ -1,0 +1,480 @@
+//! `CLIPImageProcessor`, reproduced: decode → RGB → shortest-edge resize
+//! (Pillow bicubic) → center crop (with zero padding) → rescale → normalise,
+//! every parameter read from `preprocessor_config.json`.
+//!
+//! The arithmetic follows `transformers` (PIL backend) exactly: `rescale`
+//! multiplies in float64 and rounds to float32, `normalize` subtracts and
+//! divides in float32. Output is channel-first float32, `[3, H, W]`.
+
+pub mod decode;
+pub mod resample;
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+pub use decode::{DecodeLimits, Decoded};
+pub use resample::{Filter, Image8};
+
+use crate::error::{ImageError, ModelError};
+
+/// OpenAI CLIP's normalisation constants (transformers' `OPENAI_CLIP_MEAN` /
+/// `OPENAI_CLIP_STD`), the defaults when a config omits them.
+pub const OPENAI_CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
+/// See [`OPENAI_CLIP_MEAN`].
+pub const OPENAI_CLIP_STD: [f64; 3] = [0.26862954, 0.26130258, 0.27577711];
+
+/// How the image is resized before cropping (`size` in the config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResizeTarget {
+    /// `{"shortest_edge": N}` (optionally with `longest_edge`).
+    ShortestEdge {
+        /// Target of the short side.
+        shortest: usize,
+        /// Cap on the long side.
+        longest: Option<usize>,
+    },
+    /// `{"height": H, "width": W}`: exact size, aspect not kept.
+    Exact {
+        /// Height.
+        height: usize,
+        /// Width.
+        width: usize,
+    },
+}
+
+/// The preprocessing parameters of a model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PreprocessorConfig {
+    /// `do_resize`.
+    pub do_resize: bool,
+    /// `size`.
+    pub size: ResizeTarget,
+    /// `resample` (Pillow code).
+    pub resample: Filter,
+    /// `do_center_crop`.
+    pub do_center_crop: bool,
+    /// `crop_size` as (height, width).
+    pub crop_size: (usize, usize),
+    /// `do_rescale`.
+    pub do_rescale: bool,
+    /// `rescale_factor`.
+    pub rescale_factor: f64,
+    /// `do_normalize`.
+    pub do_normalize: bool,
+    /// `image_mean`.
+    pub image_mean: [f64; 3],
+    /// `image_std`.
+    pub image_std: [f64; 3],
+    /// `do_convert_rgb` (must be true: the towers take 3 channels).
+    pub do_convert_rgb: bool,
+}
+
+impl Default for PreprocessorConfig {
+    /// `CLIPImageProcessor`'s class defaults.
+    fn default() -> Self {
+        PreprocessorConfig {
+            do_resize: true,
+            size: ResizeTarget::ShortestEdge {
+                shortest: 224,
+                longest: None,
+            },
+            resample: Filter::Bicubic,
+            do_center_crop: true,
+            crop_size: (224, 224),
+            do_rescale: true,
+            rescale_factor: 1.0 / 255.0,
+            do_normalize: true,
+            image_mean: OPENAI_CLIP_MEAN,
+            image_std: OPENAI_CLIP_STD,
+            do_convert_rgb: true,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum SizeJson {
+    Int(usize),
+    Dict {
+        #[serde(default)]
+        shortest_edge: Option<usize>,
+        #[serde(default)]
+        longest_edge: Option<usize>,
+        #[serde(default)]
+        height: Option<usize>,
+        #[serde(default)]
+        width: Option<usize>,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Channels {
+    One(f64),
+    Three([f64; 3]),
+}
+
+impl Channels {
+    fn get(self) -> [f64; 3] {
+        match self {
+            Channels::One(v) => [v; 3],
+            Channels::Three(v) => v,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct ConfigJson {
+    do_resize: Option<bool>,
+    size: Option<SizeJson>,
+    resample: Option<i64>,
+    do_center_crop: Option<bool>,
+    crop_size: Option<SizeJson>,
+    do_rescale: Option<bool>,
+    rescale_factor: Option<f64>,
+    do_normalize: Option<bool>,
+    image_mean: Option<Channels>,
+    image_std: Option<Channels>,
+    do_convert_rgb: Option<bool>,
+}
+
+impl PreprocessorConfig {
+    /// Reads `preprocessor_config.json`. Missing keys take the
+    /// `CLIPImageProcessor` defaults, as transformers does.
+    pub fn from_file(path: &Path) -> Result<Self, ModelError> {
+        let json: ConfigJson = crate::model_dir::read_json(path)?;
+        Self::from_json(json).map_err(|reason| ModelError::BadFile {
+            path: path.to_path_buf(),
+            reason,
+        })
+    }
+
+    /// Parses the JSON text of a `preprocessor_config.json`.
+    pub fn from_json_str(text: &str) -> Result<Self, String> {
+        let json: ConfigJson = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        Self::from_json(json)
+    }
+
+    fn from_json(j: ConfigJson) -> Result<Self, String> {
+        let d = PreprocessorConfig::default();
+        let size = match j.size {
+            None => d.size,
+            // Legacy integer `size` with default_to_square=False.
+            Some(SizeJson::Int(n)) => ResizeTarget::ShortestEdge {
+                shortest: n,
+                longest: None,
+            },
+            Some(SizeJson::Dict {
+                shortest_edge: Some(s),
+                longest_edge,
+                ..
+            }) => ResizeTarget::ShortestEdge {
+                shortest: s,
+                longest: longest_edge,
+            },
+            Some(SizeJson::Dict {
+                height: Some(height),
+                width: Some(width),
+                ..
+            }) => ResizeTarget::Exact { height, width },
+            Some(_) => {
+                return Err(
+                    "`size` must be an integer, {\"shortest_edge\"} or {\"height\", \"width\"}"
+                        .into(),
+                );
+            }
+        };
+        let crop_size = match j.crop_size {
+            None => d.crop_size,
+            Some(SizeJson::Int(n)) => (n, n),
+            Some(SizeJson::Dict {
+                height: Some(h),
+                width: Some(w),
+                ..
+            }) => (h, w),
+            Some(_) => {
+                return Err("`crop_size` must be an integer or {\"height\", \"width\"}".into());
+            }
+        };
+        let resample = match j.resample {
+            None => d.resample,
+            Some(code) => Filter::from_pil_code(code)
+                .ok_or_else(|| format!("`resample` {code} is not a Pillow filter (0-5)"))?,
+        };
+        let cfg = PreprocessorConfig {
+            do_resize: j.do_resize.unwrap_or(d.do_resize),
+            size,
+            resample,
+            do_center_crop: j.do_center_crop.unwrap_or(d.do_center_crop),
+            crop_size,
+            do_rescale: j.do_rescale.unwrap_or(d.do_rescale),
+            rescale_factor: j.rescale_factor.unwrap_or(d.rescale_factor),
+            do_normalize: j.do_normalize.unwrap_or(d.do_normalize),
+            image_mean: j.image_mean.map(Channels::get).unwrap_or(d.image_mean),
+            image_std: j.image_std.map(Channels::get).unwrap_or(d.image_std),
+            do_convert_rgb: j.do_convert_rgb.unwrap_or(d.do_convert_rgb),
+        };
+        if !cfg.do_convert_rgb {
+            return Err("`do_convert_rgb: false` is not supported: the towers take RGB".into());
+        }
+        if cfg.do_normalize && cfg.image_std.contains(&0.0) {
+            return Err("`image_std` has a zero".into());
+        }
+        if !cfg.do_center_crop && !matches!(cfg.size, ResizeTarget::Exact { .. }) {
+            return Err(
+                "without center crop, `size` must be {\"height\", \"width\"} so that every image has the same shape"
+                    .into(),
+            );
+        }
+        Ok(cfg)
+    }
+
+    /// `(height, width)` of `pixel_values`.
+    pub fn output_size(&self) -> (usize, usize) {
+        if self.do_center_crop {
+            self.crop_size
+        } else {
+            match self.size {
+                ResizeTarget::Exact { height, width } => (height, width),
+                ResizeTarget::ShortestEdge { shortest, .. } => (shortest, shortest),
+            }
+        }
+    }
+
+    /// The size an image of `(height, width)` is resized to: transformers'
+    /// `get_resize_output_image_size` / `get_size_with_aspect_ratio`.
+    pub fn resized_size(&self, height: usize, width: usize) -> (usize, usize) {
+        match self.size {
+            ResizeTarget::Exact { height, width } => (height, width),
+            ResizeTarget::ShortestEdge {
+                shortest,
+                longest: None,
+            } => {
+                let (short, long) = if width <= height {
+                    (width, height)
+                } else {
+                    (height, width)
+                };
+                // Python: int(size * long / short), a correctly rounded
+                // float division, truncated.
+                let new_long = ((shortest * long) as f64 / short as f64) as usize;
+                if width <= height {
+                    (new_long, shortest)
+                } else {
+                    (shortest, new_long)
+                }
+            }
+            ResizeTarget::ShortestEdge {
+                shortest,
+                longest: Some(max_size),
+            } => {
+                let (h, w) = (height as f64, width as f64);
+                let mut size = shortest as f64;
+                let mut raw_size = None;
+                let (min_o, max_o) = (h.min(w), h.max(w));
+                if max_o / min_o * size > max_size as f64 {
+                    let raw = max_size as f64 * min_o / max_o;
+                    raw_size = Some(raw);
+                    size = raw.round_ties_even();
+                }
+                let size_i = size as usize;
+                if (height <= width && height == size_i) || (width <= height && width == size_i) {
+                    (height, width)
+                } else if width < height {
+                    let oh = match raw_size {
+                        Some(raw) => (raw * h / w) as usize,
+                        None => (size * h / w) as usize,
+                    };
+                    (oh, size_i)
+                } else {
+                    let ow = match raw_size {
+                        Some(raw) => (raw * w / h) as usize,
+                        None => (size * w / h) as usize,
+                    };
+                    (size_i, ow)
+                }
+            }
+        }
+    }
+}
+
+/// Decodes and preprocesses images for one model.
+#[derive(Debug, Clone)]
+pub struct ImagePreprocessor {
+    /// The model's preprocessing parameters.
+    pub config: PreprocessorConfig,
+    /// Input limits.
+    pub limits: DecodeLimits,
+    /// Apply EXIF orientation before resizing (transformers does not).
+    pub apply_exif_orientation: bool,
+}
+
+impl ImagePreprocessor {
+    /// A preprocessor with default limits and transformers' behaviour.
+    pub fn new(config: PreprocessorConfig) -> Self {
+        ImagePreprocessor {
+            config,
+            limits: DecodeLimits::default(),
+            apply_exif_orientation: false,
+        }
+    }
+
+    /// Number of floats one image takes (`3 * H * W`).
+    pub fn pixels_len(&self) -> usize {
+        let (h, w) = self.config.output_size();
+        3 * h * w
+    }
+
+    /// Decodes image bytes to RGB (with the configured limits and orientation).
+    pub fn decode(&self, bytes: &[u8]) -> Result<Decoded, ImageError> {
+        decode::decode(bytes, &self.limits, self.apply_exif_orientation)
+    }
+
+    /// Decodes and preprocesses `bytes` into `out` (`pixels_len()` floats).
+    pub fn preprocess_into(&self, bytes: &[u8], out: &mut [f32]) -> Result<(), ImageError> {
+        let decoded = self.decode(bytes)?;
+        self.pixel_values_into(&decoded.rgb, out);
+        Ok(())
+    }
+
+    /// Decodes and preprocesses `bytes` into a new `[3, H, W]` buffer.
+    pub fn preprocess(&self, bytes: &[u8]) -> Result<Vec<f32>, ImageError> {
+        let mut out = vec![0f32; self.pixels_len()];
+        self.preprocess_into(bytes, &mut out)?;
+        Ok(out)
+    }
+
+    /// Resize, crop, rescale and normalise an RGB image into `out`.
+    pub fn pixel_values_into(&self, rgb: &Image8, out: &mut [f32]) {
+        let c = &self.config;
+        let resized;
+        let img = if c.do_resize {
+            let (h, w) = c.resized_size(rgb.height, rgb.width);
+            resized = resample::resize(rgb, w.max(1), h.max(1), c.resample);
+            &resized
+        } else {
+            rgb
+        };
+        let cropped;
+        let img = if c.do_center_crop {
+            cropped = center_crop(img, c.crop_size.0, c.crop_size.1);
+            &cropped
+        } else {
+            img
+        };
+        let plane = img.width * img.height;
+        assert_eq!(out.len(), 3 * plane, "output buffer has the wrong size");
+        // One lookup table per channel: the value depends only on the byte.
+        for ch in 0..3 {
+            let mut lut = [0f32; 256];
+            for (v, slot) in lut.iter_mut().enumerate() {
+                let mut x = if c.do_rescale {
+                    (v as f64 * c.rescale_factor) as f32
+                } else {
+                    v as f32
+                };
+                if c.do_normalize {
+                    x = (x - c.image_mean[ch] as f32) / c.image_std[ch] as f32;
+                }
+                *slot = x;
+            }
+            let dst = &mut out[ch * plane..(ch + 1) * plane];
+            for (d, px) in dst.iter_mut().zip(img.data.chunks_exact(3)) {
+                *d = lut[px[ch] as usize];
+            }
+        }
+    }
+}
+
+/// transformers' `center_crop`: offsets `(size - crop) // 2` (floor), and
+/// zero padding (centred, extra row/column at the start) where the image is
+/// smaller than the crop.
+pub fn center_crop(img: &Image8, crop_h: usize, crop_w: usize) -> Image8 {
+    let (h, w, c) = (img.height as i64, img.width as i64, img.channels);
+    let (ch, cw) = (crop_h as i64, crop_w as i64);
+    let top = (h - ch).div_euclid(2);
+    let left = (w - cw).div_euclid(2);
+    // Padding: the image sits at (top_pad, left_pad) in a canvas of
+    // max(crop, size); then the crop window is shifted by the same amounts.
+    let new_h = ch.max(h);
+    let new_w = cw.max(w);
+    let top_pad = (new_h - h + 1) / 2;
+    let left_pad = (new_w - w + 1) / 2;
+    let (top, left) = if top >= 0 && left >= 0 && top + ch <= h && left + cw <= w {
+        (top, left)
+    } else {
+        (top + top_pad, left + left_pad)
+    };
+    let (off_y, off_x) = if top >= 0 && left >= 0 && top + ch <= h && left + cw <= w {
+        (0, 0)
+    } else {
+        (top_pad, left_pad)
+    };
+    let mut out = vec![0u8; crop_h * crop_w * c];
+    for y in 0..ch {
+        // Row in canvas coordinates, then in image coordinates.
+        let sy = top + y - off_y;
+        if sy < 0 || sy >= h {
+            continue;
+        }
+        for x in 0..cw {
+            let sx = left + x - off_x;
+            if sx < 0 || sx >= w {
+                continue;
+            }
+            let s = ((sy * w + sx) as usize) * c;
+            let d = ((y * cw + x) as usize) * c;
+            out[d..d + c].copy_from_slice(&img.data[s..s + c]);
+        }
+    }
+    Image8::new(crop_w, crop_h, c, out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resized_size_truncates_the_long_side() {
+        let c = PreprocessorConfig::default();
+        assert_eq!(c.resized_size(480, 640), (224, 298)); // 224*640/480 = 298.67
+        assert_eq!(c.resized_size(640, 480), (298, 224));
+        assert_eq!(c.resized_size(700, 2), (78400, 224));
+        assert_eq!(c.resized_size(224, 224), (224, 224));
+        assert_eq!(c.resized_size(1, 1), (224, 224));
+    }
+
+    #[test]
+    fn legacy_integer_sizes_parse() {
+        let c =
+            PreprocessorConfig::from_json_str(r#"{"size": 224, "crop_size": 224}"#).expect("valid");
+        assert_eq!(
+            c.size,
+            ResizeTarget::ShortestEdge {
+                shortest: 224,
+                longest: None
+            }
+        );
+        assert_eq!(c.crop_size, (224, 224));
+        assert!(PreprocessorConfig::from_json_str(r#"{"resample": 9}"#).is_err());
+        assert!(PreprocessorConfig::from_json_str(r#"{"do_convert_rgb": false}"#).is_err());
+    }
+
+    #[test]
+    fn center_crop_takes_floor_offsets() {
+        // 5 wide, crop 2: offset (5-2)//2 = 1.
+        let img = Image8::new(5, 1, 1, vec![0, 1, 2, 3, 4]);
+        assert_eq!(center_crop(&img, 1, 2).data, vec![1, 2]);
+    }
+
+    #[test]
+    fn center_crop_pads_small_images_like_transformers() {
+        // transformers.image_transforms.center_crop gives [0 1 2 3] and
+        // [0 0 1 2 0]: the image sits at ceil((canvas - size) / 2).
+        let img = Image8::new(3, 1, 1, vec![1, 2, 3]);
+        assert_eq!(center_crop(&img, 1, 4).data, vec![0, 1, 2, 3]);
+        let img = Image8::new(2, 1, 1, vec![1, 2]);
+        assert_eq!(center_crop(&img, 1, 5).data, vec![0, 0, 1, 2, 0]);
+    }
+}

@@ -1,0 +1,334 @@
+//! Pillow's antialiased convolution resampling (`Image.resize` with
+//! `Resampling.BICUBIC`), ported from `libImaging/Resample.c` so that the
+//! output is bit-identical to what `CLIPImageProcessor` feeds the model.
+//!
+//! Pillow resizes in two separable passes, horizontal first, each rounding to
+//! `u8` through 22-bit fixed-point coefficients. Every detail below (the
+//! support scaled by the downscale factor, truncating casts, the rounding
+//! constant, skipping a pass whose size does not change) changes output
+//! values, so keep it exactly as Pillow has it.
+
+/// Fixed-point precision of the 8-bit path (`PRECISION_BITS` in Pillow).
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+
+/// The resampling filters this crate supports; numbered as in Pillow and in
+/// `preprocessor_config.json`'s `resample` field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Filter {
+    /// `0`: nearest neighbour (no antialiasing, as Pillow).
+    Nearest,
+    /// `2`: bilinear (triangle), antialiased.
+    Bilinear,
+    /// `3`: bicubic (Keys, a = -0.5), antialiased. CLIP's filter.
+    Bicubic,
+    /// `1`: Lanczos-3, antialiased.
+    Lanczos,
+    /// `4`: box, antialiased.
+    Box,
+    /// `5`: Hamming, antialiased.
+    Hamming,
+}
+
+impl Filter {
+    /// Maps Pillow's integer resampling codes (as stored in
+    /// `preprocessor_config.json`) to a filter.
+    pub fn from_pil_code(code: i64) -> Option<Self> {
+        Some(match code {
+            0 => Filter::Nearest,
+            1 => Filter::Lanczos,
+            2 => Filter::Bilinear,
+            3 => Filter::Bicubic,
+            4 => Filter::Box,
+            5 => Filter::Hamming,
+            _ => return None,
+        })
+    }
+
+    fn support(self) -> f64 {
+        match self {
+            Filter::Nearest | Filter::Box => 0.5,
+            Filter::Bilinear | Filter::Hamming => 1.0,
+            Filter::Bicubic => 2.0,
+            Filter::Lanczos => 3.0,
+        }
+    }
+
+    fn weight(self, x: f64) -> f64 {
+        match self {
+            Filter::Nearest | Filter::Box => {
+                if x > -0.5 && x <= 0.5 {
+                    1.0
+                } else {
+                    0.0
+                }
+            }
+            Filter::Bilinear => {
+                let x = x.abs();
+                if x < 1.0 { 1.0 - x } else { 0.0 }
+            }
+            Filter::Hamming => {
+                let x = x.abs();
+                if x == 0.0 {
+                    1.0
+                } else if x >= 1.0 {
+                    0.0
+                } else {
+                    let px = x * std::f64::consts::PI;
+                    (px.sin() / px) * (0.54 + 0.46 * px.cos())
+                }
+            }
+            Filter::Bicubic => {
+                const A: f64 = -0.5;
+                let x = x.abs();
+                if x < 1.0 {
+                    ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+                } else if x < 2.0 {
+                    (((x - 5.0) * x + 8.0) * x - 4.0) * A
+                } else {
+                    0.0
+                }
+            }
+            Filter::Lanczos => {
+                if (-3.0..3.0).contains(&x) {
+                    sinc(x) * sinc(x / 3.0)
+                } else {
+                    0.0
+                }
+            }
+        }
+    }
+}
+
+fn sinc(x: f64) -> f64 {
+    if x == 0.0 {
+        return 1.0;
+    }
+    let x = x * std::f64::consts::PI;
+    x.sin() / x
+}
+
+/// Per output pixel: the first input index, the number of taps, and the
+/// fixed-point weights (`ksize` of them, zero-padded).
+struct Coefficients {
+    ksize: usize,
+    bounds: Vec<(usize, usize)>,
+    weights: Vec<i32>,
+}
+
+/// `precompute_coeffs` + `normalize_coeffs_8bpc` from Pillow.
+fn coefficients(in_size: usize, out_size: usize, filter: Filter) -> Coefficients {
+    // Pillow passes the box edges as C `float`; (0, in_size) is exact.
+    let in0 = 0.0f32 as f64;
+    let in1 = in_size as f32 as f64;
+    let scale = (in1 - in0) / out_size as f64;
+    let filterscale = if scale < 1.0 { 1.0 } else { scale };
+    let support = filter.support() * filterscale;
+    let ksize = (support.ceil() as usize) * 2 + 1;
+
+    let mut bounds = Vec::with_capacity(out_size);
+    let mut weights = vec![0i32; out_size * ksize];
+    let mut k = vec![0f64; ksize];
+    for xx in 0..out_size {
+        let center = in0 + (xx as f64 + 0.5) * scale;
+        let ss = 1.0 / filterscale;
+        // C's (int) cast truncates toward zero, as does `as i64`.
+        let xmin = ((center - support + 0.5) as i64).max(0);
+        let xmax = ((center + support + 0.5) as i64).min(in_size as i64) - xmin;
+        let xmax = xmax.max(0) as usize;
+        let mut ww = 0.0;
+        for (x, kx) in k.iter_mut().enumerate().take(xmax) {
+            let w = filter.weight(((x as i64 + xmin) as f64 - center + 0.5) * ss);
+            *kx = w;
+            ww += w;
+        }
+        let row = &mut weights[xx * ksize..(xx + 1) * ksize];
+        for (x, kx) in k.iter().enumerate().take(xmax) {
+            let v = if ww != 0.0 { kx / ww } else { *kx };
+            let fixed = v * f64::from(1u32 << PRECISION_BITS);
+            row[x] = if v < 0.0 {
+                (-0.5 + fixed) as i32
+            } else {
+                (0.5 + fixed) as i32
+            };
+        }
+        bounds.push((xmin as usize, xmax));
+    }
+    Coefficients {
+        ksize,
+        bounds,
+        weights,
+    }
+}
+
+#[inline]
+fn clip8(v: i32) -> u8 {
+    if v >= (1 << PRECISION_BITS << 8) {
+        255
+    } else if v <= 0 {
+        0
+    } else {
+        (v >> PRECISION_BITS) as u8
+    }
+}
+
+/// An interleaved 8-bit image: `channels` bytes per pixel, rows packed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Image8 {
+    /// Width in pixels.
+    pub width: usize,
+    /// Height in pixels.
+    pub height: usize,
+    /// Bytes per pixel (3 for RGB).
+    pub channels: usize,
+    /// `height * width * channels` bytes.
+    pub data: Vec<u8>,
+}
+
+impl Image8 {
+    /// Wraps a buffer; panics in debug builds if the size does not match.
+    pub fn new(width: usize, height: usize, channels: usize, data: Vec<u8>) -> Self {
+        debug_assert_eq!(data.len(), width * height * channels);
+        Image8 {
+            width,
+            height,
+            channels,
+            data,
+        }
+    }
+}
+
+/// Resizes like Pillow's `Image.resize((width, height), filter)` with no
+/// `box` and no `reducing_gap`.
+pub fn resize(src: &Image8, width: usize, height: usize, filter: Filter) -> Image8 {
+    if width == src.width && height == src.height {
+        return src.clone();
+    }
+    if filter == Filter::Nearest {
+        return resize_nearest(src, width, height);
+    }
+    let c = src.channels;
+    let need_horizontal = width != src.width;
+    let need_vertical = height != src.height;
+    let horiz = coefficients(src.width, width, filter);
+    let vert = coefficients(src.height, height, filter);
+
+    // The horizontal pass only needs the rows the vertical pass reads.
+    let (y_first, y_last) = if need_vertical {
+        let first = vert.bounds[0].0;
+        let (lmin, lcount) = vert.bounds[height - 1];
+        (first, lmin + lcount)
+    } else {
+        (0, src.height)
+    };
+
+    let temp;
+    let (mid, row_offset) = if need_horizontal {
+        let rows = y_last - y_first;
+        let mut out = vec![0u8; rows * width * c];
+        for (r, out_row) in out.chunks_exact_mut(width * c).enumerate() {
+            let in_row =
+                &src.data[(r + y_first) * src.width * c..(r + y_first + 1) * src.width * c];
+            for (xx, px) in out_row.chunks_exact_mut(c).enumerate() {
+                let (xmin, xcount) = horiz.bounds[xx];
+                let k = &horiz.weights[xx * horiz.ksize..xx * horiz.ksize + xcount];
+                for (ch, o) in px.iter_mut().enumerate() {
+                    let mut ss: i32 = 1 << (PRECISION_BITS - 1);
+                    for (x, &w) in k.iter().enumerate() {
+                        ss += i32::from(in_row[(x + xmin) * c + ch]) * w;
+                    }
+                    *o = clip8(ss);
+                }
+            }
+        }
+        temp = Image8::new(width, rows, c, out);
+        (&temp, y_first)
+    } else {
+        (src, 0)
+    };
+
+    if !need_vertical {
+        return mid.clone();
+    }
+    let mut out = vec![0u8; height * width * c];
+    let stride = width * c;
+    for (yy, out_row) in out.chunks_exact_mut(stride).enumerate() {
+        let (ymin, ycount) = vert.bounds[yy];
+        let ymin = ymin - row_offset;
+        let k = &vert.weights[yy * vert.ksize..yy * vert.ksize + ycount];
+        for (i, o) in out_row.iter_mut().enumerate() {
+            let mut ss: i32 = 1 << (PRECISION_BITS - 1);
+            for (y, &w) in k.iter().enumerate() {
+                ss += i32::from(mid.data[(y + ymin) * stride + i]) * w;
+            }
+            *o = clip8(ss);
+        }
+    }
+    Image8::new(width, height, c, out)
+}
+
+/// Pillow's `ImagingResample` with NEAREST goes through the affine
+/// transform path: source pixel = floor((x + 0.5) * scale).
+fn resize_nearest(src: &Image8, width: usize, height: usize) -> Image8 {
+    let c = src.channels;
+    let sx = src.width as f64 / width as f64;
+    let sy = src.height as f64 / height as f64;
+    let mut out = Vec::with_capacity(width * height * c);
+    for y in 0..height {
+        let iy = (((y as f64 + 0.5) * sy) as usize).min(src.height - 1);
+        for x in 0..width {
+            let ix = (((x as f64 + 0.5) * sx) as usize).min(src.width - 1);
+            let p = (iy * src.width + ix) * c;
+            out.extend_from_slice(&src.data[p..p + c]);
+        }
+    }
+    Image8::new(width, height, c, out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_size_is_a_copy() {
+        let img = Image8::new(3, 2, 3, (0..18).collect());
+        assert_eq!(resize(&img, 3, 2, Filter::Bicubic), img);
+    }
+
+    #[test]
+    fn constant_image_stays_constant() {
+        let img = Image8::new(37, 23, 3, vec![77; 37 * 23 * 3]);
+        for (w, h) in [(10, 10), (100, 7), (224, 224), (37, 50)] {
+            let out = resize(&img, w, h, Filter::Bicubic);
+            assert!(out.data.iter().all(|&v| v == 77), "{w}x{h}");
+        }
+    }
+
+    #[test]
+    fn coefficients_sum_to_one_in_fixed_point() {
+        for (i, o) in [(640, 224), (224, 640), (3, 224), (1000, 7)] {
+            let c = coefficients(i, o, Filter::Bicubic);
+            for xx in 0..o {
+                let (_, n) = c.bounds[xx];
+                let s: i32 = c.weights[xx * c.ksize..xx * c.ksize + n].iter().sum();
+                assert!(
+                    (s - (1 << PRECISION_BITS)).abs() <= n as i32,
+                    "{i}->{o} at {xx}: {s}"
+                );
+            }
+        }
+    }
+
+    /// Values computed by Pillow 13 (`Image.fromarray(a).resize((3, 2), Image.BICUBIC)`)
+    /// for a = np.arange(48, dtype=np.uint8).reshape(4, 4, 3) * 5.
+    #[test]
+    fn matches_pillow_on_a_small_ramp() {
+        let data: Vec<u8> = (0..48u32).map(|v| (v * 5) as u8).collect();
+        let img = Image8::new(4, 4, 3, data);
+        let out = resize(&img, 3, 2, Filter::Bicubic);
+        assert_eq!(out.data, PILLOW_RAMP_4X4_TO_3X2);
+    }
+
+    const PILLOW_RAMP_4X4_TO_3X2: [u8; 18] = [
+        38, 43, 48, 58, 63, 68, 77, 82, 87, 148, 153, 158, 168, 173, 178, 187, 192, 197,
+    ];
+}
