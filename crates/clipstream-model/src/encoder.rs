@@ -13,7 +13,7 @@ use ort::session::Session;
 use ort::value::{Outlet, TensorElementType, TensorRef, ValueType};
 
 use crate::error::{ImageError, ModelError};
-use crate::model_dir::{ModelDir, Variant};
+use crate::model_dir::{ModelDir, Tower as TowerKind, Variant};
 use crate::preprocess::{ImagePreprocessor, PreprocessorConfig};
 use crate::runtime::{self, RuntimeOptions};
 use crate::tokenize::{ClipTokenizer, TokenBatch};
@@ -425,6 +425,8 @@ impl TextEncoder {
 pub struct ClipModel {
     /// Where it came from.
     pub dir: ModelDir,
+    /// Which export of the towers.
+    pub variant: Variant,
     /// Image preprocessing.
     pub preprocessor: ImagePreprocessor,
     /// Tokenizer.
@@ -442,19 +444,25 @@ impl ClipModel {
         variant: &Variant,
         options: &RuntimeOptions,
     ) -> Result<Self, ModelError> {
-        let dir = ModelDir::open(root, variant)?;
+        let dir = ModelDir::open(root)?;
         let preprocessor =
             ImagePreprocessor::new(PreprocessorConfig::from_file(&dir.preprocessor_config)?);
         let tokenizer = ClipTokenizer::from_model_dir(&dir)?;
-        let vision = VisionEncoder::load(&dir.vision_model, options)?;
-        let text = TextEncoder::load(&dir.text_model, options)?;
+        let vision = VisionEncoder::load(&dir.tower(TowerKind::Vision, variant)?, options)?;
+        let text = TextEncoder::load(&dir.tower(TowerKind::Text, variant)?, options)?;
         Ok(ClipModel {
             dir,
+            variant: variant.clone(),
             preprocessor,
             tokenizer,
             vision,
             text,
         })
+    }
+
+    /// The id written into output rows.
+    pub fn model_id(&self) -> String {
+        self.dir.model_id(&self.variant)
     }
 
     /// Embeds already decoded-and-preprocessed images.

@@ -31,7 +31,7 @@ pub mod zero_shot;
 
 pub use encoder::{ClipModel, EmbeddingBatch, TextEncoder, VisionEncoder};
 pub use error::{ImageError, ModelError};
-pub use model_dir::{ModelDir, Variant};
+pub use model_dir::{ModelDir, Tower, Variant};
 pub use preprocess::{DecodeLimits, ImagePreprocessor, PreprocessorConfig};
 pub use runtime::{ExecutionProvider, RuntimeOptions};
 pub use tokenize::ClipTokenizer;

@@ -80,23 +80,37 @@ impl fmt::Display for Variant {
     }
 }
 
-/// A resolved model directory: every file found, `config.json` read.
+/// A model directory with its JSON files found and `config.json` read. The
+/// towers are resolved separately ([`ModelDir::tower`]) so that tools which
+/// only preprocess or tokenize need no ONNX files.
 #[derive(Debug, Clone)]
 pub struct ModelDir {
     /// The directory.
     pub root: PathBuf,
-    /// The vision tower's ONNX file.
-    pub vision_model: PathBuf,
-    /// The text tower's ONNX file.
-    pub text_model: PathBuf,
     /// `tokenizer.json`.
     pub tokenizer: PathBuf,
     /// `preprocessor_config.json`.
     pub preprocessor_config: PathBuf,
     /// The parts of `config.json` clipstream uses.
     pub config: ClipConfig,
-    /// The variant that was loaded.
-    pub variant: Variant,
+}
+
+/// The two towers of a model directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tower {
+    /// `vision_model*.onnx`.
+    Vision,
+    /// `text_model*.onnx`.
+    Text,
+}
+
+impl Tower {
+    fn stem(self) -> &'static str {
+        match self {
+            Tower::Vision => "vision_model",
+            Tower::Text => "text_model",
+        }
+    }
 }
 
 /// The fields of a CLIP `config.json` that matter here. Unknown fields are
@@ -137,9 +151,8 @@ pub struct VisionConfig {
 }
 
 impl ModelDir {
-    /// Resolves the files of `root` for `variant`. Every missing file is
-    /// reported with the names that were tried.
-    pub fn open(root: impl AsRef<Path>, variant: &Variant) -> Result<Self, ModelError> {
+    /// Finds the JSON files of `root` and reads `config.json`.
+    pub fn open(root: impl AsRef<Path>) -> Result<Self, ModelError> {
         let root = root.as_ref().to_path_buf();
         if !root.is_dir() {
             return Err(ModelError::MissingFile {
@@ -147,26 +160,27 @@ impl ModelDir {
                 what: "is not a directory".into(),
             });
         }
-        let vision_model = find_tower(&root, "vision_model", variant)?;
-        let text_model = find_tower(&root, "text_model", variant)?;
         let tokenizer = require(&root, "tokenizer.json")?;
         let preprocessor_config = require(&root, "preprocessor_config.json")?;
         let config_path = require(&root, "config.json")?;
         let config: ClipConfig = read_json(&config_path)?;
         Ok(ModelDir {
             root,
-            vision_model,
-            text_model,
             tokenizer,
             preprocessor_config,
             config,
-            variant: variant.clone(),
         })
+    }
+
+    /// The ONNX file of `tower` for `variant`, at the root or under `onnx/`.
+    /// A missing file is reported with the `.onnx` files that are there.
+    pub fn tower(&self, tower: Tower, variant: &Variant) -> Result<PathBuf, ModelError> {
+        find_tower(&self.root, tower.stem(), variant)
     }
 
     /// A short id for output rows: the config's `_name_or_path` if set, else
     /// the directory name, with the variant appended when not fp32.
-    pub fn model_id(&self) -> String {
+    pub fn model_id(&self, variant: &Variant) -> String {
         let base = self
             .config
             .name_or_path
@@ -178,9 +192,9 @@ impl ModelDir {
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_else(|| self.root.display().to_string())
             });
-        match self.variant {
+        match variant {
             Variant::Fp32 => base,
-            ref v => format!("{base}:{v}"),
+            v => format!("{base}:{v}"),
         }
     }
 
@@ -283,7 +297,13 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("clipstream-modeldir-{}", std::process::id()));
         std::fs::create_dir_all(dir.join("onnx")).expect("mkdir");
         std::fs::write(dir.join("onnx/model.onnx"), b"x").expect("write");
-        let err = ModelDir::open(&dir, &Variant::Fp16).expect_err("no towers");
+        for f in ["tokenizer.json", "preprocessor_config.json", "config.json"] {
+            std::fs::write(dir.join(f), b"{}").expect("write");
+        }
+        let model = ModelDir::open(&dir).expect("json files are there");
+        let err = model
+            .tower(Tower::Vision, &Variant::Fp16)
+            .expect_err("no towers");
         let msg = err.to_string();
         assert!(msg.contains("vision_model_fp16.onnx"), "{msg}");
         assert!(msg.contains("onnx/model.onnx"), "{msg}");

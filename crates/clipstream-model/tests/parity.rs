@@ -1,0 +1,360 @@
+//! Parity with Hugging Face `transformers` on the committed fixtures:
+//! `tests/fixtures/reference.json` holds what `CLIPImageProcessorPil`,
+//! `CLIPTokenizerFast` and the torch `CLIPModel` produced for the fixture
+//! images, texts and label set (see `tests/fixtures/README.md`).
+//!
+//! Bars: every pixel value within one uint8 step, at least 99% of values
+//! within 1e-6; identical token ids and masks; embeddings with cosine
+//! >= 0.99999 and max |diff| <= 1e-4.
+//!
+//! These tests need ONNX Runtime: `scripts/fetch-onnxruntime.sh`.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+
+use clipstream_model::encoder::dot;
+use clipstream_model::preprocess::PreprocessorConfig;
+use clipstream_model::{
+    ClipModel, ClipTokenizer, ImagePreprocessor, LabelSet, ModelDir, RuntimeOptions, Variant,
+    ZeroShotHead,
+};
+use serde::Deserialize;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+#[derive(Deserialize)]
+struct Reference {
+    model_dir: String,
+    images: Vec<ImageRef>,
+    images_exif_transposed: Vec<ImageRef>,
+    texts: Vec<TextRef>,
+    zero_shot: ZeroShotRef,
+}
+
+#[derive(Deserialize)]
+struct ImageRef {
+    file: String,
+    pixel_values: String,
+    #[serde(default)]
+    image_embeds: Option<Vec<f32>>,
+}
+
+#[derive(Deserialize)]
+struct TextRef {
+    text: String,
+    input_ids: Vec<i64>,
+    attention_mask: Vec<i64>,
+    text_embeds: Vec<f32>,
+}
+
+#[derive(Deserialize)]
+struct ZeroShotRef {
+    labels_file: String,
+    class_embeds: Vec<Vec<f32>>,
+    images: Vec<ScoresRef>,
+}
+
+#[derive(Deserialize)]
+struct ScoresRef {
+    file: String,
+    scores: Vec<f32>,
+}
+
+fn reference() -> &'static Reference {
+    static R: OnceLock<Reference> = OnceLock::new();
+    R.get_or_init(|| {
+        let path = fixtures().join("reference.json");
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+            panic!(
+                "{}: {e} (run tests/fixtures/make_fixtures.py)",
+                path.display()
+            )
+        });
+        serde_json::from_str(&text).expect("reference.json parses")
+    })
+}
+
+fn model_root() -> PathBuf {
+    fixtures().join(&reference().model_dir)
+}
+
+/// One model for the whole test binary (sessions are not free to build).
+fn model() -> std::sync::MutexGuard<'static, ClipModel> {
+    static M: OnceLock<Mutex<ClipModel>> = OnceLock::new();
+    M.get_or_init(|| {
+        let m = ClipModel::load(model_root(), &Variant::Fp32, &RuntimeOptions::default())
+            .unwrap_or_else(|e| panic!("loading the fixture model: {e}"));
+        Mutex::new(m)
+    })
+    .lock()
+    .unwrap_or_else(|e| e.into_inner())
+}
+
+fn read_npy_gz(rel: &str) -> (Vec<usize>, Vec<f32>) {
+    let file = std::fs::File::open(fixtures().join(rel)).expect("reference npy.gz");
+    let mut raw = Vec::new();
+    flate2::read::GzDecoder::new(file)
+        .read_to_end(&mut raw)
+        .expect("gunzip");
+    clipstream_model::npy::read_f32(raw.as_slice()).expect("npy")
+}
+
+fn preprocessor() -> ImagePreprocessor {
+    let dir = ModelDir::open(model_root()).expect("model dir");
+    ImagePreprocessor::new(PreprocessorConfig::from_file(&dir.preprocessor_config).expect("config"))
+}
+
+struct PixelStats {
+    worst_steps: f64,
+    exact_share: f64,
+}
+
+/// Compares pixel values; a "step" is one uint8 level after normalisation
+/// (1 / 255 / std of the channel).
+fn compare_pixels(pre: &ImagePreprocessor, ours: &[f32], theirs: &[f32]) -> PixelStats {
+    assert_eq!(ours.len(), theirs.len());
+    let plane = ours.len() / 3;
+    let mut worst: f64 = 0.0;
+    let mut exact = 0usize;
+    for (i, (a, b)) in ours.iter().zip(theirs).enumerate() {
+        let d = f64::from((a - b).abs());
+        if d <= 1e-6 {
+            exact += 1;
+        }
+        let step = pre.config.rescale_factor / pre.config.image_std[i / plane];
+        worst = worst.max(d / step);
+    }
+    PixelStats {
+        worst_steps: worst,
+        exact_share: exact as f64 / ours.len() as f64,
+    }
+}
+
+fn check_pixel_refs(pre: &ImagePreprocessor, refs: &[ImageRef]) {
+    assert!(!refs.is_empty());
+    let mut failures = Vec::new();
+    let mut overall_worst: f64 = 0.0;
+    let mut overall_exact: f64 = 1.0;
+    for r in refs {
+        let bytes = std::fs::read(fixtures().join(&r.file)).expect("fixture image");
+        let ours = match pre.preprocess(&bytes) {
+            Ok(p) => p,
+            Err(e) => {
+                failures.push(format!("{}: {e}", r.file));
+                continue;
+            }
+        };
+        let (shape, theirs) = read_npy_gz(&r.pixel_values);
+        assert_eq!(shape.iter().product::<usize>(), ours.len(), "{}", r.file);
+        let s = compare_pixels(pre, &ours, &theirs);
+        println!(
+            "{:<44} worst {:.3} steps, exact {:.4}%",
+            r.file,
+            s.worst_steps,
+            100.0 * s.exact_share
+        );
+        overall_worst = overall_worst.max(s.worst_steps);
+        overall_exact = overall_exact.min(s.exact_share);
+        if s.worst_steps > 1.0 + 1e-3 || s.exact_share < 0.99 {
+            failures.push(format!(
+                "{}: worst {:.3} uint8 steps, {:.4}% exact",
+                r.file,
+                s.worst_steps,
+                100.0 * s.exact_share
+            ));
+        }
+    }
+    println!(
+        "pixel parity over {} images: worst {overall_worst:.3} steps, lowest exact share {:.4}%",
+        refs.len(),
+        100.0 * overall_exact
+    );
+    assert!(
+        failures.is_empty(),
+        "pixel parity failures:\n{}",
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn pixel_values_match_transformers() {
+    check_pixel_refs(&preprocessor(), &reference().images);
+}
+
+#[test]
+fn exif_transposed_pixel_values_match_transformers() {
+    let mut pre = preprocessor();
+    pre.apply_exif_orientation = true;
+    check_pixel_refs(&pre, &reference().images_exif_transposed);
+    // And without the option, those files are not rotated (transformers' default).
+    let r = &reference().images_exif_transposed[0];
+    let plain = preprocessor()
+        .preprocess(&std::fs::read(fixtures().join(&r.file)).expect("image"))
+        .expect("decodes");
+    let (_, rotated) = read_npy_gz(&r.pixel_values);
+    assert_ne!(plain, rotated, "orientation must not be applied by default");
+}
+
+#[test]
+fn token_ids_match_transformers() {
+    let dir = ModelDir::open(model_root()).expect("model dir");
+    let tok = ClipTokenizer::from_model_dir(&dir).expect("tokenizer");
+    let texts: Vec<&str> = reference().texts.iter().map(|t| t.text.as_str()).collect();
+    assert!(texts.len() >= 60, "corpus has {} strings", texts.len());
+    let batch = tok.encode_batch(&texts).expect("encode");
+    let mut mismatches = Vec::new();
+    for (i, r) in reference().texts.iter().enumerate() {
+        if batch.ids(i) != r.input_ids.as_slice() || batch.mask(i) != r.attention_mask.as_slice() {
+            mismatches.push(format!(
+                "{:?}\n  ours   {:?}\n  theirs {:?}",
+                r.text,
+                batch.ids(i),
+                r.input_ids
+            ));
+        }
+    }
+    println!(
+        "tokenizer parity: {} of {} identical",
+        texts.len() - mismatches.len(),
+        texts.len()
+    );
+    assert!(mismatches.is_empty(), "{}", mismatches.join("\n"));
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn image_embeddings_match_transformers() {
+    let mut m = model();
+    let mut worst_cos: f32 = 1.0;
+    let mut worst_diff: f32 = 0.0;
+    let mut n = 0;
+    for r in &reference().images {
+        let Some(expected) = &r.image_embeds else {
+            continue;
+        };
+        let bytes = std::fs::read(fixtures().join(&r.file)).expect("image");
+        let ours = m
+            .embed_image_bytes(&bytes)
+            .expect("model")
+            .expect("image decodes");
+        assert_eq!(ours.len(), expected.len(), "{}", r.file);
+        let cos = dot(&ours, expected);
+        let diff = max_abs_diff(&ours, expected);
+        worst_cos = worst_cos.min(cos);
+        worst_diff = worst_diff.max(diff);
+        n += 1;
+        assert!(
+            cos >= 0.99999 && diff <= 1e-4,
+            "{}: cosine {cos}, max diff {diff}",
+            r.file
+        );
+    }
+    assert!(n > 0);
+    println!(
+        "image embeddings: {n} images, worst cosine {worst_cos:.7}, worst max|diff| {worst_diff:.2e}"
+    );
+}
+
+#[test]
+fn text_embeddings_match_transformers() {
+    let mut m = model();
+    let texts: Vec<&str> = reference().texts.iter().map(|t| t.text.as_str()).collect();
+    let mut worst_cos: f32 = 1.0;
+    let mut worst_diff: f32 = 0.0;
+    for (chunk_i, chunk) in texts.chunks(32).enumerate() {
+        let e = m.embed_texts(chunk).expect("embed");
+        for (j, row) in e.rows().enumerate() {
+            let r = &reference().texts[chunk_i * 32 + j];
+            let cos = dot(row, &r.text_embeds);
+            let diff = max_abs_diff(row, &r.text_embeds);
+            worst_cos = worst_cos.min(cos);
+            worst_diff = worst_diff.max(diff);
+            assert!(
+                cos >= 0.99999 && diff <= 1e-4,
+                "{:?}: cosine {cos}, max diff {diff}",
+                r.text
+            );
+        }
+    }
+    println!(
+        "text embeddings: {} texts, worst cosine {worst_cos:.7}, worst max|diff| {worst_diff:.2e}",
+        texts.len()
+    );
+}
+
+#[test]
+fn zero_shot_scores_match_transformers() {
+    let zs = &reference().zero_shot;
+    let set = LabelSet::from_file(&fixtures().join(&zs.labels_file)).expect("label set");
+    let mut m = model();
+    let head = ZeroShotHead::build(&set, &mut m).expect("head");
+    for (ours, theirs) in head.class_embeddings().rows().zip(&zs.class_embeds) {
+        assert!(
+            dot(ours, theirs) >= 0.99999,
+            "class embedding cosine {}",
+            dot(ours, theirs)
+        );
+    }
+    let mut worst: f32 = 0.0;
+    for r in &zs.images {
+        let bytes = std::fs::read(fixtures().join(&r.file)).expect("image");
+        let e = m
+            .embed_image_bytes(&bytes)
+            .expect("model")
+            .expect("decodes");
+        let scores = head.scores(&e);
+        let d = max_abs_diff(&scores, &r.scores);
+        worst = worst.max(d);
+        let argmax = |s: &[f32]| (0..s.len()).max_by(|&a, &b| s[a].total_cmp(&s[b]));
+        assert_eq!(
+            argmax(&scores),
+            argmax(&r.scores),
+            "{}: top-1 differs",
+            r.file
+        );
+        assert!(d <= 1e-3, "{}: scores differ by {d}", r.file);
+    }
+    println!(
+        "zero-shot: {} images, worst score diff {worst:.2e}",
+        zs.images.len()
+    );
+}
+
+#[test]
+fn fp16_and_quantized_variants_load_and_agree() {
+    let r = &reference().images[0];
+    let expected = r
+        .image_embeds
+        .as_ref()
+        .expect("first image has an embedding");
+    let bytes = std::fs::read(fixtures().join(&r.file)).expect("image");
+    for (variant, bar) in [(Variant::Fp16, 0.99f32), (Variant::Quantized, 0.9)] {
+        let mut m = ClipModel::load(model_root(), &variant, &RuntimeOptions::default())
+            .unwrap_or_else(|e| panic!("{variant}: {e}"));
+        let e = m
+            .embed_image_bytes(&bytes)
+            .expect("model")
+            .expect("decodes");
+        let cos = dot(&e, expected);
+        println!("variant {variant}: image cosine to fp32 reference {cos:.5}");
+        assert!(cos >= bar, "{variant}: cosine {cos} < {bar}");
+        assert!(m.model_id().ends_with(&format!(":{variant}")));
+    }
+    // The text tower exists in fp16 only.
+    let mut m =
+        ClipModel::load(model_root(), &Variant::Fp16, &RuntimeOptions::default()).expect("fp16");
+    let t = &reference().texts[0];
+    let e = m.embed_texts(&[t.text.as_str()]).expect("embed");
+    let cos = dot(e.row(0), &t.text_embeds);
+    println!("variant fp16: text cosine to fp32 reference {cos:.5}");
+    assert!(cos >= 0.99, "fp16 text cosine {cos}");
+}

@@ -1,0 +1,252 @@
+//! `clipstream bench`: throughput figures for a model on this machine.
+//!
+//! Prints, for one model and batch size: JPEG decode + preprocessing on one
+//! core (images/s), the raw vision session (images/s, pixels prepared
+//! beforehand), the raw text session (texts/s), and `embed` end to end
+//! (read, decode, preprocess and encode, one thread feeding the session).
+//! Figures are printed, never asserted.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Args;
+use clipstream_model::ClipModel;
+
+use crate::cli::{ImageArgs, ModelArgs};
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub images: ImageArgs,
+    /// Directory of images to use. If it holds no images, 64 synthetic
+    /// 640x480 JPEGs are written there first.
+    #[arg(long, value_name = "DIR", default_value = ".cache/bench-images")]
+    pub image_dir: PathBuf,
+    /// Batch size for the sessions.
+    #[arg(long, default_value_t = 32, value_name = "N")]
+    pub batch_size: usize,
+    /// Seconds to spend on each measurement (after one warm-up batch).
+    #[arg(long, default_value_t = 5.0, value_name = "S")]
+    pub seconds: f64,
+    /// Only measure these parts (repeatable): preprocess, vision, text, embed.
+    #[arg(long = "only", value_name = "PART")]
+    pub only: Vec<String>,
+}
+
+struct Figure {
+    name: &'static str,
+    per_s: f64,
+    unit: &'static str,
+    n: usize,
+}
+
+fn timed(
+    seconds: f64,
+    mut step: impl FnMut() -> anyhow::Result<usize>,
+) -> anyhow::Result<(f64, usize)> {
+    step()?; // warm-up
+    let budget = Duration::from_secs_f64(seconds);
+    let start = Instant::now();
+    let mut n = 0;
+    while start.elapsed() < budget {
+        n += step()?;
+    }
+    Ok((n as f64 / start.elapsed().as_secs_f64(), n))
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    let want = |part: &str| args.only.is_empty() || args.only.iter().any(|p| p == part);
+    let files = ensure_images(&args.image_dir)?;
+    let blobs: Vec<Vec<u8>> = files
+        .iter()
+        .map(|p| std::fs::read(p).with_context(|| format!("reading {}", p.display())))
+        .collect::<anyhow::Result<_>>()?;
+    let mut model = ClipModel::load(
+        &args.model.model,
+        &args.model.variant,
+        &args.model.runtime.options(),
+    )?;
+    model.preprocessor.limits = args.images.limits();
+    let per_image = model.preprocessor.pixels_len();
+    let bs = args.batch_size.max(1);
+    let mut figures = Vec::new();
+
+    if want("preprocess") {
+        let mut out = vec![0f32; per_image];
+        let mut i = 0;
+        let (rate, n) = timed(args.seconds, || {
+            model
+                .preprocessor
+                .preprocess_into(&blobs[i % blobs.len()], &mut out)?;
+            i += 1;
+            Ok(1)
+        })?;
+        figures.push(Figure {
+            name: "preprocess (decode+resize+normalise, 1 core)",
+            per_s: rate,
+            unit: "images/s",
+            n,
+        });
+    }
+
+    // One batch of real pixels, reused.
+    let mut pixels = vec![0f32; bs * per_image];
+    for (k, chunk) in pixels.chunks_exact_mut(per_image).enumerate() {
+        model
+            .preprocessor
+            .preprocess_into(&blobs[k % blobs.len()], chunk)?;
+    }
+    if want("vision") {
+        let (rate, n) = timed(args.seconds, || Ok(model.embed_pixels(&pixels, bs)?.len()))?;
+        figures.push(Figure {
+            name: "vision session (raw)",
+            per_s: rate,
+            unit: "images/s",
+            n,
+        });
+    }
+    if want("text") {
+        let texts: Vec<String> = (0..bs)
+            .map(|i| {
+                format!(
+                    "a photo of a {} {} on a {} background, item {i}",
+                    COLOURS[i % 6],
+                    SHAPES[i % 4],
+                    COLOURS[(i + 3) % 6]
+                )
+            })
+            .collect();
+        let (rate, n) = timed(args.seconds, || Ok(model.embed_texts(&texts)?.len()))?;
+        figures.push(Figure {
+            name: "text session (raw)",
+            per_s: rate,
+            unit: "texts/s",
+            n,
+        });
+    }
+    if want("embed") {
+        let mut i = 0;
+        let (rate, n) = timed(args.seconds, || {
+            let mut batch = vec![0f32; bs * per_image];
+            for chunk in batch.chunks_exact_mut(per_image) {
+                let bytes = std::fs::read(&files[i % files.len()])?;
+                model.preprocessor.preprocess_into(&bytes, chunk)?;
+                i += 1;
+            }
+            Ok(model.embed_pixels(&batch, bs)?.len())
+        })?;
+        figures.push(Figure {
+            name: "embed end to end (sequential)",
+            per_s: rate,
+            unit: "images/s",
+            n,
+        });
+    }
+
+    println!(
+        "model {} ({}), provider {}, batch {bs}, {} images from {}",
+        model.model_id(),
+        model.vision.path().display(),
+        model.vision.provider(),
+        files.len(),
+        args.image_dir.display()
+    );
+    for f in &figures {
+        println!("{:<48} {:>10.1} {:<9} (n={})", f.name, f.per_s, f.unit, f.n);
+    }
+    for f in &figures {
+        let key = f.name.split_whitespace().next().unwrap_or(f.name);
+        println!(
+            "bench {key} {}={:.2}",
+            f.unit.replace('/', "_per_"),
+            f.per_s
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+const COLOURS: [&str; 6] = ["red", "green", "blue", "yellow", "purple", "orange"];
+const SHAPES: [&str; 4] = ["circle", "square", "triangle", "star"];
+
+fn list_images(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+                        matches!(
+                            e.to_ascii_lowercase().as_str(),
+                            "jpg" | "jpeg" | "png" | "webp"
+                        )
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    files
+}
+
+/// Lists the images of `dir`, writing 64 synthetic 640x480 JPEGs first if
+/// there are none: smooth colour fields, shapes and sensor-like noise, so the
+/// JPEG entropy is that of a photo rather than of a flat image.
+fn ensure_images(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let files = list_images(dir);
+    if !files.is_empty() {
+        return Ok(files);
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let (w, h) = (640usize, 480usize);
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut rand = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for k in 0..64 {
+        let mut rgb = vec![0u8; w * h * 3];
+        let (fx, fy, phase) = (
+            20.0 + (rand() % 40) as f32,
+            20.0 + (rand() % 40) as f32,
+            (rand() % 628) as f32 / 100.0,
+        );
+        let (cx, cy, r) = (
+            (rand() % w as u64) as f32,
+            (rand() % h as u64) as f32,
+            40.0 + (rand() % 120) as f32,
+        );
+        for y in 0..h {
+            for x in 0..w {
+                let (xf, yf) = (x as f32, y as f32);
+                let inside = (xf - cx).powi(2) + (yf - cy).powi(2) < r * r;
+                let base = [
+                    128.0 + 90.0 * (xf / fx + phase).sin(),
+                    128.0 + 80.0 * (yf / fy).cos() * (xf / 57.0).sin(),
+                    255.0 * xf / w as f32,
+                ];
+                for (c, b) in base.iter().enumerate() {
+                    let noise = (rand() % 41) as f32 - 20.0;
+                    let v = if inside { 230.0 - 60.0 * c as f32 } else { *b } + noise;
+                    rgb[(y * w + x) * 3 + c] = v.clamp(0.0, 255.0) as u8;
+                }
+            }
+        }
+        let jpeg = std::panic::catch_unwind(|| -> std::io::Result<Vec<u8>> {
+            let mut comp = mozjpeg::Compress::new(mozjpeg::ColorSpace::JCS_RGB);
+            comp.set_size(w, h);
+            comp.set_quality(88.0);
+            let mut started = comp.start_compress(Vec::new())?;
+            started.write_scanlines(&rgb)?;
+            started.finish()
+        })
+        .map_err(|_| anyhow::anyhow!("JPEG encoder failed"))??;
+        std::fs::write(dir.join(format!("bench-{k:03}.jpg")), jpeg)?;
+    }
+    Ok(list_images(dir))
+}

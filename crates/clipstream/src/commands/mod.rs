@@ -1,0 +1,254 @@
+//! One module per subcommand; `run` dispatches.
+
+pub mod bench;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clipstream_model::preprocess::PreprocessorConfig;
+use clipstream_model::{
+    ClipModel, ClipTokenizer, ImagePreprocessor, LabelSet, ModelDir, ZeroShotHead,
+};
+use serde::Serialize;
+
+use crate::cli::{ClassifyArgs, Command, EmbedArgs, ImageArgs, PreprocessArgs, TokenizeArgs};
+
+/// One line of `embed`.
+#[derive(Serialize)]
+struct EmbedLine<'a> {
+    input: &'a str,
+    kind: &'static str,
+    embedding: &'a [f32],
+}
+
+/// One line of `classify`.
+#[derive(Serialize)]
+struct ClassifyLine<'a> {
+    input: &'a str,
+    labels: Vec<clipstream_model::zero_shot::Label>,
+}
+
+/// One line of `tokenize`.
+#[derive(Serialize)]
+struct TokenizeLine<'a> {
+    text: &'a str,
+    input_ids: &'a [i64],
+    attention_mask: &'a [i64],
+}
+
+fn write_line(out: &mut impl Write, line: &impl Serialize) -> anyhow::Result<()> {
+    serde_json::to_writer(&mut *out, line)?;
+    out.write_all(b"\n")?;
+    Ok(())
+}
+
+/// Runs a subcommand. `Err` is a set-up problem (exit 2); a failed input is
+/// reported on stderr and turns the exit status into 1.
+pub fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Embed(a) => embed(a),
+        Command::Classify(a) => classify(a),
+        Command::Preprocess(a) => preprocess(a),
+        Command::Tokenize(a) => tokenize(a),
+        Command::Bench(a) => bench::run(a),
+    }
+}
+
+fn load_model(args: &crate::cli::ModelArgs, images: &ImageArgs) -> anyhow::Result<ClipModel> {
+    let mut model = ClipModel::load(&args.model, &args.variant, &args.runtime.options())?;
+    model.preprocessor.limits = images.limits();
+    model.preprocessor.apply_exif_orientation = images.exif_orientation;
+    Ok(model)
+}
+
+/// Counts failed inputs and reports each on stderr as one line.
+#[derive(Default)]
+struct Failures(usize);
+
+impl Failures {
+    fn report(&mut self, input: &str, why: impl std::fmt::Display) {
+        self.0 += 1;
+        eprintln!("error: {input}: {why}");
+    }
+    fn exit_code(&self) -> ExitCode {
+        if self.0 == 0 {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Reads and preprocesses images in batches of `batch_size`; calls `emit`
+/// with the inputs of each batch and their embeddings.
+fn for_each_image_batch(
+    model: &mut ClipModel,
+    paths: &[PathBuf],
+    batch_size: usize,
+    failures: &mut Failures,
+    mut emit: impl FnMut(&[&Path], &clipstream_model::EmbeddingBatch) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let per_image = model.preprocessor.pixels_len();
+    for chunk in paths.chunks(batch_size.max(1)) {
+        let mut pixels = Vec::with_capacity(chunk.len() * per_image);
+        let mut ok: Vec<&Path> = Vec::with_capacity(chunk.len());
+        for path in chunk {
+            let bytes = match std::fs::read(path) {
+                Ok(b) => b,
+                Err(e) => {
+                    failures.report(&path.display().to_string(), e);
+                    continue;
+                }
+            };
+            let start = pixels.len();
+            pixels.resize(start + per_image, 0.0);
+            match model
+                .preprocessor
+                .preprocess_into(&bytes, &mut pixels[start..])
+            {
+                Ok(()) => ok.push(path),
+                Err(e) => {
+                    pixels.truncate(start);
+                    failures.report(&path.display().to_string(), e);
+                }
+            }
+        }
+        if ok.is_empty() {
+            continue;
+        }
+        let embeds = model.embed_pixels(&pixels, ok.len())?;
+        emit(&ok, &embeds)?;
+    }
+    Ok(())
+}
+
+fn embed(args: EmbedArgs) -> anyhow::Result<ExitCode> {
+    if args.image.is_empty() && args.text.is_empty() {
+        anyhow::bail!("nothing to embed: give --image PATH and/or --text STR");
+    }
+    let mut model = load_model(&args.model, &args.images)?;
+    let mut failures = Failures::default();
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    for_each_image_batch(
+        &mut model,
+        &args.image,
+        args.batch_size,
+        &mut failures,
+        |paths, e| {
+            for (path, row) in paths.iter().zip(e.rows()) {
+                let input = path.display().to_string();
+                write_line(
+                    &mut out,
+                    &EmbedLine {
+                        input: &input,
+                        kind: "image",
+                        embedding: row,
+                    },
+                )?;
+            }
+            Ok(())
+        },
+    )?;
+    for chunk in args.text.chunks(args.batch_size.max(1)) {
+        let e = model.embed_texts(chunk)?;
+        for (text, row) in chunk.iter().zip(e.rows()) {
+            write_line(
+                &mut out,
+                &EmbedLine {
+                    input: text,
+                    kind: "text",
+                    embedding: row,
+                },
+            )?;
+        }
+    }
+    out.flush()?;
+    Ok(failures.exit_code())
+}
+
+fn classify(args: ClassifyArgs) -> anyhow::Result<ExitCode> {
+    let labels = LabelSet::from_file(&args.labels)?;
+    let mut model = load_model(&args.model, &args.images)?;
+    let head = ZeroShotHead::build(&labels, &mut model)?;
+    let mut failures = Failures::default();
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    for_each_image_batch(
+        &mut model,
+        &args.image,
+        args.batch_size,
+        &mut failures,
+        |paths, e| {
+            for (path, row) in paths.iter().zip(e.rows()) {
+                let input = path.display().to_string();
+                write_line(
+                    &mut out,
+                    &ClassifyLine {
+                        input: &input,
+                        labels: head.top_k(row, args.top_k),
+                    },
+                )?;
+            }
+            Ok(())
+        },
+    )?;
+    out.flush()?;
+    Ok(failures.exit_code())
+}
+
+fn preprocess(args: PreprocessArgs) -> anyhow::Result<ExitCode> {
+    let dir = ModelDir::open(&args.model)?;
+    let mut pre = ImagePreprocessor::new(PreprocessorConfig::from_file(&dir.preprocessor_config)?);
+    pre.limits = args.images.limits();
+    pre.apply_exif_orientation = args.images.exif_orientation;
+    let per_image = pre.pixels_len();
+    let mut failures = Failures::default();
+    let mut data = Vec::with_capacity(per_image * args.files.len());
+    for path in &args.files {
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) => {
+                failures.report(&path.display().to_string(), e);
+                continue;
+            }
+        };
+        let start = data.len();
+        data.resize(start + per_image, 0.0);
+        if let Err(e) = pre.preprocess_into(&bytes, &mut data[start..]) {
+            data.truncate(start);
+            failures.report(&path.display().to_string(), e);
+        }
+    }
+    let (h, w) = pre.config.output_size();
+    let n = data.len() / per_image;
+    let file = std::fs::File::create(&args.npy)
+        .with_context(|| format!("cannot create {}", args.npy.display()))?;
+    clipstream_model::npy::write_f32(std::io::BufWriter::new(file), &[n, 3, h, w], &data)
+        .with_context(|| format!("cannot write {}", args.npy.display()))?;
+    eprintln!(
+        "wrote {n} images [{n}, 3, {h}, {w}] to {}",
+        args.npy.display()
+    );
+    Ok(failures.exit_code())
+}
+
+fn tokenize(args: TokenizeArgs) -> anyhow::Result<ExitCode> {
+    let dir = ModelDir::open(&args.model)?;
+    let tokenizer = ClipTokenizer::from_model_dir(&dir)?;
+    let batch = tokenizer.encode_batch(&args.text)?;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    for (i, text) in args.text.iter().enumerate() {
+        let line = TokenizeLine {
+            text,
+            input_ids: batch.ids(i),
+            attention_mask: batch.mask(i),
+        };
+        write_line(&mut out, &line)?;
+    }
+    out.flush()?;
+    Ok(ExitCode::SUCCESS)
+}

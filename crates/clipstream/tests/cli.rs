@@ -1,0 +1,335 @@
+//! The `clipstream` binary on the committed fixtures: outputs, the zero-shot
+//! bar on fresh shape images, and how bad inputs are reported.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn model() -> PathBuf {
+    fixtures().join("clip-tiny")
+}
+
+fn clipstream(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_clipstream"))
+        .args(args)
+        .output()
+        .expect("clipstream runs")
+}
+
+fn json_lines(out: &Output) -> Vec<Value> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+fn reference() -> Value {
+    serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("reference.json")).expect("reference"),
+    )
+    .expect("json")
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_f64().expect("number") as f32)
+        .collect()
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+#[test]
+fn embed_prints_reference_embeddings_for_images_and_texts() {
+    let r = reference();
+    let img = &r["images"][0];
+    let txt = &r["texts"][3];
+    let path = fixtures().join(img["file"].as_str().expect("file"));
+    let out = clipstream(&[
+        "embed",
+        "--model",
+        model().to_str().expect("utf8"),
+        "--image",
+        path.to_str().expect("utf8"),
+        "--text",
+        txt["text"].as_str().expect("text"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines = json_lines(&out);
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["kind"], "image");
+    assert_eq!(lines[1]["kind"], "text");
+    assert_eq!(lines[1]["input"], txt["text"]);
+    let c = cosine(
+        &floats(&lines[0]["embedding"]),
+        &floats(&img["image_embeds"]),
+    );
+    assert!(c >= 0.99999, "image cosine {c}");
+    let c = cosine(
+        &floats(&lines[1]["embedding"]),
+        &floats(&txt["text_embeds"]),
+    );
+    assert!(c >= 0.99999, "text cosine {c}");
+}
+
+#[test]
+fn classify_gets_fresh_shapes_right() {
+    let dir = fixtures().join("shapes-eval");
+    let truth: serde_json::Map<String, Value> = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("labels.json")).expect("labels.json"),
+    )
+    .expect("json");
+    let mut args: Vec<String> = vec![
+        "classify".into(),
+        "--model".into(),
+        model().display().to_string(),
+        "--labels".into(),
+        fixtures().join("shapes-labels.toml").display().to_string(),
+        "--top-k".into(),
+        "3".into(),
+    ];
+    for name in truth.keys() {
+        args.push("--image".into());
+        args.push(dir.join(name).display().to_string());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = clipstream(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines = json_lines(&out);
+    assert_eq!(lines.len(), truth.len());
+    assert!(truth.len() >= 200);
+    let mut correct = 0;
+    for line in &lines {
+        let input = PathBuf::from(line["input"].as_str().expect("input"));
+        let name = input
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .into_owned();
+        let labels = line["labels"].as_array().expect("labels");
+        assert_eq!(labels.len(), 3);
+        let s0 = labels[0]["score"].as_f64().expect("score");
+        let s1 = labels[1]["score"].as_f64().expect("score");
+        assert!(s0 >= s1, "best first");
+        if labels[0]["label"] == truth[&name] {
+            correct += 1;
+        }
+    }
+    let acc = correct as f64 / lines.len() as f64;
+    println!(
+        "zero-shot top-1 on {} fresh shape images: {:.1}%",
+        lines.len(),
+        100.0 * acc
+    );
+    assert!(acc >= 0.90, "top-1 accuracy {acc}");
+}
+
+#[test]
+fn bad_inputs_are_reported_and_the_rest_still_print() {
+    let tmp = std::env::temp_dir().join(format!("clipstream-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).expect("tmp");
+    let not_image = tmp.join("notes.jpg");
+    std::fs::write(&not_image, b"this is not a jpeg").expect("write");
+    let truncated = tmp.join("truncated.jpg");
+    let good = fixtures().join(reference()["images"][0]["file"].as_str().expect("file"));
+    let jpeg =
+        std::fs::read(fixtures().join("images/jpeg-baseline-420.jpg")).expect("jpeg fixture");
+    std::fs::write(&truncated, &jpeg[..jpeg.len() / 2]).expect("write");
+    let missing = tmp.join("missing.png");
+    let out = clipstream(&[
+        "embed",
+        "--model",
+        model().to_str().expect("utf8"),
+        "--image",
+        missing.to_str().expect("utf8"),
+        "--image",
+        not_image.to_str().expect("utf8"),
+        "--image",
+        truncated.to_str().expect("utf8"),
+        "--image",
+        good.to_str().expect("utf8"),
+        "--text",
+        "still here",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let lines = json_lines(&out);
+    assert_eq!(lines.len(), 2, "the good image and the text print");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("error: "))
+        .collect();
+    assert_eq!(errors.len(), 3, "{stderr}");
+    assert!(
+        errors[0].contains("missing.png") && errors[0].contains("No such file"),
+        "{stderr}"
+    );
+    assert!(
+        errors[1].contains("notes.jpg") && errors[1].contains("not a supported image"),
+        "{stderr}"
+    );
+    assert!(
+        errors[2].contains("truncated.jpg") && errors[2].contains("truncated"),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(&tmp).ok();
+}
+
+#[test]
+fn broken_model_dir_is_one_clear_line_and_exit_2() {
+    let tmp = std::env::temp_dir().join(format!("clipstream-broken-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).expect("tmp");
+    for f in ["config.json", "preprocessor_config.json", "tokenizer.json"] {
+        std::fs::copy(model().join(f), tmp.join(f)).expect("copy");
+    }
+    let out = clipstream(&[
+        "embed",
+        "--model",
+        tmp.to_str().expect("utf8"),
+        "--text",
+        "x",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("vision_model.onnx not found"), "{stderr}");
+    std::fs::remove_dir_all(&tmp).ok();
+
+    let out = clipstream(&[
+        "embed",
+        "--model",
+        model().to_str().expect("utf8"),
+        "--ort-lib",
+        "/nonexistent/libonnxruntime.so",
+        "--text",
+        "x",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("scripts/fetch-onnxruntime.sh"), "{stderr}");
+
+    let out = clipstream(&[
+        "embed",
+        "--model",
+        model().to_str().expect("utf8"),
+        "--provider",
+        "cuda",
+        "--text",
+        "x",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "the CPU library has no CUDA provider"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("cuda") && stderr.contains("onnxruntime-gpu"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn cpu_fallback_is_explicit() {
+    let out = clipstream(&[
+        "embed",
+        "--model",
+        model().to_str().expect("utf8"),
+        "--provider",
+        "cuda",
+        "--allow-cpu-fallback",
+        "--text",
+        "x",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("falling back to the CPU"));
+}
+
+#[test]
+fn preprocess_and_tokenize_write_what_transformers_wrote() {
+    let r = reference();
+    let img = &r["images"][0];
+    let tmp = std::env::temp_dir().join(format!("clipstream-pre-{}.npy", std::process::id()));
+    let path = fixtures().join(img["file"].as_str().expect("file"));
+    let out = clipstream(&[
+        "preprocess",
+        "--model",
+        model().to_str().expect("utf8"),
+        "--npy",
+        tmp.to_str().expect("utf8"),
+        path.to_str().expect("utf8"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (shape, ours) = read_npy(&std::fs::read(&tmp).expect("npy"));
+    assert_eq!(shape, vec![1, 3, 224, 224]);
+    let gz =
+        std::fs::read(fixtures().join(img["pixel_values"].as_str().expect("path"))).expect("ref");
+    let mut raw = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(gz.as_slice()), &mut raw)
+        .expect("gunzip");
+    let (_, theirs) = read_npy(&raw);
+    let exact = ours
+        .iter()
+        .zip(&theirs)
+        .filter(|(a, b)| (*a - *b).abs() <= 1e-6)
+        .count();
+    assert!(exact as f64 >= 0.99 * ours.len() as f64);
+    std::fs::remove_file(&tmp).ok();
+
+    let t = &r["texts"][5];
+    let out = clipstream(&[
+        "tokenize",
+        "--model",
+        model().to_str().expect("utf8"),
+        "--text",
+        t["text"].as_str().expect("text"),
+    ]);
+    assert!(out.status.success());
+    let lines = json_lines(&out);
+    assert_eq!(lines[0]["input_ids"], t["input_ids"]);
+    assert_eq!(lines[0]["attention_mask"], t["attention_mask"]);
+}
+
+/// Minimal reader for the float32 .npy files the CLI writes.
+fn read_npy(bytes: &[u8]) -> (Vec<usize>, Vec<f32>) {
+    assert_eq!(&bytes[..6], b"\x93NUMPY");
+    let hlen = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    let header = String::from_utf8_lossy(&bytes[10..10 + hlen]);
+    let shape: Vec<usize> = header
+        .split("'shape': (")
+        .nth(1)
+        .and_then(|s| s.split(')').next())
+        .expect("shape")
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let data = bytes[10 + hlen..]
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    (shape, data)
+}
