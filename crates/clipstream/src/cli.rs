@@ -28,6 +28,13 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run a pipeline (TOML): read events, embed and label them, write
+    /// Parquet and dead letters. A rerun skips what is already written.
+    /// SIGINT/SIGTERM stops reading and drains what is in flight.
+    Run(crate::commands::run::RunArgs),
+    /// Check pipeline files without running them: every problem, with its
+    /// place in the file.
+    Validate(crate::commands::run::ValidateArgs),
     /// Embed images and texts: one JSON line per input,
     /// {"input", "kind": "image"|"text", "embedding": [...]} (L2-normalised).
     Embed(EmbedArgs),

@@ -1,6 +1,7 @@
 //! One module per subcommand; `run` dispatches.
 
 pub mod bench;
+pub mod run;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -53,6 +54,8 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Preprocess(a) => preprocess(a),
         Command::Tokenize(a) => tokenize(a),
         Command::Bench(a) => bench::run(a),
+        Command::Run(a) => run::run(a),
+        Command::Validate(a) => run::validate(a),
     }
 }
 

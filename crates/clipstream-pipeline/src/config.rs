@@ -1,0 +1,615 @@
+//! Pipeline configuration: one TOML file per pipeline (see `pipelines/`).
+//!
+//! Parsing is strict (`deny_unknown_fields`), `${VAR}` / `${VAR:-default}`
+//! in the text are replaced from the environment first (secrets and
+//! endpoints), and validation is pure: every problem is listed with its path
+//! in the file before anything touches a model, a broker or a disk. Relative
+//! paths are relative to the directory of the config file.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clipstream_model::{DecodeLimits, RuntimeOptions, Variant};
+use serde::{Deserialize, Serialize};
+
+/// The whole pipeline.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// The model and its label set.
+    pub model: ModelConfig,
+    /// ONNX Runtime: library, execution providers, threads.
+    #[serde(default)]
+    pub runtime: RuntimeOptions,
+    /// Where events come from.
+    pub source: SourceConfig,
+    /// How referenced objects are fetched.
+    #[serde(default)]
+    pub fetch: FetchConfig,
+    /// Image decoding limits and options.
+    #[serde(default)]
+    pub image: ImageConfig,
+    /// Concurrency, queues and batching.
+    #[serde(default)]
+    pub engine: EngineConfig,
+    /// Outputs.
+    pub sink: SinkConfig,
+    /// Where bad input goes.
+    #[serde(default)]
+    pub dead_letter: DeadLetterConfig,
+    /// Stopping.
+    #[serde(default)]
+    pub shutdown: ShutdownConfig,
+}
+
+/// `[model]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Model directory (Hugging Face / transformers.js ONNX layout).
+    pub dir: PathBuf,
+    /// Export variant: `fp32` (default), `fp16`, `quantized`, ...
+    #[serde(default)]
+    pub variant: Variant,
+    /// Zero-shot label set (TOML); no labels when absent.
+    #[serde(default)]
+    pub labels: Option<PathBuf>,
+    /// Labels kept per image. Default 5.
+    #[serde(default = "default_top_k")]
+    pub top_k: usize,
+}
+
+fn default_top_k() -> usize {
+    5
+}
+
+/// `[source]`: `kind = "files"` (more kinds come with Kafka).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum SourceConfig {
+    /// Local input: a JSONL manifest of events, or a directory of images.
+    Files(FilesSourceConfig),
+}
+
+/// `[source]` with `kind = "files"`. Exactly one of `manifest` / `dir`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FilesSourceConfig {
+    /// JSONL file, one event per line: `{"id", "image", "text", "attributes"}`.
+    /// Relative image paths are relative to the manifest's directory.
+    #[serde(default)]
+    pub manifest: Option<PathBuf>,
+    /// Directory of images (searched recursively); id = path relative to it;
+    /// a `NAME.txt` beside `NAME.jpg` is its caption.
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    /// Events larger than this are dead letters. Default 1 MiB.
+    #[serde(default = "default_max_event_bytes")]
+    pub max_event_bytes: usize,
+}
+
+fn default_max_event_bytes() -> usize {
+    1 << 20
+}
+
+/// `[fetch]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FetchConfig {
+    /// URI schemes events may reference: `file`, `s3`. Default `["file"]`
+    /// for the files source.
+    #[serde(default = "default_schemes")]
+    pub allowed_schemes: Vec<String>,
+    /// Objects larger than this are dead letters. Default 64 MiB.
+    #[serde(default = "default_max_object_bytes")]
+    pub max_object_bytes: u64,
+    /// Concurrent fetches. Default 16.
+    #[serde(default = "default_fetch_concurrency")]
+    pub concurrency: usize,
+}
+
+fn default_schemes() -> Vec<String> {
+    vec!["file".into()]
+}
+fn default_max_object_bytes() -> u64 {
+    64 << 20
+}
+fn default_fetch_concurrency() -> usize {
+    16
+}
+
+impl Default for FetchConfig {
+    fn default() -> Self {
+        FetchConfig {
+            allowed_schemes: default_schemes(),
+            max_object_bytes: default_max_object_bytes(),
+            concurrency: default_fetch_concurrency(),
+        }
+    }
+}
+
+/// `[image]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ImageConfig {
+    /// Byte and pixel limits (`max_bytes`, `max_pixels`).
+    #[serde(default, flatten)]
+    pub limits: DecodeLimits,
+    /// Apply EXIF orientation (transformers does not). Default false.
+    #[serde(default)]
+    pub apply_exif_orientation: bool,
+}
+
+/// `[engine]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EngineConfig {
+    /// Records being processed at once (read but not yet written); bounds
+    /// memory whatever the backlog. Default 256.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
+    /// Threads decoding, resizing and tokenizing. 0 = one per core. Default 0.
+    #[serde(default)]
+    pub prep_threads: usize,
+    /// Capacity of each queue between stages. Default 64.
+    #[serde(default = "default_queue")]
+    pub queue_capacity: usize,
+    /// Image tower batching.
+    #[serde(default = "default_vision_batch")]
+    pub vision_batch: BatchConfig,
+    /// Text tower batching.
+    #[serde(default = "default_text_batch")]
+    pub text_batch: BatchConfig,
+}
+
+fn default_max_in_flight() -> usize {
+    256
+}
+fn default_queue() -> usize {
+    64
+}
+fn default_vision_batch() -> BatchConfig {
+    BatchConfig {
+        max_size: 32,
+        max_wait_ms: 20,
+    }
+}
+fn default_text_batch() -> BatchConfig {
+    BatchConfig {
+        max_size: 64,
+        max_wait_ms: 20,
+    }
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            max_in_flight: default_max_in_flight(),
+            prep_threads: 0,
+            queue_capacity: default_queue(),
+            vision_batch: default_vision_batch(),
+            text_batch: default_text_batch(),
+        }
+    }
+}
+
+/// Dynamic batching of one tower.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BatchConfig {
+    /// Largest batch.
+    pub max_size: usize,
+    /// Longest a batch waits for more items after its first, in ms.
+    pub max_wait_ms: u64,
+}
+
+impl BatchConfig {
+    /// `max_wait_ms` as a duration.
+    pub fn max_wait(&self) -> Duration {
+        Duration::from_millis(self.max_wait_ms)
+    }
+}
+
+/// `[sink]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SinkConfig {
+    /// Parquet output.
+    pub parquet: ParquetConfig,
+}
+
+/// `[sink.parquet]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ParquetConfig {
+    /// Output directory.
+    pub dir: PathBuf,
+    /// Rows per file before rolling. Default 10,000.
+    #[serde(default = "default_rows_per_file")]
+    pub max_rows_per_file: usize,
+    /// Bytes per file (compressed, approximate) before rolling. Default 256 MiB.
+    #[serde(default = "default_bytes_per_file")]
+    pub max_bytes_per_file: u64,
+    /// Rows per row group. Default 1,024.
+    #[serde(default = "default_row_group")]
+    pub row_group_rows: usize,
+    /// zstd level (1-22). Default 3.
+    #[serde(default = "default_zstd")]
+    pub zstd_level: i32,
+}
+
+fn default_rows_per_file() -> usize {
+    10_000
+}
+fn default_bytes_per_file() -> u64 {
+    256 << 20
+}
+fn default_row_group() -> usize {
+    1024
+}
+fn default_zstd() -> i32 {
+    3
+}
+
+/// `[dead_letter]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct DeadLetterConfig {
+    /// JSONL file for dead letters. Default: `_dead_letters.jsonl` in the
+    /// Parquet directory.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+}
+
+/// `[shutdown]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// On SIGINT/SIGTERM, how long in-flight records may take to drain, in
+    /// seconds. Default 20.
+    #[serde(default = "default_drain")]
+    pub drain_deadline_secs: f64,
+}
+
+fn default_drain() -> f64 {
+    20.0
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            drain_deadline_secs: default_drain(),
+        }
+    }
+}
+
+/// A problem found in a config, with its path in the file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Problem {
+    /// Dotted path (`engine.vision_batch.max_size`), or `-` for the file.
+    pub path: String,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// Problems of a config file, all of them.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {} problem(s):\n{}", .problems.len(), .problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+pub struct ConfigError {
+    /// The file.
+    pub file: PathBuf,
+    /// Every problem.
+    pub problems: Vec<Problem>,
+}
+
+/// Replaces `${VAR}` and `${VAR:-default}` from `env`. A variable that is
+/// unset and has no default is a problem (reported by name and line).
+pub fn interpolate(
+    text: &str,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<String, Vec<Problem>> {
+    let mut out = String::with_capacity(text.len());
+    let mut problems = Vec::new();
+    for (lineno, line) in text.split_inclusive('\n').enumerate() {
+        let mut rest = line;
+        while let Some(start) = rest.find("${") {
+            out.push_str(&rest[..start]);
+            let after = &rest[start + 2..];
+            let Some(end) = after.find('}') else {
+                problems.push(Problem {
+                    path: format!("line {}", lineno + 1),
+                    message: "unterminated `${`".into(),
+                });
+                out.push_str(&rest[start..]);
+                rest = "";
+                break;
+            };
+            let inner = &after[..end];
+            let (name, default) = match inner.split_once(":-") {
+                Some((n, d)) => (n, Some(d)),
+                None => (inner, None),
+            };
+            let valid =
+                !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            match (valid, env(name), default) {
+                (false, _, _) => problems.push(Problem {
+                    path: format!("line {}", lineno + 1),
+                    message: format!("`${{{inner}}}` is not a valid variable reference"),
+                }),
+                (true, Some(v), _) => out.push_str(&v),
+                (true, None, Some(d)) => out.push_str(d),
+                (true, None, None) => problems.push(Problem {
+                    path: format!("line {}", lineno + 1),
+                    message: format!("environment variable {name} is not set (use ${{{name}:-default}} for a default)"),
+                }),
+            }
+            rest = &after[end + 1..];
+        }
+        out.push_str(rest);
+    }
+    if problems.is_empty() {
+        Ok(out)
+    } else {
+        Err(problems)
+    }
+}
+
+impl PipelineConfig {
+    /// Reads, interpolates, parses and validates a config file, making its
+    /// relative paths absolute.
+    pub fn load(path: &Path) -> Result<PipelineConfig, ConfigError> {
+        let fail = |problems| ConfigError {
+            file: path.to_path_buf(),
+            problems,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            fail(vec![Problem {
+                path: "-".into(),
+                message: format!("cannot read: {e}"),
+            }])
+        })?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        Self::from_toml(&text, &base, |k| std::env::var(k).ok()).map_err(fail)
+    }
+
+    /// Parses TOML text; relative paths are resolved against `base`.
+    pub fn from_toml(
+        text: &str,
+        base: &Path,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<PipelineConfig, Vec<Problem>> {
+        let text = interpolate(text, env)?;
+        let mut cfg: PipelineConfig = toml::from_str(&text).map_err(|e| {
+            let path = e
+                .span()
+                .map(|s| format!("line {}", text[..s.start].matches('\n').count() + 1))
+                .unwrap_or_else(|| "-".into());
+            vec![Problem {
+                path,
+                message: e.message().to_string(),
+            }]
+        })?;
+        cfg.resolve_paths(base);
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let abs = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        abs(&mut self.model.dir);
+        if let Some(l) = &mut self.model.labels {
+            abs(l);
+        }
+        if let Some(l) = &mut self.runtime.library {
+            abs(l);
+        }
+        match &mut self.source {
+            SourceConfig::Files(f) => {
+                if let Some(m) = &mut f.manifest {
+                    abs(m);
+                }
+                if let Some(d) = &mut f.dir {
+                    abs(d);
+                }
+            }
+        }
+        abs(&mut self.sink.parquet.dir);
+        if let Some(p) = &mut self.dead_letter.path {
+            abs(p);
+        }
+    }
+
+    /// Checks every value; no I/O.
+    pub fn validate(&self) -> Result<(), Vec<Problem>> {
+        let mut p = Vec::new();
+        let mut bad = |path: &str, message: String| {
+            p.push(Problem {
+                path: path.into(),
+                message,
+            })
+        };
+        if self.model.top_k == 0 {
+            bad("model.top_k", "must be at least 1".into());
+        }
+        match &self.source {
+            SourceConfig::Files(f) => {
+                match (&f.manifest, &f.dir) {
+                    (Some(_), Some(_)) => bad("source", "set `manifest` or `dir`, not both".into()),
+                    (None, None) => bad(
+                        "source",
+                        "set `manifest` (a JSONL file) or `dir` (a directory of images)".into(),
+                    ),
+                    _ => {}
+                }
+                if f.max_event_bytes == 0 {
+                    bad("source.max_event_bytes", "must be positive".into());
+                }
+            }
+        }
+        for (i, s) in self.fetch.allowed_schemes.iter().enumerate() {
+            if !matches!(s.as_str(), "file" | "s3") {
+                bad(
+                    &format!("fetch.allowed_schemes[{i}]"),
+                    format!("unknown scheme {s:?}; use \"file\" or \"s3\""),
+                );
+            }
+        }
+        if self.fetch.concurrency == 0 {
+            bad("fetch.concurrency", "must be at least 1".into());
+        }
+        if self.fetch.max_object_bytes == 0 {
+            bad("fetch.max_object_bytes", "must be positive".into());
+        }
+        if self.image.limits.max_pixels == 0 || self.image.limits.max_bytes == 0 {
+            bad(
+                "image",
+                "`max_pixels` and `max_bytes` must be positive".into(),
+            );
+        }
+        let e = &self.engine;
+        if e.max_in_flight == 0 {
+            bad("engine.max_in_flight", "must be at least 1".into());
+        }
+        if e.queue_capacity == 0 {
+            bad("engine.queue_capacity", "must be at least 1".into());
+        }
+        for (name, b) in [
+            ("engine.vision_batch", e.vision_batch),
+            ("engine.text_batch", e.text_batch),
+        ] {
+            if b.max_size == 0 {
+                bad(&format!("{name}.max_size"), "must be at least 1".into());
+            }
+            if b.max_size > e.max_in_flight {
+                bad(
+                    &format!("{name}.max_size"),
+                    format!(
+                        "{} exceeds engine.max_in_flight ({}): batches could never fill",
+                        b.max_size, e.max_in_flight
+                    ),
+                );
+            }
+        }
+        let pq = &self.sink.parquet;
+        if pq.max_rows_per_file == 0 {
+            bad(
+                "sink.parquet.max_rows_per_file",
+                "must be at least 1".into(),
+            );
+        }
+        if pq.row_group_rows == 0 {
+            bad("sink.parquet.row_group_rows", "must be at least 1".into());
+        }
+        if pq.max_bytes_per_file < 1024 {
+            bad(
+                "sink.parquet.max_bytes_per_file",
+                "must be at least 1024".into(),
+            );
+        }
+        if !(1..=22).contains(&pq.zstd_level) {
+            bad(
+                "sink.parquet.zstd_level",
+                format!("{} is not a zstd level (1-22)", pq.zstd_level),
+            );
+        }
+        let d = self.shutdown.drain_deadline_secs;
+        if !(d.is_finite() && d > 0.0) {
+            bad(
+                "shutdown.drain_deadline_secs",
+                "must be a positive number of seconds".into(),
+            );
+        }
+        if p.is_empty() { Ok(()) } else { Err(p) }
+    }
+
+    /// The dead-letter file.
+    pub fn dead_letter_path(&self) -> PathBuf {
+        self.dead_letter
+            .path
+            .clone()
+            .unwrap_or_else(|| self.sink.parquet.dir.join("_dead_letters.jsonl"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [model]
+        dir = "models/clip"
+        [source]
+        kind = "files"
+        manifest = "events.jsonl"
+        [sink.parquet]
+        dir = "${OUT_DIR:-out}"
+    "#;
+
+    fn parse(text: &str) -> Result<PipelineConfig, Vec<Problem>> {
+        PipelineConfig::from_toml(text, Path::new("/base"), |k| {
+            (k == "SET").then(|| "v".to_string())
+        })
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults_and_absolute_paths() {
+        let c = parse(MINIMAL).expect("valid");
+        assert_eq!(c.model.dir, PathBuf::from("/base/models/clip"));
+        assert_eq!(c.sink.parquet.dir, PathBuf::from("/base/out"));
+        assert_eq!(c.engine.vision_batch.max_size, 32);
+        assert_eq!(
+            c.dead_letter_path(),
+            PathBuf::from("/base/out/_dead_letters.jsonl")
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected_with_a_line() {
+        let text = format!("{MINIMAL}\n[engine]\nmax_in_flite = 3\n");
+        let p = parse(&text).expect_err("typo");
+        assert_eq!(p.len(), 1);
+        assert!(p[0].message.contains("max_in_flite"), "{p:?}");
+        assert!(p[0].path.starts_with("line "), "{p:?}");
+    }
+
+    #[test]
+    fn every_problem_is_listed() {
+        let text = format!(
+            "{MINIMAL}\n[engine]\nmax_in_flight = 4\nvision_batch = {{ max_size = 0, max_wait_ms = 1 }}\ntext_batch = {{ max_size = 9, max_wait_ms = 1 }}\n[fetch]\nallowed_schemes = [\"http\"]\nconcurrency = 0\n"
+        );
+        let p = parse(&text).expect_err("invalid");
+        let paths: Vec<&str> = p.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            vec![
+                "fetch.allowed_schemes[0]",
+                "fetch.concurrency",
+                "engine.vision_batch.max_size",
+                "engine.text_batch.max_size"
+            ],
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn environment_is_interpolated() {
+        assert_eq!(
+            interpolate("a=${SET} b=${UNSET:-d}", |k| (k == "SET")
+                .then(|| "v".into())),
+            Ok("a=v b=d".into())
+        );
+        let p = interpolate("x\ny=${NOPE}", |_| None).expect_err("unset");
+        assert_eq!(p[0].path, "line 2");
+        assert!(p[0].message.contains("NOPE"));
+    }
+}

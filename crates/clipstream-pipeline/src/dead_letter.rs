@@ -1,0 +1,178 @@
+//! Bad input, in one place: every kind of permanent failure a record can
+//! have, the stage that finds it, and what a dead letter carries. Kinds here
+//! are never retried; transient faults (I/O hiccups, S3 5xx, timeouts) are
+//! retried where they happen and never become dead letters.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::ack::PartitionKey;
+
+/// The stage that rejected a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    /// Reading and parsing the event.
+    Source,
+    /// Fetching the referenced object.
+    Fetch,
+    /// Decoding and preprocessing the image.
+    Decode,
+    /// Tokenizing the text.
+    Tokenize,
+}
+
+impl Stage {
+    /// Lower-case name, for headers and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Source => "source",
+            Stage::Fetch => "fetch",
+            Stage::Decode => "decode",
+            Stage::Tokenize => "tokenize",
+        }
+    }
+}
+
+/// Every permanent failure kind. Names are stable: they appear in dead-letter
+/// headers, metrics and summaries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// The event is not valid JSON.
+    InvalidJson,
+    /// The event is not UTF-8.
+    InvalidUtf8,
+    /// Valid JSON, wrong shape (missing id, wrong types).
+    InvalidEvent,
+    /// Neither `image` nor `text`.
+    EmptyEvent,
+    /// The event is larger than the configured limit.
+    EventTooLarge,
+    /// The image URI is not a URI this pipeline accepts.
+    InvalidUri,
+    /// The URI's scheme is not allowed by this pipeline (e.g. `file://` in a
+    /// Kafka pipeline).
+    SchemeNotAllowed,
+    /// The bucket is not in the allow-list.
+    BucketNotAllowed,
+    /// The object does not exist.
+    ObjectNotFound,
+    /// Access to the object is denied.
+    ObjectForbidden,
+    /// The object is larger than the configured limit.
+    ObjectTooLarge,
+    /// The bytes are not an image of a supported format.
+    NotAnImage,
+    /// A broken or truncated image.
+    CorruptImage,
+    /// A valid image of a kind that is not supported.
+    UnsupportedImage,
+    /// More pixels than allowed (decompression bomb).
+    ImageTooManyPixels,
+    /// More bytes than allowed for an image.
+    ImageTooLarge,
+    /// Zero width or height.
+    EmptyImage,
+    /// The tokenizer rejected the text.
+    InvalidText,
+}
+
+impl Kind {
+    /// snake_case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::InvalidJson => "invalid_json",
+            Kind::InvalidUtf8 => "invalid_utf8",
+            Kind::InvalidEvent => "invalid_event",
+            Kind::EmptyEvent => "empty_event",
+            Kind::EventTooLarge => "event_too_large",
+            Kind::InvalidUri => "invalid_uri",
+            Kind::SchemeNotAllowed => "scheme_not_allowed",
+            Kind::BucketNotAllowed => "bucket_not_allowed",
+            Kind::ObjectNotFound => "object_not_found",
+            Kind::ObjectForbidden => "object_forbidden",
+            Kind::ObjectTooLarge => "object_too_large",
+            Kind::NotAnImage => "not_an_image",
+            Kind::CorruptImage => "corrupt_image",
+            Kind::UnsupportedImage => "unsupported_image",
+            Kind::ImageTooManyPixels => "image_too_many_pixels",
+            Kind::ImageTooLarge => "image_too_large",
+            Kind::EmptyImage => "empty_image",
+            Kind::InvalidText => "invalid_text",
+        }
+    }
+
+    /// Every kind, for documentation and metric initialisation.
+    pub const ALL: [Kind; 18] = [
+        Kind::InvalidJson,
+        Kind::InvalidUtf8,
+        Kind::InvalidEvent,
+        Kind::EmptyEvent,
+        Kind::EventTooLarge,
+        Kind::InvalidUri,
+        Kind::SchemeNotAllowed,
+        Kind::BucketNotAllowed,
+        Kind::ObjectNotFound,
+        Kind::ObjectForbidden,
+        Kind::ObjectTooLarge,
+        Kind::NotAnImage,
+        Kind::CorruptImage,
+        Kind::UnsupportedImage,
+        Kind::ImageTooManyPixels,
+        Kind::ImageTooLarge,
+        Kind::EmptyImage,
+        Kind::InvalidText,
+    ];
+
+    /// The kind of an image error from the model crate.
+    pub fn of_image_error(e: &clipstream_model::ImageError) -> Kind {
+        use clipstream_model::ImageError as E;
+        match e {
+            E::TooManyBytes { .. } => Kind::ImageTooLarge,
+            E::TooManyPixels { .. } => Kind::ImageTooManyPixels,
+            E::UnknownFormat(_) => Kind::NotAnImage,
+            E::Corrupt { .. } => Kind::CorruptImage,
+            E::Unsupported { .. } => Kind::UnsupportedImage,
+            E::Empty { .. } => Kind::EmptyImage,
+        }
+    }
+}
+
+/// A rejected record: the original bytes and why.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    /// Partition of origin.
+    pub partition: PartitionKey,
+    /// Offset of origin.
+    pub offset: i64,
+    /// The record id, when the event was readable enough to have one.
+    pub id: Option<String>,
+    /// The original key (Kafka) if any.
+    pub key: Option<Arc<[u8]>>,
+    /// The original value, byte for byte.
+    pub original: Arc<[u8]>,
+    /// Where it failed.
+    pub stage: Stage,
+    /// What kind of failure.
+    pub kind: Kind,
+    /// The human-readable reason.
+    pub reason: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kind_names_are_unique_and_match_serde() {
+        let mut names: Vec<&str> = Kind::ALL.iter().map(|k| k.as_str()).collect();
+        for k in Kind::ALL {
+            assert_eq!(serde_json::to_value(k).expect("ser"), k.as_str());
+        }
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), Kind::ALL.len());
+    }
+}

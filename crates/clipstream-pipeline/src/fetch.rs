@@ -1,0 +1,312 @@
+//! The fetch stage: turns each record's image URI into bytes. Which schemes
+//! may be fetched is the pipeline's choice (`fetch.allowed_schemes`), so an
+//! event cannot make the worker read what it should not. Permanent problems
+//! (no such object, access denied, too large, bad URI) are dead letters;
+//! transient I/O errors are retried with exponential backoff and jitter, and
+//! a record whose retries run out fails (not dead-lettered: a rerun retries).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::FetchConfig;
+use crate::dead_letter::{Kind, Stage};
+use crate::record::{Done, Record};
+
+/// A record with its object's bytes.
+#[derive(Debug)]
+pub struct Fetched {
+    /// The record.
+    pub record: Record,
+    /// The image bytes, when the event has an image.
+    pub bytes: Option<Vec<u8>>,
+    /// The object's ETag, when the store has one.
+    pub etag: Option<String>,
+}
+
+/// Where an image URI points.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    /// A local file.
+    File(PathBuf),
+    /// An S3 object.
+    S3 {
+        /// Bucket.
+        bucket: String,
+        /// Key.
+        key: String,
+    },
+}
+
+/// A permanent problem (dead letter) or a transient one (retry).
+#[derive(Debug, Clone, PartialEq)]
+pub enum FetchError {
+    /// Retrying will not help.
+    Permanent(Kind, String),
+    /// May succeed later.
+    Transient(String),
+}
+
+/// Parses an image reference: `s3://bucket/key`, `file:///abs/path`,
+/// `file://rel/path` or a bare path (relative ones resolved against `base`).
+pub fn resolve(uri: &str, allowed: &[String], base: &Path) -> Result<Location, FetchError> {
+    let perm = |k, m: String| Err(FetchError::Permanent(k, m));
+    let (scheme, rest) = match uri.split_once("://") {
+        Some((s, r)) => (s.to_ascii_lowercase(), r),
+        None => ("file".to_string(), uri),
+    };
+    if !allowed.contains(&scheme) {
+        return perm(
+            Kind::SchemeNotAllowed,
+            format!(
+                "scheme `{scheme}` is not allowed by this pipeline (allowed: {})",
+                allowed.join(", ")
+            ),
+        );
+    }
+    match scheme.as_str() {
+        "file" => {
+            if rest.is_empty() {
+                return perm(Kind::InvalidUri, format!("`{uri}` has no path"));
+            }
+            let p = PathBuf::from(rest);
+            Ok(Location::File(if p.is_absolute() {
+                p
+            } else {
+                base.join(p)
+            }))
+        }
+        "s3" => match rest.split_once('/') {
+            Some((bucket, key)) if !bucket.is_empty() && !key.is_empty() => Ok(Location::S3 {
+                bucket: bucket.to_string(),
+                key: key.to_string(),
+            }),
+            _ => perm(Kind::InvalidUri, format!("`{uri}` is not s3://bucket/key")),
+        },
+        other => perm(
+            Kind::SchemeNotAllowed,
+            format!("scheme `{other}` is not supported"),
+        ),
+    }
+}
+
+async fn read_file(path: &Path, max_bytes: u64) -> Result<Vec<u8>, FetchError> {
+    use std::io::ErrorKind as E;
+    let classify = |e: std::io::Error| match e.kind() {
+        E::NotFound => FetchError::Permanent(
+            Kind::ObjectNotFound,
+            format!("{}: no such file", path.display()),
+        ),
+        E::PermissionDenied => FetchError::Permanent(
+            Kind::ObjectForbidden,
+            format!("{}: permission denied", path.display()),
+        ),
+        _ => FetchError::Transient(format!("{}: {e}", path.display())),
+    };
+    let meta = tokio::fs::metadata(path).await.map_err(classify)?;
+    if meta.is_dir() {
+        return Err(FetchError::Permanent(
+            Kind::InvalidUri,
+            format!("{} is a directory", path.display()),
+        ));
+    }
+    if meta.len() > max_bytes {
+        return Err(FetchError::Permanent(
+            Kind::ObjectTooLarge,
+            format!(
+                "{} is {} bytes, over the limit of {max_bytes}",
+                path.display(),
+                meta.len()
+            ),
+        ));
+    }
+    tokio::fs::read(path).await.map_err(classify)
+}
+
+/// Retries `attempt` on transient errors: up to `tries` attempts, backoff
+/// doubling from `base` with ±50% jitter.
+pub async fn with_retries<T, F, Fut>(
+    tries: u32,
+    base: Duration,
+    mut attempt: F,
+) -> Result<T, FetchError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, FetchError>>,
+{
+    let mut n = 0;
+    loop {
+        n += 1;
+        match attempt().await {
+            Err(FetchError::Transient(why)) if n < tries => {
+                let backoff = base * 2u32.pow(n - 1);
+                let jitter = 0.5 + fastrand_f64();
+                tracing::debug!(attempt = n, %why, "transient fetch error, retrying");
+                tokio::time::sleep(backoff.mul_f64(jitter)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// A cheap, non-cryptographic random number in [0, 1) for jitter.
+fn fastrand_f64() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64),
+    );
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Fetches the object of one record.
+pub async fn fetch(record: Record, cfg: &FetchConfig, base: &Path) -> Result<Fetched, Done> {
+    let Some(uri) = record.event.image.clone() else {
+        return Ok(Fetched {
+            record,
+            bytes: None,
+            etag: None,
+        });
+    };
+    let location = match resolve(&uri, &cfg.allowed_schemes, base) {
+        Ok(l) => l,
+        Err(FetchError::Permanent(kind, why)) => return Err(record.dead(Stage::Fetch, kind, why)),
+        Err(FetchError::Transient(why)) => return Err(record.failed(why)),
+    };
+    let result = match &location {
+        Location::File(path) => {
+            with_retries(3, Duration::from_millis(100), || {
+                read_file(path, cfg.max_object_bytes)
+            })
+            .await
+        }
+        Location::S3 { .. } => Err(FetchError::Permanent(
+            Kind::SchemeNotAllowed,
+            "s3:// objects need an S3 fetcher, which this pipeline does not configure".into(),
+        )),
+    };
+    match result {
+        Ok(bytes) => Ok(Fetched {
+            record,
+            bytes: Some(bytes),
+            etag: None,
+        }),
+        Err(FetchError::Permanent(kind, why)) => Err(record.dead(Stage::Fetch, kind, why)),
+        Err(FetchError::Transient(why)) => {
+            Err(record.failed(format!("fetch retries exhausted: {why}")))
+        }
+    }
+}
+
+/// Runs `cfg.concurrency` fetch workers until `rx` closes.
+pub fn spawn_workers(
+    rx: flume::Receiver<Record>,
+    tx: flume::Sender<Fetched>,
+    done: flume::Sender<Done>,
+    cfg: FetchConfig,
+    base: PathBuf,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let cfg = Arc::new(cfg);
+    let base = Arc::new(base);
+    (0..cfg.concurrency)
+        .map(|_| {
+            let (rx, tx, done, cfg, base) = (
+                rx.clone(),
+                tx.clone(),
+                done.clone(),
+                Arc::clone(&cfg),
+                Arc::clone(&base),
+            );
+            tokio::spawn(async move {
+                while let Ok(record) = rx.recv_async().await {
+                    let sent = match fetch(record, &cfg, &base).await {
+                        Ok(f) => tx.send_async(f).await.is_ok(),
+                        Err(d) => done.send_async(d).await.is_ok(),
+                    };
+                    if !sent {
+                        break;
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn schemes(s: &[&str]) -> Vec<String> {
+        s.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn uris_resolve() {
+        let base = Path::new("/data");
+        let files = schemes(&["file"]);
+        assert_eq!(
+            resolve("a/b.jpg", &files, base),
+            Ok(Location::File("/data/a/b.jpg".into()))
+        );
+        assert_eq!(
+            resolve("file:///x/y.png", &files, base),
+            Ok(Location::File("/x/y.png".into()))
+        );
+        assert_eq!(
+            resolve("file://rel.png", &files, base),
+            Ok(Location::File("/data/rel.png".into()))
+        );
+        assert!(matches!(
+            resolve("s3://b/k", &files, base),
+            Err(FetchError::Permanent(Kind::SchemeNotAllowed, _))
+        ));
+        let s3 = schemes(&["s3"]);
+        assert_eq!(
+            resolve("s3://b/k/x.jpg", &s3, base),
+            Ok(Location::S3 {
+                bucket: "b".into(),
+                key: "k/x.jpg".into()
+            })
+        );
+        assert!(matches!(
+            resolve("s3://b", &s3, base),
+            Err(FetchError::Permanent(Kind::InvalidUri, _))
+        ));
+        assert!(matches!(
+            resolve("/etc/passwd", &s3, base),
+            Err(FetchError::Permanent(Kind::SchemeNotAllowed, _))
+        ));
+        assert!(matches!(
+            resolve("http://x/y", &schemes(&["file", "s3"]), base),
+            Err(FetchError::Permanent(Kind::SchemeNotAllowed, _))
+        ));
+    }
+
+    #[tokio::test]
+    async fn transient_errors_are_retried_then_given_up() {
+        let mut calls = 0;
+        let r: Result<(), _> = with_retries(3, Duration::from_millis(1), || {
+            calls += 1;
+            async { Err(FetchError::Transient("flaky".into())) }
+        })
+        .await;
+        assert_eq!(calls, 3);
+        assert!(matches!(r, Err(FetchError::Transient(_))));
+        let mut calls = 0;
+        let r: Result<u8, _> = with_retries(3, Duration::from_millis(1), || {
+            calls += 1;
+            let n = calls;
+            async move {
+                if n < 2 {
+                    Err(FetchError::Transient("once".into()))
+                } else {
+                    Ok(7)
+                }
+            }
+        })
+        .await;
+        assert_eq!((calls, r), (2, Ok(7)));
+    }
+}

@@ -1,0 +1,239 @@
+//! The CPU stage: decode and preprocess images, tokenize texts, on a pool of
+//! dedicated threads (never on the async runtime). A record that passes is
+//! split into one job per tower; the tower that finishes last assembles the
+//! row (zero-shot labels, clip score) and hands it to the sinks.
+
+use std::sync::{Arc, Mutex};
+
+use clipstream_model::encoder::dot;
+use clipstream_model::{ClipTokenizer, ImagePreprocessor, ZeroShotHead};
+
+use crate::dead_letter::{Kind, Stage};
+use crate::fetch::Fetched;
+use crate::record::{Done, OutputRow, Record};
+use crate::stats::Stats;
+
+/// A record whose towers are running.
+#[derive(Debug)]
+pub struct InFlight {
+    state: Mutex<State>,
+}
+
+#[derive(Debug)]
+struct State {
+    record: Option<Record>,
+    etag: Option<String>,
+    image: Option<Vec<f32>>,
+    text: Option<Vec<f32>>,
+    remaining: u8,
+}
+
+/// Which tower produced an embedding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// Vision tower.
+    Image,
+    /// Text tower.
+    Text,
+}
+
+/// An image waiting for the vision tower.
+#[derive(Debug)]
+pub struct VisionJob {
+    /// Its record.
+    pub rec: Arc<InFlight>,
+    /// `[3, H, W]` pixel values.
+    pub pixels: Vec<f32>,
+}
+
+/// A text waiting for the text tower.
+#[derive(Debug)]
+pub struct TextJob {
+    /// Its record.
+    pub rec: Arc<InFlight>,
+    /// Token ids, padded.
+    pub ids: Vec<i64>,
+    /// Attention mask.
+    pub mask: Vec<i64>,
+}
+
+/// What the last tower of a record needs to build its row.
+#[derive(Debug, Clone)]
+pub struct Assembler {
+    /// Zero-shot head, if a label set is configured.
+    pub head: Option<Arc<ZeroShotHead>>,
+    /// Labels per image.
+    pub top_k: usize,
+    /// The sinks.
+    pub done: flume::Sender<Done>,
+    /// Counters.
+    pub stats: Arc<Stats>,
+}
+
+impl Assembler {
+    /// Records one tower's embedding; builds and sends the row when it was
+    /// the last one. Returns false when the sinks are gone.
+    pub fn part_done(&self, rec: &InFlight, part: Part, embedding: Vec<f32>) -> bool {
+        let mut st = rec.state.lock().unwrap_or_else(|e| e.into_inner());
+        match part {
+            Part::Image => st.image = Some(embedding),
+            Part::Text => st.text = Some(embedding),
+        }
+        st.remaining -= 1;
+        if st.remaining > 0 {
+            return true;
+        }
+        let Some(record) = st.record.take() else {
+            return true;
+        };
+        let (image, text, etag) = (st.image.take(), st.text.take(), st.etag.take());
+        drop(st);
+        let labels = match (&self.head, &image) {
+            (Some(h), Some(img)) => {
+                let top = h.top_k(img, self.top_k);
+                if let Some(best) = top.first() {
+                    self.stats.top1(&best.label);
+                }
+                Some(top)
+            }
+            _ => None,
+        };
+        let clip_score = match (&image, &text) {
+            (Some(i), Some(t)) => Some(dot(i, t)),
+            _ => None,
+        };
+        let row = OutputRow {
+            id: record.event.id.clone(),
+            source: Arc::clone(&record.partition.source),
+            partition: record.partition.partition,
+            offset: record.position.offset,
+            image_uri: record.event.image.clone(),
+            image_etag: etag,
+            text: record.event.text.clone(),
+            attributes: record
+                .event
+                .attributes
+                .as_ref()
+                .map(|a| serde_json::Value::Object(a.clone()).to_string()),
+            image_embedding: image,
+            text_embedding: text,
+            labels,
+            clip_score,
+            event_time_ms: record.event_time_ms,
+            processed_at_ms: now_ms(),
+        };
+        self.done
+            .send(Done::Row {
+                row,
+                ack: record.ack,
+                permit: record.permit,
+            })
+            .is_ok()
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Everything one prep thread needs.
+#[derive(Debug, Clone)]
+pub struct PrepContext {
+    /// Image preprocessing.
+    pub preprocessor: ImagePreprocessor,
+    /// Tokenizer.
+    pub tokenizer: ClipTokenizer,
+    /// Jobs for the vision tower.
+    pub vision: flume::Sender<VisionJob>,
+    /// Jobs for the text tower.
+    pub text: flume::Sender<TextJob>,
+    /// Dead letters.
+    pub done: flume::Sender<Done>,
+}
+
+/// Runs `threads` prep threads until `rx` closes.
+pub fn spawn_threads(
+    threads: usize,
+    rx: flume::Receiver<Fetched>,
+    ctx: PrepContext,
+) -> Vec<std::thread::JoinHandle<()>> {
+    (0..threads)
+        .map(|i| {
+            let (rx, ctx) = (rx.clone(), ctx.clone());
+            std::thread::Builder::new()
+                .name(format!("prep-{i}"))
+                .spawn(move || {
+                    for f in rx.iter() {
+                        if !prepare(f, &ctx) {
+                            break;
+                        }
+                    }
+                })
+                .expect("spawning a prep thread")
+        })
+        .collect()
+}
+
+/// Prepares one record; false when downstream is gone.
+fn prepare(f: Fetched, ctx: &PrepContext) -> bool {
+    let Fetched {
+        record,
+        bytes,
+        etag,
+    } = f;
+    let pixels = match &bytes {
+        Some(b) => match ctx.preprocessor.preprocess(b) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                let kind = Kind::of_image_error(&e);
+                return ctx
+                    .done
+                    .send(record.dead(Stage::Decode, kind, e.to_string()))
+                    .is_ok();
+            }
+        },
+        None => None,
+    };
+    drop(bytes);
+    let tokens = match &record.event.text {
+        Some(t) => match ctx.tokenizer.encode_batch(&[t.as_str()]) {
+            Ok(b) => Some((b.input_ids, b.attention_mask)),
+            Err(e) => {
+                return ctx
+                    .done
+                    .send(record.dead(Stage::Tokenize, Kind::InvalidText, e.to_string()))
+                    .is_ok();
+            }
+        },
+        None => None,
+    };
+    let remaining = u8::from(pixels.is_some()) + u8::from(tokens.is_some());
+    let rec = Arc::new(InFlight {
+        state: Mutex::new(State {
+            record: Some(record),
+            etag,
+            image: None,
+            text: None,
+            remaining,
+        }),
+    });
+    if let Some(pixels) = pixels
+        && ctx
+            .vision
+            .send(VisionJob {
+                rec: Arc::clone(&rec),
+                pixels,
+            })
+            .is_err()
+    {
+        return false;
+    }
+    if let Some((ids, mask)) = tokens
+        && ctx.text.send(TextJob { rec, ids, mask }).is_err()
+    {
+        return false;
+    }
+    true
+}

@@ -1,0 +1,244 @@
+//! The `files` source: a JSONL manifest of events (the same JSON as Kafka
+//! events), or a directory of images with optional caption sidecars. It ends
+//! when the input does. Records an earlier run already wrote (by id, or by
+//! position for dead letters without an id) are skipped: a rerun resumes.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde_json::json;
+use tokio::io::AsyncBufReadExt;
+
+use super::SourceContext;
+use crate::ack::{PartitionKey, Position};
+use crate::config::FilesSourceConfig;
+use crate::dead_letter::{DeadLetter, Stage};
+use crate::record::{Done, Record, parse_event};
+use crate::sink::resume::DoneSet;
+use crate::stats::Stats;
+
+/// Extensions taken from a directory source.
+const IMAGE_EXTENSIONS: [&str; 9] = [
+    "jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "jfif",
+];
+
+/// The files source, ready to run.
+#[derive(Debug)]
+pub struct FilesSource {
+    config: FilesSourceConfig,
+    done: DoneSet,
+}
+
+impl FilesSource {
+    /// A source that skips what `done` holds.
+    pub fn new(config: FilesSourceConfig, done: DoneSet) -> Self {
+        FilesSource { config, done }
+    }
+
+    /// The name used in output rows and file names: the manifest's file stem
+    /// or the directory's name.
+    pub fn name(&self) -> String {
+        let p = self.config.manifest.as_ref().or(self.config.dir.as_ref());
+        p.and_then(|p| p.file_stem())
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "files".into())
+    }
+
+    /// Directory that relative image paths in the manifest are relative to.
+    pub fn base_dir(&self) -> PathBuf {
+        match (&self.config.manifest, &self.config.dir) {
+            (Some(m), _) => m.parent().map(Path::to_path_buf).unwrap_or_default(),
+            (None, Some(d)) => d.clone(),
+            (None, None) => PathBuf::new(),
+        }
+    }
+
+    /// Emits every record, then returns. Errors are I/O errors on the input
+    /// itself (a missing manifest), which stop the run.
+    pub async fn run(self, mut ctx: SourceContext) -> anyhow::Result<()> {
+        let key = PartitionKey {
+            source: Arc::from(self.name()),
+            partition: 0,
+        };
+        if let Some(manifest) = &self.config.manifest {
+            self.run_manifest(manifest, key, &mut ctx).await
+        } else if let Some(dir) = &self.config.dir {
+            self.run_dir(dir, key, &mut ctx).await
+        } else {
+            anyhow::bail!("files source has neither a manifest nor a directory")
+        }
+    }
+
+    async fn run_manifest(
+        &self,
+        manifest: &Path,
+        key: PartitionKey,
+        ctx: &mut SourceContext,
+    ) -> anyhow::Result<()> {
+        let open = || async {
+            tokio::fs::File::open(manifest)
+                .await
+                .map(tokio::io::BufReader::new)
+                .map_err(|e| anyhow::anyhow!("cannot open manifest {}: {e}", manifest.display()))
+        };
+        // Count lines first so that progress can show an ETA.
+        let mut reader = open().await?;
+        let mut total = 0u64;
+        let mut line = Vec::new();
+        while reader.read_until(b'\n', &mut line).await? > 0 {
+            if !is_blank(&line) {
+                total += 1;
+            }
+            line.clear();
+        }
+        Stats::add(&ctx.stats.total, total);
+
+        let mut reader = open().await?;
+        let mut offset = -1i64;
+        let mut seq = 0u64;
+        loop {
+            line.clear();
+            if reader.read_until(b'\n', &mut line).await? == 0 {
+                break;
+            }
+            offset += 1;
+            if is_blank(&line) {
+                continue;
+            }
+            let raw = trim_newline(&line);
+            if !self.emit(raw, &key, offset, &mut seq, ctx).await {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    async fn run_dir(
+        &self,
+        dir: &Path,
+        key: PartitionKey,
+        ctx: &mut SourceContext,
+    ) -> anyhow::Result<()> {
+        let dir = dir.to_path_buf();
+        let files = tokio::task::spawn_blocking(move || list_images(&dir)).await??;
+        Stats::add(&ctx.stats.total, files.len() as u64);
+        let base = self.config.dir.clone().unwrap_or_default();
+        let mut seq = 0u64;
+        for (offset, path) in files.iter().enumerate() {
+            let rel = path
+                .strip_prefix(&base)
+                .unwrap_or(path)
+                .to_string_lossy()
+                .into_owned();
+            let caption = tokio::fs::read_to_string(path.with_extension("txt"))
+                .await
+                .ok()
+                .map(|t| t.trim().to_string())
+                .filter(|t| !t.is_empty());
+            let event = json!({
+                "id": rel,
+                "image": format!("file://{}", path.display()),
+                "text": caption,
+            });
+            let raw = serde_json::to_vec(&event)?;
+            if !self.emit(&raw, &key, offset as i64, &mut seq, ctx).await {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Emits one event; false when the pipeline is stopping.
+    async fn emit(
+        &self,
+        raw: &[u8],
+        key: &PartitionKey,
+        offset: i64,
+        seq: &mut u64,
+        ctx: &mut SourceContext,
+    ) -> bool {
+        let parsed = parse_event(raw, self.config.max_event_bytes);
+        let already = match &parsed {
+            Ok(e) => self.done.has_id(&e.id),
+            Err(e) => e.id.as_deref().is_some_and(|id| self.done.has_id(id)),
+        } || self.done.has_position(key, offset);
+        if already {
+            Stats::add(&ctx.stats.skipped, 1);
+            return true;
+        }
+        let Some(permit) = ctx.permit().await else {
+            return false;
+        };
+        let position = Position { seq: *seq, offset };
+        *seq += 1;
+        let ack = ctx.tracker.token(key.clone(), position);
+        Stats::add(&ctx.stats.read, 1);
+        let raw: Arc<[u8]> = Arc::from(raw);
+        match parsed {
+            Ok(event) => ctx
+                .records
+                .send_async(Record {
+                    partition: key.clone(),
+                    position,
+                    event,
+                    key: None,
+                    raw,
+                    event_time_ms: None,
+                    ack,
+                    permit,
+                })
+                .await
+                .is_ok(),
+            Err(e) => ctx
+                .done
+                .send_async(Done::Dead {
+                    letter: DeadLetter {
+                        partition: key.clone(),
+                        offset,
+                        id: e.id,
+                        key: None,
+                        original: raw,
+                        stage: Stage::Source,
+                        kind: e.kind,
+                        reason: e.reason,
+                    },
+                    ack,
+                    permit,
+                })
+                .await
+                .is_ok(),
+        }
+    }
+}
+
+fn is_blank(line: &[u8]) -> bool {
+    line.iter().all(u8::is_ascii_whitespace)
+}
+
+fn trim_newline(line: &[u8]) -> &[u8] {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    line.strip_suffix(b"\r").unwrap_or(line)
+}
+
+fn list_images(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let entries = std::fs::read_dir(&d)
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", d.display()))?;
+        for e in entries {
+            let path = e?.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path
+                .extension()
+                .and_then(|x| x.to_str())
+                .is_some_and(|x| IMAGE_EXTENSIONS.contains(&x.to_ascii_lowercase().as_str()))
+            {
+                out.push(path);
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}

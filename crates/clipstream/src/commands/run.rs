@@ -1,0 +1,255 @@
+//! `clipstream run` and `clipstream validate`: pipelines from TOML files.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use clipstream_model::{ClipModel, LabelSet, ZeroShotHead};
+use clipstream_pipeline::config::PipelineConfig;
+use clipstream_pipeline::engine::{self, Components, RunReport};
+use clipstream_pipeline::stats::Stats;
+use tokio::sync::watch;
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Pipeline file (TOML); see pipelines/ for ready ones.
+    #[arg(value_name = "PIPELINE.toml")]
+    pub pipeline: PathBuf,
+    /// No progress display on stderr.
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ValidateArgs {
+    /// Pipeline files (TOML) to check.
+    #[arg(value_name = "PIPELINE.toml", required = true)]
+    pub pipelines: Vec<PathBuf>,
+}
+
+pub fn validate(args: ValidateArgs) -> anyhow::Result<ExitCode> {
+    let mut ok = true;
+    for p in &args.pipelines {
+        match PipelineConfig::load(p) {
+            Ok(_) => println!("{}: ok", p.display()),
+            Err(e) => {
+                ok = false;
+                eprintln!("{e}");
+            }
+        }
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    })
+}
+
+/// Loads the model and label set named by the config.
+fn components(cfg: &PipelineConfig) -> anyhow::Result<Components> {
+    let mut model = ClipModel::load(&cfg.model.dir, &cfg.model.variant, &cfg.runtime)?;
+    model.preprocessor.limits = cfg.image.limits;
+    model.preprocessor.apply_exif_orientation = cfg.image.apply_exif_orientation;
+    let head = match &cfg.model.labels {
+        Some(path) => {
+            let mut h = ZeroShotHead::build(&LabelSet::from_file(path)?, &mut model)?;
+            h.source = Some(path.clone());
+            Some(h)
+        }
+        None => None,
+    };
+    // The width the towers really produce, whatever config.json says.
+    let dim = model.embed_texts(&["dimension probe"])?.dim;
+    let model_id = model.model_id();
+    tracing::info!(model = %model_id, dim, provider = model.vision.provider(), "model loaded");
+    Ok(Components {
+        preprocessor: model.preprocessor,
+        tokenizer: model.tokenizer,
+        vision: model.vision,
+        text: model.text,
+        head,
+        model_id,
+        dim,
+    })
+}
+
+pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let cfg = PipelineConfig::load(&args.pipeline)?;
+    let parts = components(&cfg)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("clipstream-io")
+        .enable_all()
+        .build()?;
+    let stats = Arc::new(Stats::default());
+    let deadline = Duration::from_secs_f64(cfg.shutdown.drain_deadline_secs);
+    let started = Instant::now();
+    let result = runtime.block_on(async {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (deadline_tx, mut deadline_rx) = watch::channel(false);
+        tokio::spawn(signals(stop_tx, deadline_tx, deadline));
+        let progress = tokio::spawn(progress(Arc::clone(&stats), !args.no_progress));
+        let outcome = tokio::select! {
+            r = engine::run(&cfg, parts, stop_rx, Arc::clone(&stats)) => Some(r),
+            _ = deadline_rx.wait_for(|d| *d) => None,
+        };
+        progress.abort();
+        let _ = progress.await;
+        outcome
+    });
+    match result {
+        Some(Ok(report)) => {
+            print_summary(&args.pipeline, &report);
+            let clean = report.failed == 0 && report.unacknowledged == 0 && !report.stopped_early;
+            Ok(if clean {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Some(Err(e)) => Err(e),
+        None => {
+            let read = Stats::get(&stats.read);
+            let done = Stats::get(&stats.rows)
+                + Stats::get(&stats.dead_letters)
+                + Stats::get(&stats.failed);
+            eprintln!(
+                "drain deadline of {:.0}s passed after {:.1}s: {} record(s) not acknowledged; \
+                 open files were not completed. Run the same command again to complete them.",
+                deadline.as_secs_f64(),
+                started.elapsed().as_secs_f64(),
+                read.saturating_sub(done)
+            );
+            // Threads still hold records; leave without waiting for them.
+            std::process::exit(1);
+        }
+    }
+}
+
+/// First SIGINT/SIGTERM: stop reading and drain; after `deadline`, give up.
+/// A second signal exits at once.
+async fn signals(stop: watch::Sender<bool>, deadline: watch::Sender<bool>, drain: Duration) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        tracing::warn!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
+    eprintln!(
+        "\nstopping: no new records; draining those in flight (up to {:.0}s, signal again to quit now)",
+        drain.as_secs_f64()
+    );
+    let _ = stop.send(true);
+    tokio::select! {
+        _ = tokio::time::sleep(drain) => { let _ = deadline.send(true); }
+        _ = int.recv() => std::process::exit(130),
+        _ = term.recv() => std::process::exit(143),
+    }
+}
+
+/// A progress bar on a terminal; a line every 10 s otherwise.
+async fn progress(stats: Arc<Stats>, enabled: bool) {
+    if !enabled {
+        return;
+    }
+    let started = Instant::now();
+    if std::io::stderr().is_terminal() {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} {elapsed_precise} [{bar:30}] {pos}/{len} records  {per_sec}  ETA {eta}  {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        loop {
+            let total = Stats::get(&stats.total);
+            let done = Stats::get(&stats.finished) + Stats::get(&stats.skipped);
+            bar.set_length(total.max(done));
+            bar.set_position(done);
+            bar.set_message(format!("dead letters {}", Stats::get(&stats.dead_letters)));
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    } else {
+        loop {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            let done = Stats::get(&stats.finished);
+            let secs = started.elapsed().as_secs_f64();
+            eprintln!(
+                "progress: {done}/{} records, {:.1} records/s, {} dead letters",
+                Stats::get(&stats.total).saturating_sub(Stats::get(&stats.skipped)),
+                done as f64 / secs,
+                Stats::get(&stats.dead_letters)
+            );
+        }
+    }
+}
+
+fn print_summary(pipeline: &Path, r: &RunReport) {
+    let secs = r.elapsed.as_secs_f64().max(1e-9);
+    let done = r.rows + r.dead_letters;
+    println!("clipstream run {}", pipeline.display());
+    println!(
+        "  {:<22} {:>8}{}",
+        "records read",
+        r.read,
+        if r.skipped > 0 {
+            format!("   ({} skipped: already written)", r.skipped)
+        } else {
+            String::new()
+        }
+    );
+    println!("  {:<22} {:>8}", "images encoded", r.images);
+    println!("  {:<22} {:>8}", "texts encoded", r.texts);
+    println!("  {:<22} {:>8}", "rows written", r.rows);
+    println!(
+        "  {:<22} {:>8}   -> {}",
+        "dead letters",
+        r.dead_letters,
+        r.dead_letter_path.display()
+    );
+    for (kind, n) in &r.detail.dead_by_kind {
+        println!("      {kind:<24} {n:>6}");
+    }
+    if r.failed > 0 || r.unacknowledged > 0 {
+        println!(
+            "  {:<22} {:>8}   (rerun the same command to retry them)",
+            "not completed",
+            r.failed.max(r.unacknowledged)
+        );
+    }
+    println!(
+        "  {:<22} {:>8.1} records/s over {secs:.1}s",
+        "throughput",
+        done as f64 / secs
+    );
+    println!(
+        "  {:<22} {:>8}   in {}",
+        "output files",
+        r.detail.files.len(),
+        r.output_dir.display()
+    );
+    for f in r.detail.files.iter().take(10) {
+        println!("      {f}");
+    }
+    if r.detail.files.len() > 10 {
+        println!("      ... and {} more", r.detail.files.len() - 10);
+    }
+    if !r.detail.top1.is_empty() {
+        println!("  top-1 labels");
+        let mut top: Vec<_> = r.detail.top1.iter().collect();
+        top.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+        for (label, n) in top {
+            println!("      {label:<24} {n:>6}");
+        }
+    }
+    if r.stopped_early {
+        println!("  stopped before the end of the input: run the same command again to continue");
+    }
+}
