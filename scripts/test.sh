@@ -11,6 +11,14 @@ step() { printf '\n==> %s\n' "$*"; }
 step "ONNX Runtime"
 scripts/fetch-onnxruntime.sh
 
+step "Python test helpers (pyarrow reads the Parquet output independently)"
+venv=.cache/test-venv
+if [[ ! -x "$venv/bin/python" ]] || ! "$venv/bin/python" -c "import pyarrow" 2>/dev/null; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "pyarrow==22.0.0"
+fi
+export CLIPSTREAM_TEST_PYTHON="$PWD/$venv/bin/python"
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 

@@ -95,3 +95,124 @@ pub fn run_sink(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use tokio::sync::Semaphore;
+
+    use super::*;
+    use crate::ack::{AckTracker, Position};
+    use crate::config::ParquetConfig;
+    use crate::dead_letter::{DeadLetter, Kind, Stage};
+    use crate::record::OutputRow;
+
+    fn row(key: &PartitionKey, offset: i64) -> OutputRow {
+        OutputRow {
+            id: format!("id-{offset}"),
+            source: Arc::clone(&key.source),
+            partition: key.partition,
+            offset,
+            image_uri: None,
+            image_etag: None,
+            text: Some("t".into()),
+            attributes: None,
+            image_embedding: None,
+            text_embedding: Some(vec![0.6, 0.8]),
+            labels: None,
+            clip_score: None,
+            event_time_ms: None,
+            processed_at_ms: 0,
+        }
+    }
+
+    /// Results arriving in any order are written in source order, files
+    /// roll by row count and are named by their first offset, and the
+    /// tracker's position only moves when files are complete.
+    #[test]
+    fn out_of_order_results_become_ordered_files() {
+        let dir = std::env::temp_dir().join(format!("clipstream-sink-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let stats = Arc::new(Stats::default());
+        let cfg = ParquetConfig {
+            dir: dir.clone(),
+            max_rows_per_file: 4,
+            max_bytes_per_file: 1 << 30,
+            row_group_rows: 2,
+            zstd_level: 3,
+        };
+        let writer = ParquetWriter::new(cfg, 2, "m".into(), Arc::clone(&stats)).expect("writer");
+        let dead = DeadLetterFile::open(&dir.join("_dead_letters.jsonl")).expect("dlq");
+        let (tx, rx) = flume::unbounded();
+        let sink_stats = Arc::clone(&stats);
+        let sink = std::thread::spawn(move || run_sink(rx, writer, dead, sink_stats));
+
+        let tracker = AckTracker::new();
+        let sem = Arc::new(Semaphore::new(100));
+        let key = PartitionKey {
+            source: "src".into(),
+            partition: 3,
+        };
+        // Offsets with gaps (like Kafka), seq dense; seq 2 is a dead letter.
+        let offsets: Vec<i64> = vec![10, 11, 13, 14, 15, 17, 18, 20, 21];
+        let mut order: Vec<usize> = (0..offsets.len()).collect();
+        order.reverse();
+        order.swap(0, 4);
+        for i in order {
+            let ack = tracker.token(
+                key.clone(),
+                Position {
+                    seq: i as u64,
+                    offset: offsets[i],
+                },
+            );
+            let permit = Arc::clone(&sem).try_acquire_owned().expect("permit");
+            let done = if i == 2 {
+                Done::Dead {
+                    letter: DeadLetter {
+                        partition: key.clone(),
+                        offset: offsets[i],
+                        id: Some("bad".into()),
+                        key: None,
+                        original: Arc::from(&b"{}"[..]),
+                        stage: Stage::Source,
+                        kind: Kind::EmptyEvent,
+                        reason: "r".into(),
+                    },
+                    ack,
+                    permit,
+                }
+            } else {
+                Done::Row {
+                    row: row(&key, offsets[i]),
+                    ack,
+                    permit,
+                }
+            };
+            tx.send(done).expect("send");
+            if i == 5 {
+                // Nothing is acknowledged before its file is complete.
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        }
+        drop(tx);
+        sink.join().expect("join").expect("sink ok");
+        let files = stats.snapshot().files;
+        assert_eq!(
+            files,
+            vec!["src-3-0000000010.parquet", "src-3-0000000017.parquet"]
+        );
+        let w = tracker.watermark(&key);
+        assert_eq!(
+            (w.contiguous, w.last_offset, w.dead_lettered, w.delivered),
+            (9, Some(21), 1, 8)
+        );
+        assert_eq!(sem.available_permits(), 100, "every permit released");
+        let ids =
+            super::resume::DoneSet::load(&dir, &dir.join("_dead_letters.jsonl")).expect("resume");
+        assert_eq!(ids.len(), 9);
+        assert!(ids.has_id("id-21") && ids.has_id("bad"));
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}

@@ -32,9 +32,14 @@ pub struct BenchArgs {
     /// Seconds to spend on each measurement (after one warm-up batch).
     #[arg(long, default_value_t = 5.0, value_name = "S")]
     pub seconds: f64,
-    /// Only measure these parts (repeatable): preprocess, vision, text, embed.
+    /// Only measure these parts (repeatable): preprocess, vision, text,
+    /// embed, pipeline.
     #[arg(long = "only", value_name = "PART")]
     pub only: Vec<String>,
+    /// Records for the `pipeline` part (`clipstream run` on the images,
+    /// round robin, with the same batch size).
+    #[arg(long, default_value_t = 512, value_name = "N")]
+    pub pipeline_records: usize,
 }
 
 struct Figure {
@@ -147,6 +152,24 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         });
     }
 
+    if want("pipeline") {
+        let rate = pipeline_rate(&args, &files)?;
+        figures.push(Figure {
+            name: "pipeline (clipstream run, local files)",
+            per_s: rate,
+            unit: "images/s",
+            n: args.pipeline_records,
+        });
+    }
+    let raw = figures
+        .iter()
+        .find(|f| f.name.starts_with("vision"))
+        .map(|f| f.per_s);
+    let pipe = figures
+        .iter()
+        .find(|f| f.name.starts_with("pipeline"))
+        .map(|f| f.per_s);
+
     println!(
         "model {} ({}), provider {}, batch {bs}, {} images from {}",
         model.model_id(),
@@ -166,7 +189,67 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             f.per_s
         );
     }
+    if let (Some(raw), Some(pipe)) = (raw, pipe) {
+        println!("bench pipeline_over_raw_vision ratio={:.3}", pipe / raw);
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Runs the engine on `pipeline_records` image events over `files` and
+/// returns images/s (wall time of the whole run, model already loaded).
+fn pipeline_rate(args: &BenchArgs, files: &[PathBuf]) -> anyhow::Result<f64> {
+    use std::io::Write;
+    let dir = std::env::temp_dir().join(format!("clipstream-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let manifest = dir.join("events.jsonl");
+    let mut f = std::io::BufWriter::new(std::fs::File::create(&manifest)?);
+    for i in 0..args.pipeline_records {
+        let p = std::fs::canonicalize(&files[i % files.len()])?;
+        writeln!(
+            f,
+            "{}",
+            serde_json::json!({"id": format!("b{i}"), "image": p.display().to_string()})
+        )?;
+    }
+    f.flush()?;
+    let bs = args.batch_size.max(1);
+    let toml = format!(
+        "[model]\ndir = {:?}\nvariant = {:?}\n[source]\nkind = \"files\"\nmanifest = {:?}\n\
+         [engine]\nmax_in_flight = {}\nvision_batch = {{ max_size = {bs}, max_wait_ms = 50 }}\n\
+         [sink.parquet]\ndir = {:?}\n",
+        std::fs::canonicalize(&args.model.model)?
+            .display()
+            .to_string(),
+        args.model.variant.to_string(),
+        manifest.display().to_string(),
+        (bs * 4).max(64),
+        dir.join("out").display().to_string(),
+    );
+    let mut cfg = clipstream_pipeline::config::PipelineConfig::from_toml(&toml, &dir, |_| None)
+        .map_err(|p| anyhow::anyhow!("bench pipeline config: {p:?}"))?;
+    cfg.runtime = args.model.runtime.options();
+    cfg.image.limits = args.images.limits();
+    let parts = super::run::components(&cfg)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let stats = std::sync::Arc::new(clipstream_pipeline::stats::Stats::default());
+    let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let t = Instant::now();
+    let report = rt.block_on(clipstream_pipeline::engine::run(
+        &cfg, parts, stop_rx, stats,
+    ))?;
+    let secs = t.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        report.images as usize == args.pipeline_records,
+        "pipeline encoded {} of {} images",
+        report.images,
+        args.pipeline_records
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(report.images as f64 / secs)
 }
 
 const COLOURS: [&str; 6] = ["red", "green", "blue", "yellow", "purple", "orange"];

@@ -49,7 +49,7 @@ pub fn validate(args: ValidateArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Loads the model and label set named by the config.
-fn components(cfg: &PipelineConfig) -> anyhow::Result<Components> {
+pub fn components(cfg: &PipelineConfig) -> anyhow::Result<Components> {
     let mut model = ClipModel::load(&cfg.model.dir, &cfg.model.variant, &cfg.runtime)?;
     model.preprocessor.limits = cfg.image.limits;
     model.preprocessor.apply_exif_orientation = cfg.image.apply_exif_orientation;
@@ -241,6 +241,13 @@ fn print_summary(pipeline: &Path, r: &RunReport) {
     if r.detail.files.len() > 10 {
         println!("      ... and {} more", r.detail.files.len() - 10);
     }
+    if let Some(kib) = peak_rss_kib() {
+        println!(
+            "  {:<22} {:>8.1} MiB",
+            "peak memory (RSS)",
+            kib as f64 / 1024.0
+        );
+    }
     if !r.detail.top1.is_empty() {
         println!("  top-1 labels");
         let mut top: Vec<_> = r.detail.top1.iter().collect();
@@ -252,4 +259,13 @@ fn print_summary(pipeline: &Path, r: &RunReport) {
     if r.stopped_early {
         println!("  stopped before the end of the input: run the same command again to continue");
     }
+}
+
+/// The process's peak resident set size (VmHWM), where /proc has it.
+fn peak_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }

@@ -1,0 +1,204 @@
+//! The main job end to end, through the binary: `clipstream run` on a local
+//! manifest of 2,000 mixed events (a tenth of them bad, of every kind),
+//! crashes with SIGKILL and reruns, and a graceful SIGTERM.
+
+#[path = "support/mod.rs"]
+mod support;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+#[test]
+fn two_thousand_mixed_records_exactly_once() {
+    let dir = scratch("local-2000");
+    let input = build_input(&dir, 2000, 42);
+    let out = dir.join("out");
+    let pipeline = local_pipeline(&dir, &input.manifest, &out, 500);
+    let run = clipstream(&["run", "--no-progress", pipeline.to_str().expect("utf8")]);
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(stdout.contains("dead letters"), "{stdout}");
+    let rows = check_exactly_once(&input, &out);
+
+    // Files hold contiguous ranges and are named by their first offset.
+    let mut files: Vec<(String, i64)> = Vec::new();
+    for r in &rows {
+        let f = r["file"].as_str().expect("file").to_string();
+        let o = r["offset"].as_i64().expect("offset");
+        match files.iter_mut().find(|(n, _)| *n == f) {
+            Some((_, first)) => *first = (*first).min(o),
+            None => files.push((f, o)),
+        }
+    }
+    for (name, first) in &files {
+        assert_eq!(name, &format!("events-0-{first:010}.parquet"));
+    }
+    assert_eq!(files.len(), input.good.len().div_ceil(500));
+
+    // The same embeddings as `clipstream embed` gives, for a sample.
+    let mut args: Vec<String> = vec![
+        "embed".into(),
+        "--model".into(),
+        model().display().to_string(),
+    ];
+    let sample_images: Vec<(&String, &std::path::PathBuf)> = input.images.iter().take(12).collect();
+    let sample_texts: Vec<(&String, &String)> = input.texts.iter().take(12).collect();
+    for (_, p) in &sample_images {
+        args.push("--image".into());
+        args.push(p.display().to_string());
+    }
+    for (_, t) in &sample_texts {
+        args.push("--text".into());
+        args.push((*t).clone());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let embed = clipstream(&args);
+    assert!(embed.status.success());
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&embed.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    let row_of = |id: &str| rows.iter().find(|r| r["id"] == id).expect("row");
+    for (i, (id, _)) in sample_images.iter().enumerate() {
+        let c = cosine(
+            &floats(&lines[i]["embedding"]),
+            &floats(&row_of(id)["image_embedding"]),
+        );
+        assert!(c >= 0.99999, "{id}: image cosine {c}");
+    }
+    for (i, (id, _)) in sample_texts.iter().enumerate() {
+        let l = &lines[sample_images.len() + i];
+        let c = cosine(
+            &floats(&l["embedding"]),
+            &floats(&row_of(id)["text_embedding"]),
+        );
+        assert!(c >= 0.99999, "{id}: text cosine {c}");
+    }
+
+    // A rerun finds everything done.
+    let again = clipstream(&["run", "--no-progress", pipeline.to_str().expect("utf8")]);
+    assert!(again.status.success());
+    assert!(String::from_utf8_lossy(&again.stdout).contains("skipped: already written"));
+    check_exactly_once(&input, &out);
+}
+
+#[test]
+fn sigkill_at_random_moments_then_rerun_loses_and_duplicates_nothing() {
+    let dir = scratch("local-kill");
+    let input = build_input(&dir, 1200, 7);
+    let out = dir.join("out");
+    let pipeline = local_pipeline(&dir, &input.manifest, &out, 40);
+    let mut seed = 0x2545_F491_4F6C_DD1Du64;
+    let mut kills = 0;
+    let mut finished = false;
+    for round in 0..12 {
+        let started = Instant::now();
+        let mut child = Command::new(bin())
+            .args(["run", "--no-progress", pipeline.to_str().expect("utf8")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn");
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let wait = Duration::from_millis(400 + seed % 2500);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                assert!(status.success(), "round {round}: run failed");
+                finished = true;
+                break;
+            }
+            if started.elapsed() >= wait {
+                child.kill().expect("SIGKILL");
+                child.wait().expect("reap");
+                kills += 1;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if finished && kills >= 5 {
+            break;
+        }
+        if finished {
+            // Finished before enough kills: start over on a fresh output.
+            std::fs::remove_dir_all(&out).expect("reset");
+            finished = false;
+        }
+    }
+    assert!(kills >= 5, "only {kills} kills happened");
+    if !finished {
+        let last = clipstream(&["run", "--no-progress", pipeline.to_str().expect("utf8")]);
+        assert!(
+            last.status.success(),
+            "{}",
+            String::from_utf8_lossy(&last.stdout)
+        );
+    }
+    println!("killed {kills} times");
+    check_exactly_once(&input, &out);
+}
+
+#[test]
+fn sigterm_drains_closes_files_and_a_rerun_completes_without_duplicates() {
+    let dir = scratch("local-term");
+    let input = build_input(&dir, 1500, 99);
+    let out = dir.join("out");
+    let pipeline = local_pipeline(&dir, &input.manifest, &out, 100);
+    let child = Command::new(bin())
+        .args(["run", "--no-progress", pipeline.to_str().expect("utf8")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    std::thread::sleep(Duration::from_millis(2500));
+    let pid = child.id().to_string();
+    let kill = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(kill.success());
+    let t = Instant::now();
+    let output = child.wait_with_output().expect("wait");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        t.elapsed() < Duration::from_secs(30),
+        "drained within the deadline"
+    );
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "stopped early is not a clean finish\n{stdout}\n{stderr}"
+    );
+    assert!(stderr.contains("stopping"), "{stderr}");
+    assert!(
+        stdout.contains("stopped before the end of the input"),
+        "{stdout}"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(&out)
+        .expect("out")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "open files were closed");
+    let partial = read_parquet(&out).len();
+    assert!(
+        partial > 0 && partial < input.good.len(),
+        "{partial} rows after SIGTERM"
+    );
+
+    let rerun = clipstream(&["run", "--no-progress", pipeline.to_str().expect("utf8")]);
+    assert!(
+        rerun.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rerun.stdout)
+    );
+    check_exactly_once(&input, &out);
+}

@@ -1,0 +1,378 @@
+//! Shared helpers of the end-to-end tests: paths, running the binary,
+//! building inputs with bad records of every kind, reading the outputs back
+//! with independent readers (pyarrow for Parquet).
+
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::{Value, json};
+
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+pub fn fixtures() -> PathBuf {
+    root().join("tests/fixtures")
+}
+
+pub fn model() -> PathBuf {
+    fixtures().join("clip-tiny")
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_clipstream")
+}
+
+pub fn clipstream(args: &[&str]) -> Output {
+    Command::new(bin())
+        .args(args)
+        .output()
+        .expect("clipstream runs")
+}
+
+/// A fresh directory under the target dir (kept on failure for inspection).
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = root()
+        .join("target/e2e")
+        .join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+/// The Python that has pyarrow (scripts/test.sh sets CLIPSTREAM_TEST_PYTHON).
+pub fn python() -> String {
+    std::env::var("CLIPSTREAM_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// Every row of the Parquet files under `dir`, read by pyarrow.
+pub fn read_parquet(dir: &Path) -> Vec<Value> {
+    let out = Command::new(python())
+        .arg(root().join("tests/helpers/parquet_dump.py"))
+        .arg(dir)
+        .output()
+        .expect("python runs (set CLIPSTREAM_TEST_PYTHON to a Python with pyarrow)");
+    assert!(
+        out.status.success(),
+        "parquet_dump failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json row"))
+        .collect()
+}
+
+/// The dead letters of a local run.
+pub fn read_dead_letters(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("dead letter line"))
+        .collect()
+}
+
+pub fn floats(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .map(|x| x.as_f64().expect("number") as f32)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// An input of `n` events, a tenth of them bad (every kind the files
+/// pipeline can meet), written as a manifest in `dir`.
+pub struct Input {
+    pub manifest: PathBuf,
+    /// id -> (has image, has text) of every good event.
+    pub good: BTreeMap<String, (bool, bool)>,
+    /// offset -> expected dead-letter kind of every bad event.
+    pub bad: BTreeMap<i64, &'static str>,
+    /// Image files used, by id.
+    pub images: HashMap<String, PathBuf>,
+    /// Texts used, by id.
+    pub texts: HashMap<String, String>,
+}
+
+/// Image files of the fixtures that are good inputs.
+fn good_images() -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(fixtures().join("shapes-eval"))
+        .expect("shapes-eval")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("png" | "jpg")))
+        .collect();
+    v.sort();
+    v
+}
+
+const COLOURS: [&str; 6] = ["red", "green", "blue", "yellow", "purple", "orange"];
+const SHAPES: [&str; 4] = ["circle", "square", "triangle", "star"];
+
+/// PNG bytes that declare `w` x `h` pixels but hold almost no data.
+pub fn bomb_png(w: u32, h: u32) -> Vec<u8> {
+    fn crc32(data: &[u8]) -> u32 {
+        let mut c = 0xFFFF_FFFFu32;
+        for &b in data {
+            c ^= u32::from(b);
+            for _ in 0..8 {
+                c = if c & 1 != 0 {
+                    0xEDB8_8320 ^ (c >> 1)
+                } else {
+                    c >> 1
+                };
+            }
+        }
+        !c
+    }
+    let chunk = |ty: &[u8], data: &[u8]| {
+        let mut v = (data.len() as u32).to_be_bytes().to_vec();
+        v.extend_from_slice(ty);
+        v.extend_from_slice(data);
+        let mut c = ty.to_vec();
+        c.extend_from_slice(data);
+        v.extend_from_slice(&crc32(&c).to_be_bytes());
+        v
+    };
+    let mut ihdr = w.to_be_bytes().to_vec();
+    ihdr.extend_from_slice(&h.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    png.extend(chunk(b"IHDR", &ihdr));
+    png.extend(chunk(
+        b"IDAT",
+        &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01],
+    ));
+    png.extend(chunk(b"IEND", &[]));
+    png
+}
+
+/// Writes the bad-input files every test can reference.
+fn bad_files(dir: &Path) -> HashMap<&'static str, PathBuf> {
+    let mut m = HashMap::new();
+    let write = |name: &str, bytes: &[u8]| {
+        let p = dir.join(name);
+        std::fs::write(&p, bytes).expect("write");
+        p
+    };
+    m.insert(
+        "not_an_image",
+        write("notes.jpg", b"this is a text file, not a JPEG"),
+    );
+    let jpeg =
+        std::fs::read(fixtures().join("images/jpeg-baseline-420.jpg")).expect("jpeg fixture");
+    m.insert(
+        "corrupt_image",
+        write("truncated.jpg", &jpeg[..jpeg.len() / 3]),
+    );
+    m.insert(
+        "image_too_many_pixels",
+        write("bomb.png", &bomb_png(100_000, 100_000)),
+    );
+    m.insert("object_too_large", write("huge.png", &vec![7u8; 400_000]));
+    m
+}
+
+pub fn build_input(dir: &Path, n: usize, seed: u64) -> Input {
+    let images = good_images();
+    assert!(!images.is_empty());
+    let bad_paths = bad_files(dir);
+    let mut rng = seed | 1;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let mut input = Input {
+        manifest: dir.join("events.jsonl"),
+        good: BTreeMap::new(),
+        bad: BTreeMap::new(),
+        images: HashMap::new(),
+        texts: HashMap::new(),
+    };
+    let mut f = std::fs::File::create(&input.manifest).expect("manifest");
+    const BAD_KINDS: [&str; 11] = [
+        "invalid_json",
+        "invalid_utf8",
+        "invalid_event",
+        "empty_event",
+        "event_too_large",
+        "scheme_not_allowed",
+        "object_not_found",
+        "object_too_large",
+        "not_an_image",
+        "corrupt_image",
+        "image_too_many_pixels",
+    ];
+    for i in 0..n {
+        let offset = i as i64;
+        let id = format!("rec-{i:05}");
+        if i % 10 == 7 {
+            let kind = BAD_KINDS[(i / 10) % BAD_KINDS.len()];
+            let line: Vec<u8> = match kind {
+                "invalid_json" => format!("{{\"id\": \"{id}\", \"text\": ").into_bytes(),
+                "invalid_utf8" => {
+                    let mut v = format!("{{\"id\": \"{id}\", \"text\": \"").into_bytes();
+                    v.extend_from_slice(b"\xff\xfe\"}");
+                    v
+                }
+                "invalid_event" => json!({"id": id, "text": 42}).to_string().into_bytes(),
+                "empty_event" => json!({"id": id, "attributes": {"k": 1}}).to_string().into_bytes(),
+                "event_too_large" => json!({"id": id, "text": "x".repeat(5000)}).to_string().into_bytes(),
+                "scheme_not_allowed" => json!({"id": id, "image": "http://example.com/a.jpg"}).to_string().into_bytes(),
+                "object_not_found" => json!({"id": id, "image": "images/does-not-exist.png"}).to_string().into_bytes(),
+                k => json!({"id": id, "image": bad_paths[k].display().to_string(), "text": "bad image"})
+                    .to_string()
+                    .into_bytes(),
+            };
+            f.write_all(&line).expect("write");
+            f.write_all(b"\n").expect("write");
+            input.bad.insert(offset, kind);
+            continue;
+        }
+        let r = next();
+        let (has_image, has_text) = match r % 3 {
+            0 => (true, false),
+            1 => (false, true),
+            _ => (true, true),
+        };
+        let mut ev = json!({"id": id, "attributes": {"n": i}});
+        if has_image {
+            let p = &images[(next() as usize) % images.len()];
+            ev["image"] = json!(p.display().to_string());
+            input.images.insert(id.clone(), p.clone());
+        }
+        if has_text {
+            let t = format!(
+                "a photo of a {} {} number {}",
+                COLOURS[(next() % 6) as usize],
+                SHAPES[(next() % 4) as usize],
+                next() % 1000
+            );
+            ev["text"] = json!(t);
+            input.texts.insert(id.clone(), t);
+        }
+        writeln!(f, "{ev}").expect("write");
+        input.good.insert(id, (has_image, has_text));
+    }
+    input
+}
+
+/// A pipeline file for a local run of `manifest` into `out`.
+pub fn local_pipeline(dir: &Path, manifest: &Path, out: &Path, rows_per_file: usize) -> PathBuf {
+    let text = format!(
+        r#"
+[model]
+dir = "{model}"
+labels = "{labels}"
+top_k = 3
+
+[source]
+kind = "files"
+manifest = "{manifest}"
+max_event_bytes = 4096
+
+[fetch]
+max_object_bytes = 300000
+
+[engine]
+max_in_flight = 128
+vision_batch = {{ max_size = 16, max_wait_ms = 10 }}
+text_batch = {{ max_size = 32, max_wait_ms = 10 }}
+
+[sink.parquet]
+dir = "{out}"
+max_rows_per_file = {rows_per_file}
+row_group_rows = 64
+
+[shutdown]
+drain_deadline_secs = 30
+"#,
+        model = model().display(),
+        labels = fixtures().join("shapes-labels.toml").display(),
+        manifest = manifest.display(),
+        out = out.display(),
+    );
+    let p = dir.join("pipeline.toml");
+    std::fs::write(&p, text).expect("pipeline");
+    p
+}
+
+/// Checks the outputs of a completed input: every good id exactly once in
+/// Parquet, every bad record exactly once among the dead letters with the
+/// right kind, nothing else.
+pub fn check_exactly_once(input: &Input, out: &Path) -> Vec<Value> {
+    let rows = read_parquet(out);
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for r in &rows {
+        *seen
+            .entry(r["id"].as_str().expect("id").to_string())
+            .or_default() += 1;
+    }
+    let dup: Vec<_> = seen
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(k, _)| k.clone())
+        .collect();
+    assert!(dup.is_empty(), "ids written more than once: {dup:?}");
+    let missing: Vec<_> = input
+        .good
+        .keys()
+        .filter(|k| !seen.contains_key(*k))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} good ids missing, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+    let extra: Vec<_> = seen
+        .keys()
+        .filter(|k| !input.good.contains_key(*k))
+        .collect();
+    assert!(extra.is_empty(), "unexpected ids in Parquet: {extra:?}");
+    for r in &rows {
+        let (has_image, has_text) = input.good[r["id"].as_str().expect("id")];
+        assert_eq!(!r["image_embedding"].is_null(), has_image, "{r}");
+        assert_eq!(!r["text_embedding"].is_null(), has_text, "{r}");
+        assert_eq!(!r["labels"].is_null(), has_image, "labels for images only");
+        assert_eq!(!r["clip_score"].is_null(), has_image && has_text);
+    }
+
+    let dead = read_dead_letters(&out.join("_dead_letters.jsonl"));
+    let mut by_offset: HashMap<i64, Vec<&Value>> = HashMap::new();
+    for d in &dead {
+        by_offset
+            .entry(d["offset"].as_i64().expect("offset"))
+            .or_default()
+            .push(d);
+    }
+    for (offset, kind) in &input.bad {
+        let got = by_offset.get(offset).map(Vec::as_slice).unwrap_or_default();
+        assert_eq!(
+            got.len(),
+            1,
+            "offset {offset} ({kind}) has {} dead letters",
+            got.len()
+        );
+        assert_eq!(got[0]["kind"], *kind, "offset {offset}: {}", got[0]);
+        assert!(!got[0]["reason"].as_str().unwrap_or_default().is_empty());
+    }
+    assert_eq!(
+        dead.len(),
+        input.bad.len(),
+        "dead letters for good records?"
+    );
+    rows
+}
