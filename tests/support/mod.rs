@@ -15,8 +15,12 @@ pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
+/// The committed fixtures (`CLIPSTREAM_FIXTURES` points elsewhere, to try
+/// the tests on another model and image set).
 pub fn fixtures() -> PathBuf {
-    root().join("tests/fixtures")
+    std::env::var_os("CLIPSTREAM_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("tests/fixtures"))
 }
 
 pub fn model() -> PathBuf {

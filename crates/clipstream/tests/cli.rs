@@ -333,3 +333,48 @@ fn read_npy(bytes: &[u8]) -> (Vec<usize>, Vec<f32>) {
         .collect();
     (shape, data)
 }
+
+#[test]
+fn validate_accepts_the_shipped_pipelines_and_lists_every_problem() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let mut shipped: Vec<String> = std::fs::read_dir(root.join("pipelines"))
+        .expect("pipelines/")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .map(|p| p.display().to_string())
+        .collect();
+    shipped.sort();
+    assert!(!shipped.is_empty());
+    let mut args = vec!["validate"];
+    args.extend(shipped.iter().map(String::as_str));
+    let out = clipstream(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let bad = std::env::temp_dir().join(format!("clipstream-bad-{}.toml", std::process::id()));
+    std::fs::write(
+        &bad,
+        "[model]\ndir = \"m\"\ntop_k = 0\n[source]\nkind = \"files\"\n[sink.parquet]\ndir = \"o\"\nzstd_level = 99\n",
+    )
+    .expect("write");
+    let out = clipstream(&["validate", bad.to_str().expect("utf8")]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for needle in [
+        "3 problem(s)",
+        "model.top_k",
+        "source: set `manifest`",
+        "sink.parquet.zstd_level",
+    ] {
+        assert!(stderr.contains(needle), "{needle} missing from:\n{stderr}");
+    }
+    std::fs::write(&bad, "[model]\ndir = \"m\"\nbogus = 1\n").expect("write");
+    let out = clipstream(&["validate", bad.to_str().expect("utf8")]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bogus"));
+    std::fs::remove_file(&bad).ok();
+}
