@@ -225,20 +225,10 @@ pub fn resize(src: &Image8, width: usize, height: usize, filter: Filter) -> Imag
     let (mid, row_offset) = if need_horizontal {
         let rows = y_last - y_first;
         let mut out = vec![0u8; rows * width * c];
+        let in_stride = src.width * c;
         for (r, out_row) in out.chunks_exact_mut(width * c).enumerate() {
-            let in_row =
-                &src.data[(r + y_first) * src.width * c..(r + y_first + 1) * src.width * c];
-            for (xx, px) in out_row.chunks_exact_mut(c).enumerate() {
-                let (xmin, xcount) = horiz.bounds[xx];
-                let k = &horiz.weights[xx * horiz.ksize..xx * horiz.ksize + xcount];
-                for (ch, o) in px.iter_mut().enumerate() {
-                    let mut ss: i32 = 1 << (PRECISION_BITS - 1);
-                    for (x, &w) in k.iter().enumerate() {
-                        ss += i32::from(in_row[(x + xmin) * c + ch]) * w;
-                    }
-                    *o = clip8(ss);
-                }
-            }
+            let in_row = &src.data[(r + y_first) * in_stride..(r + y_first + 1) * in_stride];
+            horizontal_row(in_row, out_row, c, &horiz);
         }
         temp = Image8::new(width, rows, c, out);
         (&temp, y_first)
@@ -249,21 +239,57 @@ pub fn resize(src: &Image8, width: usize, height: usize, filter: Filter) -> Imag
     if !need_vertical {
         return mid.clone();
     }
-    let mut out = vec![0u8; height * width * c];
+    // Vertical pass: whole rows at a time, so the inner loop is a plain
+    // multiply-add over a row (the compiler vectorises it). Integer sums do
+    // not depend on order, so this is exactly Pillow's result.
     let stride = width * c;
+    let mut out = vec![0u8; height * stride];
+    let mut acc = vec![0i32; stride];
     for (yy, out_row) in out.chunks_exact_mut(stride).enumerate() {
         let (ymin, ycount) = vert.bounds[yy];
         let ymin = ymin - row_offset;
         let k = &vert.weights[yy * vert.ksize..yy * vert.ksize + ycount];
-        for (i, o) in out_row.iter_mut().enumerate() {
-            let mut ss: i32 = 1 << (PRECISION_BITS - 1);
-            for (y, &w) in k.iter().enumerate() {
-                ss += i32::from(mid.data[(y + ymin) * stride + i]) * w;
+        acc.fill(1 << (PRECISION_BITS - 1));
+        for (y, &w) in k.iter().enumerate() {
+            let row = &mid.data[(y + ymin) * stride..(y + ymin + 1) * stride];
+            for (a, &v) in acc.iter_mut().zip(row) {
+                *a += i32::from(v) * w;
             }
-            *o = clip8(ss);
+        }
+        for (o, &a) in out_row.iter_mut().zip(&acc) {
+            *o = clip8(a);
         }
     }
     Image8::new(width, height, c, out)
+}
+
+/// One output row of the horizontal pass.
+fn horizontal_row(in_row: &[u8], out_row: &mut [u8], c: usize, coeffs: &Coefficients) {
+    const HALF: i32 = 1 << (PRECISION_BITS - 1);
+    for (xx, px) in out_row.chunks_exact_mut(c).enumerate() {
+        let (xmin, n) = coeffs.bounds[xx];
+        let k = &coeffs.weights[xx * coeffs.ksize..xx * coeffs.ksize + n];
+        let taps = &in_row[xmin * c..(xmin + n) * c];
+        if c == 3 {
+            let (mut s0, mut s1, mut s2) = (HALF, HALF, HALF);
+            for (p, &w) in taps.chunks_exact(3).zip(k) {
+                s0 += i32::from(p[0]) * w;
+                s1 += i32::from(p[1]) * w;
+                s2 += i32::from(p[2]) * w;
+            }
+            px[0] = clip8(s0);
+            px[1] = clip8(s1);
+            px[2] = clip8(s2);
+        } else {
+            for (ch, o) in px.iter_mut().enumerate() {
+                let mut ss = HALF;
+                for (p, &w) in taps.chunks_exact(c).zip(k) {
+                    ss += i32::from(p[ch]) * w;
+                }
+                *o = clip8(ss);
+            }
+        }
+    }
 }
 
 /// Pillow's `ImagingResample` with NEAREST goes through the affine
