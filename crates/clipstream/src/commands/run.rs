@@ -91,12 +91,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         let (stop_tx, stop_rx) = watch::channel(false);
         let (deadline_tx, mut deadline_rx) = watch::channel(false);
         tokio::spawn(signals(stop_tx, deadline_tx, deadline));
-        let progress = tokio::spawn(progress(Arc::clone(&stats), !args.no_progress));
+        let (finished_tx, finished_rx) = watch::channel(false);
+        let progress = tokio::spawn(progress(Arc::clone(&stats), !args.no_progress, finished_rx));
         let outcome = tokio::select! {
             r = engine::run(&cfg, parts, stop_rx, Arc::clone(&stats)) => Some(r),
             _ = deadline_rx.wait_for(|d| *d) => None,
         };
-        progress.abort();
+        let _ = finished_tx.send(true);
         let _ = progress.await;
         outcome
     });
@@ -153,8 +154,9 @@ async fn signals(stop: watch::Sender<bool>, deadline: watch::Sender<bool>, drain
     }
 }
 
-/// A progress bar on a terminal; a line every 10 s otherwise.
-async fn progress(stats: Arc<Stats>, enabled: bool) {
+/// A progress bar on a terminal; a line every 10 s otherwise. Ends (and
+/// clears the bar) when `finished` turns true.
+async fn progress(stats: Arc<Stats>, enabled: bool, mut finished: watch::Receiver<bool>) {
     if !enabled {
         return;
     }
@@ -174,11 +176,18 @@ async fn progress(stats: Arc<Stats>, enabled: bool) {
             bar.set_length(total.max(done));
             bar.set_position(done);
             bar.set_message(format!("dead letters {}", Stats::get(&stats.dead_letters)));
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = finished.wait_for(|f| *f) => break,
+            }
         }
+        bar.finish_and_clear();
     } else {
         loop {
-            tokio::time::sleep(Duration::from_secs(10)).await;
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+                _ = finished.wait_for(|f| *f) => break,
+            }
             let done = Stats::get(&stats.finished);
             let secs = started.elapsed().as_secs_f64();
             eprintln!(
