@@ -202,3 +202,68 @@ fn sigterm_drains_closes_files_and_a_rerun_completes_without_duplicates() {
     );
     check_exactly_once(&input, &out);
 }
+
+#[test]
+fn a_directory_of_images_with_caption_sidecars() {
+    let dir = scratch("local-dir");
+    let images = dir.join("photos");
+    std::fs::create_dir_all(images.join("nested")).expect("mkdir");
+    let eval = fixtures().join("shapes-eval");
+    let mut sources: Vec<_> = std::fs::read_dir(&eval)
+        .expect("shapes-eval")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "png" || e == "jpg"))
+        .collect();
+    sources.sort();
+    for (i, src) in sources.iter().take(5).enumerate() {
+        let ext = src.extension().and_then(|e| e.to_str()).expect("ext");
+        let sub = if i % 2 == 0 {
+            images.clone()
+        } else {
+            images.join("nested")
+        };
+        std::fs::copy(src, sub.join(format!("img{i}.{ext}"))).expect("copy");
+    }
+    std::fs::write(images.join("img0.txt"), "a caption for the first image\n").expect("caption");
+    std::fs::write(images.join("broken.jpg"), b"not really a jpeg").expect("bad");
+    std::fs::write(images.join("README.md"), b"ignored: not an image extension").expect("other");
+    let out = dir.join("out");
+    let pipeline = dir.join("dir.toml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            "[model]\ndir = {:?}\n[source]\nkind = \"files\"\ndir = {:?}\n[sink.parquet]\ndir = {:?}\n",
+            model().display().to_string(),
+            images.display().to_string(),
+            out.display().to_string()
+        ),
+    )
+    .expect("pipeline");
+    let run = clipstream(&["run", "--no-progress", pipeline.to_str().expect("utf8")]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stdout)
+    );
+    let rows = read_parquet(&out);
+    let mut ids: Vec<&str> = rows.iter().map(|r| r["id"].as_str().expect("id")).collect();
+    ids.sort();
+    assert_eq!(ids.len(), 5, "{ids:?}");
+    assert!(
+        ids.contains(&"img0.png") || ids.contains(&"img0.jpg"),
+        "{ids:?}"
+    );
+    assert!(
+        ids.iter().any(|i| i.starts_with("nested/")),
+        "ids are paths relative to the directory"
+    );
+    let captioned: Vec<_> = rows.iter().filter(|r| !r["text"].is_null()).collect();
+    assert_eq!(captioned.len(), 1);
+    assert_eq!(captioned[0]["text"], "a caption for the first image");
+    assert!(!captioned[0]["clip_score"].is_null());
+    let dead = read_dead_letters(&out.join("_dead_letters.jsonl"));
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0]["id"], "broken.jpg");
+    assert_eq!(dead[0]["kind"], "not_an_image");
+}
