@@ -16,8 +16,8 @@ use std::sync::{Mutex, OnceLock};
 use clipstream_model::encoder::dot;
 use clipstream_model::preprocess::PreprocessorConfig;
 use clipstream_model::{
-    ClipModel, ClipTokenizer, ImagePreprocessor, LabelSet, ModelDir, RuntimeOptions, Variant,
-    ZeroShotHead,
+    ClipModel, ClipTokenizer, ImagePreprocessor, LabelSet, ModelDir, RuntimeOptions, Tower,
+    Variant, VisionEncoder, ZeroShotHead,
 };
 use serde::Deserialize;
 
@@ -337,24 +337,35 @@ fn fp16_and_quantized_variants_load_and_agree() {
         .as_ref()
         .expect("first image has an embedding");
     let bytes = std::fs::read(fixtures().join(&r.file)).expect("image");
-    for (variant, bar) in [(Variant::Fp16, 0.99f32), (Variant::Quantized, 0.9)] {
-        let mut m = ClipModel::load(model_root(), &variant, &RuntimeOptions::default())
-            .unwrap_or_else(|e| panic!("{variant}: {e}"));
-        let e = m
-            .embed_image_bytes(&bytes)
-            .expect("model")
-            .expect("decodes");
-        let cos = dot(&e, expected);
-        println!("variant {variant}: image cosine to fp32 reference {cos:.5}");
-        assert!(cos >= bar, "{variant}: cosine {cos} < {bar}");
-        assert!(m.model_id().ends_with(&format!(":{variant}")));
-    }
-    // The text tower exists in fp16 only.
+    // fp16 (float16 inputs and outputs): both towers, through the whole model.
     let mut m =
         ClipModel::load(model_root(), &Variant::Fp16, &RuntimeOptions::default()).expect("fp16");
+    assert!(m.model_id().ends_with(":fp16"));
+    let e = m
+        .embed_image_bytes(&bytes)
+        .expect("model")
+        .expect("decodes");
+    let cos = dot(&e, expected);
+    println!("variant fp16: image cosine to fp32 reference {cos:.5}");
+    assert!(cos >= 0.99, "fp16 image cosine {cos}");
     let t = &reference().texts[0];
     let e = m.embed_texts(&[t.text.as_str()]).expect("embed");
     let cos = dot(e.row(0), &t.text_embeds);
     println!("variant fp16: text cosine to fp32 reference {cos:.5}");
     assert!(cos >= 0.99, "fp16 text cosine {cos}");
+    // Quantized (dynamic uint8): the fixture has the vision tower only.
+    let dir = ModelDir::open(model_root()).expect("model dir");
+    let path = dir
+        .tower(Tower::Vision, &Variant::Quantized)
+        .expect("quantized vision tower");
+    assert!(path.ends_with("onnx/vision_model_quantized.onnx"));
+    let mut vision = VisionEncoder::load(&path, &RuntimeOptions::default()).expect("quantized");
+    let pre = preprocessor();
+    let pixels = pre.preprocess(&bytes).expect("decodes");
+    let e = vision
+        .embed(&pixels, 1, pre.config.output_size())
+        .expect("embed");
+    let cos = dot(e.row(0), expected);
+    println!("variant quantized: image cosine to fp32 reference {cos:.5}");
+    assert!(cos >= 0.9, "quantized cosine {cos}");
 }
