@@ -283,6 +283,26 @@ impl Default for ShutdownConfig {
     }
 }
 
+/// Removes `.` and `dir/..` pairs without touching the file system, so that
+/// messages show `out/local` rather than `pipelines/../out/local`.
+fn normalize(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                if !matches!(out.components().next_back(), Some(Component::Normal(_))) || !out.pop()
+                {
+                    out.push("..");
+                }
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
 /// A problem found in a config, with its path in the file.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Problem {
@@ -403,7 +423,7 @@ impl PipelineConfig {
     fn resolve_paths(&mut self, base: &Path) {
         let abs = |p: &mut PathBuf| {
             if p.is_relative() {
-                *p = base.join(&*p);
+                *p = normalize(&base.join(&*p));
             }
         };
         abs(&mut self.model.dir);
@@ -571,6 +591,16 @@ mod tests {
             c.dead_letter_path(),
             PathBuf::from("/base/out/_dead_letters.jsonl")
         );
+    }
+
+    #[test]
+    fn relative_paths_are_normalised() {
+        assert_eq!(
+            normalize(Path::new("pipelines/../out/local")),
+            PathBuf::from("out/local")
+        );
+        assert_eq!(normalize(Path::new("../a/./b")), PathBuf::from("../a/b"));
+        assert_eq!(normalize(Path::new("/x/y/../../z")), PathBuf::from("/z"));
     }
 
     #[test]
