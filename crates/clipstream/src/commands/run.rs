@@ -79,6 +79,18 @@ pub fn components(cfg: &PipelineConfig) -> anyhow::Result<Components> {
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let cfg = PipelineConfig::load(&args.pipeline)?;
     let parts = components(&cfg)?;
+    eprintln!(
+        "clipstream: model {} (provider {}, {} dimensions{}) -> {}",
+        parts.model_id,
+        parts.vision.provider(),
+        parts.dim,
+        parts
+            .head
+            .as_ref()
+            .map(|h| format!(", {} labels", h.classes().len()))
+            .unwrap_or_default(),
+        cfg.sink.parquet.dir.display()
+    );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("clipstream-io")
