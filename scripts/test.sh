@@ -12,10 +12,12 @@ step "ONNX Runtime"
 scripts/fetch-onnxruntime.sh
 
 step "Python test helpers (pyarrow reads the Parquet output independently)"
+# pyarrow 26 (older ones, 22 for one, fail on null fixed-size lists in Parquet).
 venv=.cache/test-venv
-if [[ ! -x "$venv/bin/python" ]] || ! "$venv/bin/python" -c "import pyarrow" 2>/dev/null; then
+pyarrow_version=26.0.1
+if ! "$venv/bin/python" -c "import pyarrow, sys; sys.exit(pyarrow.__version__ != '$pyarrow_version')" 2>/dev/null; then
   python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check "pyarrow==22.0.0"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "pyarrow==$pyarrow_version"
 fi
 export CLIPSTREAM_TEST_PYTHON="$PWD/$venv/bin/python"
 
