@@ -84,6 +84,33 @@ impl Failures {
     }
 }
 
+/// Reads and preprocesses one image, appending its pixel values to
+/// `pixels`; a failure is reported and leaves `pixels` as it was.
+fn push_pixels(
+    pre: &ImagePreprocessor,
+    path: &Path,
+    pixels: &mut Vec<f32>,
+    failures: &mut Failures,
+) -> bool {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) => {
+            failures.report(&path.display().to_string(), e);
+            return false;
+        }
+    };
+    let start = pixels.len();
+    pixels.resize(start + pre.pixels_len(), 0.0);
+    match pre.preprocess_into(&bytes, &mut pixels[start..]) {
+        Ok(()) => true,
+        Err(e) => {
+            pixels.truncate(start);
+            failures.report(&path.display().to_string(), e);
+            false
+        }
+    }
+}
+
 /// Reads and preprocesses images in batches of `batch_size`; calls `emit`
 /// with the inputs of each batch and their embeddings.
 fn for_each_image_batch(
@@ -98,24 +125,8 @@ fn for_each_image_batch(
         let mut pixels = Vec::with_capacity(chunk.len() * per_image);
         let mut ok: Vec<&Path> = Vec::with_capacity(chunk.len());
         for path in chunk {
-            let bytes = match std::fs::read(path) {
-                Ok(b) => b,
-                Err(e) => {
-                    failures.report(&path.display().to_string(), e);
-                    continue;
-                }
-            };
-            let start = pixels.len();
-            pixels.resize(start + per_image, 0.0);
-            match model
-                .preprocessor
-                .preprocess_into(&bytes, &mut pixels[start..])
-            {
-                Ok(()) => ok.push(path),
-                Err(e) => {
-                    pixels.truncate(start);
-                    failures.report(&path.display().to_string(), e);
-                }
+            if push_pixels(&model.preprocessor, path, &mut pixels, failures) {
+                ok.push(path);
             }
         }
         if ok.is_empty() {
@@ -211,19 +222,7 @@ fn preprocess(args: PreprocessArgs) -> anyhow::Result<ExitCode> {
     let mut failures = Failures::default();
     let mut data = Vec::with_capacity(per_image * args.files.len());
     for path in &args.files {
-        let bytes = match std::fs::read(path) {
-            Ok(b) => b,
-            Err(e) => {
-                failures.report(&path.display().to_string(), e);
-                continue;
-            }
-        };
-        let start = data.len();
-        data.resize(start + per_image, 0.0);
-        if let Err(e) = pre.preprocess_into(&bytes, &mut data[start..]) {
-            data.truncate(start);
-            failures.report(&path.display().to_string(), e);
-        }
+        push_pixels(&pre, path, &mut data, &mut failures);
     }
     let (h, w) = pre.config.output_size();
     let n = data.len() / per_image;
