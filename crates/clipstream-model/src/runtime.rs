@@ -26,8 +26,9 @@ pub struct RuntimeOptions {
     /// Execution providers in order of preference. Default: `[cpu]`.
     #[serde(default = "default_providers")]
     pub providers: Vec<ExecutionProvider>,
-    /// If a GPU provider cannot be registered, run on CPU instead of failing.
-    /// Default: false (a GPU that was asked for and is missing is an error).
+    /// If the last listed provider cannot be registered, run on CPU instead
+    /// of failing. Default: false (a GPU that was asked for and is missing is
+    /// an error, unless a later provider is listed).
     #[serde(default)]
     pub allow_cpu_fallback: bool,
     /// Threads ONNX Runtime uses inside one CPU operator; 0 = one per core.
@@ -283,16 +284,21 @@ fn python_package_library() -> Result<PathBuf, String> {
         .ok_or_else(|| format!("no libonnxruntime.so.* in {}", capi.display()))
 }
 
-/// Registers the configured providers on a session builder, in order. Returns
-/// the builder and the name of the provider that will run the graph.
+/// Registers the configured providers on a session builder, in order (all
+/// of them: TensorRT then CUDA gives CUDA the nodes TensorRT cannot take;
+/// ONNX Runtime's CPU provider is always last). Returns the builder and the
+/// name of the first provider that registered.
+///
+/// A provider that cannot be registered is skipped with a warning when a
+/// later one is listed or `allow_cpu_fallback` is set, and is an error
+/// otherwise.
 pub(crate) fn apply_providers(
     mut builder: ort::session::builder::SessionBuilder,
     options: &RuntimeOptions,
 ) -> Result<(ort::session::builder::SessionBuilder, &'static str), ModelError> {
     use ort::ep::ExecutionProvider as _;
     let mut active = None;
-    let mut failures = Vec::new();
-    for provider in &options.providers {
+    for (i, provider) in options.providers.iter().enumerate() {
         let result = match provider {
             ExecutionProvider::Cpu => {
                 active.get_or_insert("cpu");
@@ -328,37 +334,25 @@ pub(crate) fn apply_providers(
         };
         match result {
             Ok(()) => {
-                active = Some(provider.name());
-                break;
+                active.get_or_insert(provider.name());
             }
             Err(reason) => {
                 let reason = with_hint(provider.name(), &reason);
-                if !options.allow_cpu_fallback {
+                let later = i + 1 < options.providers.len();
+                if !later && !options.allow_cpu_fallback && active.is_none() {
                     return Err(ModelError::Provider {
                         provider: provider.name(),
                         reason,
                     });
                 }
-                tracing::warn!(provider = provider.name(), %reason, "execution provider not usable, trying the next");
-                failures.push(provider.name());
+                tracing::warn!(provider = provider.name(), %reason, "execution provider not usable, skipping it");
             }
         }
     }
-    let active = match active {
-        Some(a) => a,
-        None if options.allow_cpu_fallback || options.providers.is_empty() => {
-            if !failures.is_empty() {
-                tracing::warn!(failed = ?failures, "falling back to the CPU execution provider");
-            }
-            "cpu"
-        }
-        None => {
-            return Err(ModelError::Provider {
-                provider: "cpu",
-                reason: "no execution provider could be registered".into(),
-            });
-        }
-    };
+    let active = active.unwrap_or_else(|| {
+        tracing::warn!("falling back to the CPU execution provider");
+        "cpu"
+    });
     Ok((builder, active))
 }
 
