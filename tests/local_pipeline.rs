@@ -91,7 +91,7 @@ fn two_thousand_mixed_records_exactly_once() {
 #[test]
 fn sigkill_at_random_moments_then_rerun_loses_and_duplicates_nothing() {
     let dir = scratch("local-kill");
-    let input = build_input(&dir, 1200, 7);
+    let input = build_input(&dir, 3000, 7);
     let out = dir.join("out");
     let pipeline = local_pipeline(&dir, &input.manifest, &out, 40);
     let mut seed = 0x2545_F491_4F6C_DD1Du64;
@@ -108,7 +108,7 @@ fn sigkill_at_random_moments_then_rerun_loses_and_duplicates_nothing() {
         seed ^= seed << 13;
         seed ^= seed >> 7;
         seed ^= seed << 17;
-        let wait = Duration::from_millis(400 + seed % 2500);
+        let wait = Duration::from_millis(300 + seed % 2200);
         loop {
             if let Some(status) = child.try_wait().expect("wait") {
                 assert!(status.success(), "round {round}: run failed");
@@ -148,7 +148,7 @@ fn sigkill_at_random_moments_then_rerun_loses_and_duplicates_nothing() {
 #[test]
 fn sigterm_drains_closes_files_and_a_rerun_completes_without_duplicates() {
     let dir = scratch("local-term");
-    let input = build_input(&dir, 1500, 99);
+    let input = build_input(&dir, 6000, 99);
     let out = dir.join("out");
     let pipeline = local_pipeline(&dir, &input.manifest, &out, 100);
     let child = Command::new(bin())
@@ -157,7 +157,21 @@ fn sigterm_drains_closes_files_and_a_rerun_completes_without_duplicates() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn");
-    std::thread::sleep(Duration::from_millis(2500));
+    // Stop once the first file is complete: well inside the run on any machine.
+    let started = Instant::now();
+    while !std::fs::read_dir(&out)
+        .map(|d| {
+            d.flatten()
+                .any(|e| e.file_name().to_string_lossy().ends_with(".parquet"))
+        })
+        .unwrap_or(false)
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no file was completed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let pid = child.id().to_string();
     let kill = Command::new("kill")
         .args(["-TERM", &pid])
