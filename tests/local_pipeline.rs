@@ -281,3 +281,138 @@ fn a_directory_of_images_with_caption_sidecars() {
     assert_eq!(dead[0]["id"], "broken.jpg");
     assert_eq!(dead[0]["kind"], "not_an_image");
 }
+
+/// One HTTP GET on loopback; returns (status code, body).
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").expect("request");
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).expect("response");
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status");
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.split(['{', ' ']).next() == Some(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn metrics_health_and_readiness_are_served_during_a_run() {
+    let dir = scratch("local-metrics");
+    let input = build_input(&dir, 6000, 5);
+    let out = dir.join("out");
+    let pipeline = local_pipeline(&dir, &input.manifest, &out, 200);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("free port")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut child = Command::new(bin())
+        .args([
+            "run",
+            "--no-progress",
+            "--metrics-listen",
+            &addr,
+            pipeline.to_str().expect("utf8"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let started = Instant::now();
+    let text = loop {
+        assert!(started.elapsed() < Duration::from_secs(60), "no metrics");
+        if std::net::TcpStream::connect(&addr).is_ok() {
+            let (status, body) = http_get(&addr, "/metrics");
+            assert_eq!(status, 200);
+            if metric(&body, "clipstream_images_encoded_total") > 0.0
+                && metric(&body, "clipstream_dead_letters_total") > 0.0
+            {
+                break body;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(http_get(&addr, "/healthz").0, 200);
+    assert_eq!(http_get(&addr, "/readyz").0, 200);
+    assert_eq!(http_get(&addr, "/nope").0, 404);
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    child.wait().expect("reap");
+
+    for name in [
+        "clipstream_build_info",
+        "clipstream_encoder_info",
+        "clipstream_records_read_total",
+        "clipstream_images_encoded_total",
+        "clipstream_texts_encoded_total",
+        "clipstream_dead_letters_total",
+        "clipstream_batch_size_bucket",
+        "clipstream_inference_duration_seconds_bucket",
+        "clipstream_fetch_duration_seconds_count",
+        "clipstream_decode_duration_seconds_count",
+        "clipstream_in_flight_records",
+    ] {
+        assert!(
+            text.lines().any(|l| l.starts_with(name)),
+            "{name} missing:\n{text}"
+        );
+    }
+    assert!(text.contains(r#"provider="cpu""#), "{text}");
+    assert!(text.contains(r#"tower="vision""#) && text.contains(r#"tower="text""#));
+    // Exposition format: every sample is NAME[{labels}] VALUE, every family has HELP and TYPE.
+    for line in text
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
+        let value = line.rsplit(' ').next().expect("value");
+        assert!(
+            value.parse::<f64>().is_ok() || value == "+Inf",
+            "bad sample line {line:?}"
+        );
+        let name = line.split(['{', ' ']).next().expect("name");
+        let family = name
+            .trim_end_matches("_bucket")
+            .trim_end_matches("_sum")
+            .trim_end_matches("_count");
+        assert!(
+            text.contains(&format!("# TYPE {family} "))
+                || text.contains(&format!("# TYPE {name} ")),
+            "no TYPE for {name}"
+        );
+        assert!(!line.contains("rec-"), "no ids in labels: {line}");
+    }
+    if Command::new("promtool").arg("--version").output().is_ok() {
+        let mut p = Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("promtool");
+        std::io::Write::write_all(p.stdin.as_mut().expect("stdin"), text.as_bytes())
+            .expect("write");
+        let o = p.wait_with_output().expect("promtool");
+        assert!(
+            o.status.success(),
+            "promtool: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+}

@@ -94,8 +94,10 @@ pub fn vision_encoder(
                 for j in &batch {
                     pixels.extend_from_slice(&j.pixels);
                 }
+                let started = Instant::now();
                 match encoder.embed(&pixels, batch.len(), size) {
                     Ok(e) => {
+                        asm.stats.batch("vision", batch.len(), started.elapsed());
                         Stats::add(&asm.stats.vision_batches, 1);
                         Stats::add(&asm.stats.images, batch.len() as u64);
                         for (job, row) in batch.iter().zip(e.rows()) {
@@ -132,8 +134,10 @@ pub fn text_encoder(
                     input_ids: batch.iter().flat_map(|j| j.ids.iter().copied()).collect(),
                     attention_mask: batch.iter().flat_map(|j| j.mask.iter().copied()).collect(),
                 };
+                let started = Instant::now();
                 match encoder.embed(&tokens) {
                     Ok(e) => {
+                        asm.stats.batch("text", batch.len(), started.elapsed());
                         Stats::add(&asm.stats.text_batches, 1);
                         Stats::add(&asm.stats.texts, batch.len() as u64);
                         for (job, row) in batch.iter().zip(e.rows()) {

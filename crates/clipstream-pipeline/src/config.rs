@@ -40,6 +40,19 @@ pub struct PipelineConfig {
     /// Stopping.
     #[serde(default)]
     pub shutdown: ShutdownConfig,
+    /// Prometheus metrics and health endpoints.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address of the HTTP server for `/metrics`, `/healthz` and `/readyz`
+    /// (e.g. `"0.0.0.0:9464"`). Default: no server.
+    #[serde(default)]
+    pub listen: Option<String>,
 }
 
 /// `[model]`.
@@ -540,6 +553,14 @@ impl PipelineConfig {
             bad(
                 "sink.parquet.zstd_level",
                 format!("{} is not a zstd level (1-22)", pq.zstd_level),
+            );
+        }
+        if let Some(addr) = &self.metrics.listen
+            && addr.parse::<std::net::SocketAddr>().is_err()
+        {
+            bad(
+                "metrics.listen",
+                format!("{addr:?} is not HOST:PORT with an IP address (e.g. \"0.0.0.0:9464\")"),
             );
         }
         let d = self.shutdown.drain_deadline_secs;

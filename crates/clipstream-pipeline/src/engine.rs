@@ -161,6 +161,7 @@ pub async fn run(
             vision: vision_tx,
             text: text_tx,
             done: done_tx.clone(),
+            stats: Arc::clone(&stats),
         },
     ));
 
@@ -171,6 +172,7 @@ pub async fn run(
         done_tx.clone(),
         cfg.fetch.clone(),
         source.base_dir(),
+        Arc::clone(&stats),
     );
 
     // The source reads until the input ends or the internal stop turns on

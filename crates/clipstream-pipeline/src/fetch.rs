@@ -207,21 +207,29 @@ pub fn spawn_workers(
     done: flume::Sender<Done>,
     cfg: FetchConfig,
     base: PathBuf,
+    stats: Arc<crate::stats::Stats>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let cfg = Arc::new(cfg);
     let base = Arc::new(base);
     (0..cfg.concurrency)
         .map(|_| {
-            let (rx, tx, done, cfg, base) = (
+            let (rx, tx, done, cfg, base, stats) = (
                 rx.clone(),
                 tx.clone(),
                 done.clone(),
                 Arc::clone(&cfg),
                 Arc::clone(&base),
+                Arc::clone(&stats),
             );
             tokio::spawn(async move {
                 while let Ok(record) = rx.recv_async().await {
-                    let sent = match fetch(record, &cfg, &base).await {
+                    let started = std::time::Instant::now();
+                    let has_image = record.event.image.is_some();
+                    let fetched = fetch(record, &cfg, &base).await;
+                    if has_image {
+                        stats.fetch_seconds.observe(started.elapsed().as_secs_f64());
+                    }
+                    let sent = match fetched {
                         Ok(f) => tx.send_async(f).await.is_ok(),
                         Err(d) => done.send_async(d).await.is_ok(),
                     };

@@ -151,6 +151,8 @@ pub struct PrepContext {
     pub text: flume::Sender<TextJob>,
     /// Dead letters.
     pub done: flume::Sender<Done>,
+    /// Counters.
+    pub stats: Arc<Stats>,
 }
 
 /// Runs `threads` prep threads until `rx` closes.
@@ -183,8 +185,13 @@ fn prepare(f: Fetched, ctx: &PrepContext) -> bool {
         bytes,
         etag,
     } = f;
+    let started = std::time::Instant::now();
     let pixels = match &bytes {
-        Some(b) => match ctx.preprocessor.preprocess(b) {
+        Some(b) => match ctx.preprocessor.preprocess(b).inspect(|_| {
+            ctx.stats
+                .decode_seconds
+                .observe(started.elapsed().as_secs_f64());
+        }) {
             Ok(p) => Some(p),
             Err(e) => {
                 let kind = Kind::of_image_error(&e);

@@ -1,37 +1,69 @@
-//! Counters the engine keeps while it runs: read by the progress display and
-//! the final summary (and, later, exported as metrics).
+//! Counters the engine keeps while it runs. They are Prometheus metrics
+//! (one registry per run, `clipstream_` prefix, units in the names, low-
+//! cardinality labels only) and also feed the progress display and the final
+//! summary. Histogram buckets are set here, in one place.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
-use crate::dead_letter::Kind;
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
+};
+
+use crate::dead_letter::{Kind, Stage};
+
+/// Buckets of `clipstream_batch_size`.
+const BATCH_BUCKETS: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
+/// Buckets of the `_seconds` histograms.
+const SECONDS_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
 
 /// Live counters of a run. All methods are cheap and thread-safe.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Stats {
+    /// The registry every metric below is in.
+    pub registry: Registry,
     /// Records the source emitted into the pipeline.
-    pub read: AtomicU64,
+    pub read: IntCounter,
     /// Records skipped because an earlier run already wrote them.
-    pub skipped: AtomicU64,
+    pub skipped: IntCounter,
     /// Records whose result reached the sinks (row buffered or dead letter).
-    pub finished: AtomicU64,
+    pub finished: IntCounter,
     /// Rows in complete (renamed) files.
-    pub rows: AtomicU64,
+    pub rows: IntCounter,
     /// Images encoded.
-    pub images: AtomicU64,
+    pub images: IntCounter,
     /// Texts encoded.
-    pub texts: AtomicU64,
+    pub texts: IntCounter,
     /// Dead letters written.
-    pub dead_letters: AtomicU64,
+    pub dead_letters: IntCounter,
     /// Records that failed (not written; to be retried by a rerun).
-    pub failed: AtomicU64,
-    /// Vision batches run, and the images in them.
-    pub vision_batches: AtomicU64,
+    pub failed: IntCounter,
+    /// Vision batches run.
+    pub vision_batches: IntCounter,
     /// Text batches run.
-    pub text_batches: AtomicU64,
+    pub text_batches: IntCounter,
     /// Input size, when the source knows it.
-    pub total: AtomicU64,
+    pub total: IntGauge,
+    /// Records read and not yet finished.
+    pub in_flight: IntGauge,
+    dead_by_stage_kind: IntCounterVec,
+    batch_size: HistogramVec,
+    inference_seconds: HistogramVec,
+    /// Time to fetch one object.
+    pub fetch_seconds: Histogram,
+    /// Time to decode and preprocess one image.
+    pub decode_seconds: Histogram,
+    /// Time to close (write, sync, rename) one Parquet file.
+    pub write_seconds: Histogram,
+    /// Parquet files completed.
+    pub parquet_files: IntCounter,
+    /// Bytes of completed Parquet files.
+    pub parquet_bytes: IntCounter,
+    encoder_info: IntGaugeVec,
     detail: Mutex<Detail>,
 }
 
@@ -53,15 +85,180 @@ pub struct Snapshot {
     pub files: Vec<String>,
 }
 
+fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("valid metric");
+    r.register(Box::new(g.clone())).expect("unique metric");
+    g
+}
+
+fn histogram(r: &Registry, name: &str, help: &str, buckets: &[f64]) -> Histogram {
+    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))
+        .expect("valid metric");
+    r.register(Box::new(h.clone())).expect("unique metric");
+    h
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        let r = Registry::new();
+        let dead_by_stage_kind = IntCounterVec::new(
+            Opts::new(
+                "clipstream_dead_letters_total",
+                "Records set aside as dead letters, by stage and kind.",
+            ),
+            &["stage", "kind"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(dead_by_stage_kind.clone()))
+            .expect("unique metric");
+        let batch_size = HistogramVec::new(
+            HistogramOpts::new(
+                "clipstream_batch_size",
+                "Inputs per encoder batch, by tower.",
+            )
+            .buckets(BATCH_BUCKETS.to_vec()),
+            &["tower"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(batch_size.clone()))
+            .expect("unique metric");
+        let inference_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "clipstream_inference_duration_seconds",
+                "ONNX Runtime time per batch, by tower.",
+            )
+            .buckets(SECONDS_BUCKETS.to_vec()),
+            &["tower"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(inference_seconds.clone()))
+            .expect("unique metric");
+        let encoder_info = IntGaugeVec::new(
+            Opts::new(
+                "clipstream_encoder_info",
+                "The model and execution provider in use (value 1).",
+            ),
+            &["model", "provider"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(encoder_info.clone()))
+            .expect("unique metric");
+        let build_info = IntGaugeVec::new(
+            Opts::new("clipstream_build_info", "clipstream's version (value 1)."),
+            &["version"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(build_info.clone()))
+            .expect("unique metric");
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        Stats {
+            read: counter(
+                &r,
+                "clipstream_records_read_total",
+                "Records read from the source.",
+            ),
+            skipped: counter(
+                &r,
+                "clipstream_records_skipped_total",
+                "Records skipped because an earlier run wrote them.",
+            ),
+            finished: counter(
+                &r,
+                "clipstream_records_finished_total",
+                "Records whose result reached the sinks.",
+            ),
+            rows: counter(
+                &r,
+                "clipstream_rows_written_total",
+                "Rows in complete Parquet files.",
+            ),
+            images: counter(&r, "clipstream_images_encoded_total", "Images encoded."),
+            texts: counter(&r, "clipstream_texts_encoded_total", "Texts encoded."),
+            dead_letters: counter(
+                &r,
+                "clipstream_dead_letters_written_total",
+                "Dead letters written, all kinds.",
+            ),
+            failed: counter(
+                &r,
+                "clipstream_records_failed_total",
+                "Records that failed (retried by a rerun).",
+            ),
+            vision_batches: counter(
+                &r,
+                "clipstream_vision_batches_total",
+                "Vision tower batches run.",
+            ),
+            text_batches: counter(
+                &r,
+                "clipstream_text_batches_total",
+                "Text tower batches run.",
+            ),
+            total: gauge(
+                &r,
+                "clipstream_input_records",
+                "Records in the input, when the source knows.",
+            ),
+            in_flight: gauge(
+                &r,
+                "clipstream_in_flight_records",
+                "Records read and not yet finished.",
+            ),
+            fetch_seconds: histogram(
+                &r,
+                "clipstream_fetch_duration_seconds",
+                "Time to fetch one object.",
+                &SECONDS_BUCKETS,
+            ),
+            decode_seconds: histogram(
+                &r,
+                "clipstream_decode_duration_seconds",
+                "Time to decode and preprocess one image.",
+                &SECONDS_BUCKETS,
+            ),
+            write_seconds: histogram(
+                &r,
+                "clipstream_parquet_close_duration_seconds",
+                "Time to complete one Parquet file (write, sync, rename).",
+                &SECONDS_BUCKETS,
+            ),
+            parquet_files: counter(
+                &r,
+                "clipstream_parquet_files_total",
+                "Parquet files completed.",
+            ),
+            parquet_bytes: counter(
+                &r,
+                "clipstream_parquet_bytes_total",
+                "Bytes of completed Parquet files.",
+            ),
+            dead_by_stage_kind,
+            batch_size,
+            inference_seconds,
+            encoder_info,
+            registry: r,
+            detail: Mutex::new(Detail::default()),
+        }
+    }
+}
+
 impl Stats {
     /// Adds `n` to a counter.
-    pub fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
+    pub fn add(counter: &IntCounter, n: u64) {
+        counter.inc_by(n);
     }
 
     /// Reads a counter.
-    pub fn get(counter: &AtomicU64) -> u64 {
-        counter.load(Ordering::Relaxed)
+    pub fn get(counter: &IntCounter) -> u64 {
+        counter.get()
     }
 
     fn detail(&self) -> std::sync::MutexGuard<'_, Detail> {
@@ -69,9 +266,29 @@ impl Stats {
     }
 
     /// Counts a dead letter.
-    pub fn dead_letter(&self, kind: Kind) {
-        Self::add(&self.dead_letters, 1);
+    pub fn dead_letter(&self, stage: Stage, kind: Kind) {
+        self.dead_letters.inc();
+        self.dead_by_stage_kind
+            .with_label_values(&[stage.as_str(), kind.as_str()])
+            .inc();
         *self.detail().dead_by_kind.entry(kind.as_str()).or_default() += 1;
+    }
+
+    /// Records one encoder batch.
+    pub fn batch(&self, tower: &str, size: usize, took: Duration) {
+        self.batch_size
+            .with_label_values(&[tower])
+            .observe(size as f64);
+        self.inference_seconds
+            .with_label_values(&[tower])
+            .observe(took.as_secs_f64());
+    }
+
+    /// Records the model in use.
+    pub fn encoder(&self, model: &str, provider: &str) {
+        self.encoder_info
+            .with_label_values(&[model, provider])
+            .set(1);
     }
 
     /// Counts a row's best label.
@@ -86,7 +303,9 @@ impl Stats {
     }
 
     /// Records a completed output file.
-    pub fn file(&self, name: String) {
+    pub fn file(&self, name: String, bytes: u64) {
+        self.parquet_files.inc();
+        self.parquet_bytes.inc_by(bytes);
         self.detail().files.push(name);
     }
 
@@ -98,5 +317,13 @@ impl Stats {
             top1: d.top1.clone(),
             files: d.files.clone(),
         }
+    }
+
+    /// Every metric in the Prometheus text exposition format.
+    pub fn render(&self) -> String {
+        use prometheus::Encoder as _;
+        let mut buf = Vec::new();
+        let _ = prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8_lossy(&buf).into_owned()
     }
 }

@@ -57,6 +57,9 @@ pub fn run_sink(
         let ready = sequencers.entry(key).or_default().push(done);
         for d in ready {
             Stats::add(&stats.finished, 1);
+            stats
+                .in_flight
+                .set(Stats::get(&stats.read) as i64 - Stats::get(&stats.finished) as i64);
             match d {
                 Done::Row { row, ack, permit } => {
                     parquet.append(row, ack)?;
@@ -78,7 +81,7 @@ pub fn run_sink(
                     permit,
                 } => {
                     dead.write(&letter)?;
-                    stats.dead_letter(letter.kind);
+                    stats.dead_letter(letter.stage, letter.kind);
                     ack.dead_lettered();
                     drop(permit);
                 }

@@ -294,6 +294,7 @@ impl ParquetWriter {
         let Some(mut f) = self.open.remove(key) else {
             return Ok(());
         };
+        let started = std::time::Instant::now();
         if !f.buffered.is_empty() {
             let batch = to_batch(&self.schema, self.dim, &self.model_id, &f.buffered)?;
             f.writer.write(&batch)?;
@@ -304,9 +305,13 @@ impl ParquetWriter {
         let path = self.config.dir.join(&f.name);
         std::fs::rename(&f.tmp, &path)?;
         sync_dir(&self.config.dir);
+        self.stats
+            .write_seconds
+            .observe(started.elapsed().as_secs_f64());
+        let bytes = std::fs::metadata(&path).map_or(0, |m| m.len());
         tracing::debug!(file = %path.display(), rows = f.rows, "parquet file complete");
         Stats::add(&self.stats.rows, f.rows as u64);
-        self.stats.file(f.name);
+        self.stats.file(f.name, bytes);
         for ack in f.acks {
             ack.delivered();
         }

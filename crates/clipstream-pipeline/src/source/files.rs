@@ -91,7 +91,7 @@ impl FilesSource {
             }
             line.clear();
         }
-        Stats::add(&ctx.stats.total, total);
+        ctx.stats.total.add(total as i64);
 
         let mut reader = open().await?;
         let mut offset = -1i64;
@@ -121,7 +121,7 @@ impl FilesSource {
     ) -> anyhow::Result<()> {
         let dir = dir.to_path_buf();
         let files = tokio::task::spawn_blocking(move || list_images(&dir)).await??;
-        Stats::add(&ctx.stats.total, files.len() as u64);
+        ctx.stats.total.add(files.len() as i64);
         let base = self.config.dir.clone().unwrap_or_default();
         let mut seq = 0u64;
         for (offset, path) in files.iter().enumerate() {

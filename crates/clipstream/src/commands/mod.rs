@@ -1,6 +1,7 @@
 //! One module per subcommand; `run` dispatches.
 
 pub mod bench;
+pub mod http;
 pub mod run;
 
 use std::io::Write;

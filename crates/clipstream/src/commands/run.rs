@@ -21,6 +21,10 @@ pub struct RunArgs {
     /// No progress display on stderr.
     #[arg(long)]
     pub no_progress: bool,
+    /// Serve /metrics, /healthz and /readyz on this address (overrides the
+    /// pipeline's `metrics.listen`), e.g. 0.0.0.0:9464.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_listen: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -77,7 +81,19 @@ pub fn components(cfg: &PipelineConfig) -> anyhow::Result<Components> {
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let cfg = PipelineConfig::load(&args.pipeline)?;
+    let mut cfg = PipelineConfig::load(&args.pipeline)?;
+    if let Some(listen) = &args.metrics_listen {
+        cfg.metrics.listen = Some(listen.clone());
+        cfg.validate().map_err(|p| {
+            anyhow::anyhow!(
+                "--metrics-listen: {}",
+                p.iter()
+                    .map(|p| p.to_string())
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            )
+        })?;
+    }
     let parts = components(&cfg)?;
     eprintln!(
         "clipstream: model {} (provider {}, {} dimensions{}) -> {}",
@@ -97,6 +113,22 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()?;
     let stats = Arc::new(Stats::default());
+    stats.encoder(&parts.model_id, parts.vision.provider());
+    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if let Some(listen) = &cfg.metrics.listen {
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind(listen))
+            .map_err(|e| anyhow::anyhow!("cannot listen on {listen} for metrics: {e}"))?;
+        eprintln!(
+            "clipstream: metrics on http://{}/metrics",
+            listener.local_addr()?
+        );
+        runtime.spawn(super::http::serve(
+            listener,
+            Arc::clone(&stats),
+            Arc::clone(&ready),
+        ));
+    }
     let deadline = Duration::from_secs_f64(cfg.shutdown.drain_deadline_secs);
     let started = Instant::now();
     let result = runtime.block_on(async {
@@ -105,6 +137,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         tokio::spawn(signals(stop_tx, deadline_tx, deadline));
         let (finished_tx, finished_rx) = watch::channel(false);
         let progress = tokio::spawn(progress(Arc::clone(&stats), !args.no_progress, finished_rx));
+        ready.store(true, std::sync::atomic::Ordering::Release);
         let outcome = tokio::select! {
             r = engine::run(&cfg, parts, stop_rx, Arc::clone(&stats)) => Some(r),
             _ = deadline_rx.wait_for(|d| *d) => None,
@@ -183,7 +216,7 @@ async fn progress(stats: Arc<Stats>, enabled: bool, mut finished: watch::Receive
             .progress_chars("=> "),
         );
         loop {
-            let total = Stats::get(&stats.total);
+            let total = stats.total.get().max(0) as u64;
             let done = Stats::get(&stats.finished) + Stats::get(&stats.skipped);
             bar.set_length(total.max(done));
             bar.set_position(done);
@@ -204,7 +237,7 @@ async fn progress(stats: Arc<Stats>, enabled: bool, mut finished: watch::Receive
             let secs = started.elapsed().as_secs_f64();
             eprintln!(
                 "progress: {done}/{} records, {:.1} records/s, {} dead letters",
-                Stats::get(&stats.total).saturating_sub(Stats::get(&stats.skipped)),
+                (stats.total.get().max(0) as u64).saturating_sub(Stats::get(&stats.skipped)),
                 done as f64 / secs,
                 Stats::get(&stats.dead_letters)
             );
