@@ -9,10 +9,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use clipstream_model::tokenize::TokenBatch;
-use clipstream_model::{TextEncoder, VisionEncoder};
+use clipstream_model::{EmbeddingBatch, ModelError, TextEncoder, VisionEncoder};
 
 use crate::config::BatchConfig;
-use crate::prep::{Assembler, Part, TextJob, VisionJob};
+use crate::prep::{Assembler, InFlight, Part, TextJob, VisionJob};
 use crate::stats::Stats;
 
 /// Collects jobs from `rx` into batches for `tx`, until `rx` closes.
@@ -75,6 +75,33 @@ impl Fatal {
     }
 }
 
+/// Counts a tower's batch and hands each embedding to the assembler; a
+/// failed batch is fatal. False when the encoder thread must stop.
+fn finish_batch<'a>(
+    asm: &Assembler,
+    fatal: &Fatal,
+    part: Part,
+    recs: impl ExactSizeIterator<Item = &'a Arc<InFlight>>,
+    result: Result<EmbeddingBatch, ModelError>,
+    started: Instant,
+) -> bool {
+    let (tower, encoded) = match part {
+        Part::Image => ("vision", &asm.stats.images),
+        Part::Text => ("text", &asm.stats.texts),
+    };
+    let e = match result {
+        Ok(e) => e,
+        Err(e) => {
+            fatal.set(format!("{tower} tower: {e}"));
+            return false;
+        }
+    };
+    asm.stats.batch(tower, recs.len(), started.elapsed());
+    Stats::add(encoded, recs.len() as u64);
+    recs.zip(e.rows())
+        .all(|(rec, row)| asm.part_done(rec, part, row.to_vec()))
+}
+
 /// Runs the vision tower on batches until `rx` closes or the tower fails.
 pub fn vision_encoder(
     mut encoder: VisionEncoder,
@@ -95,21 +122,10 @@ pub fn vision_encoder(
                     pixels.extend_from_slice(&j.pixels);
                 }
                 let started = Instant::now();
-                match encoder.embed(&pixels, batch.len(), size) {
-                    Ok(e) => {
-                        asm.stats.batch("vision", batch.len(), started.elapsed());
-                        Stats::add(&asm.stats.vision_batches, 1);
-                        Stats::add(&asm.stats.images, batch.len() as u64);
-                        for (job, row) in batch.iter().zip(e.rows()) {
-                            if !asm.part_done(&job.rec, Part::Image, row.to_vec()) {
-                                return;
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        fatal.set(format!("vision tower: {e}"));
-                        return;
-                    }
+                let result = encoder.embed(&pixels, batch.len(), size);
+                let recs = batch.iter().map(|j| &j.rec);
+                if !finish_batch(&asm, &fatal, Part::Image, recs, result, started) {
+                    return;
                 }
             }
         })
@@ -135,21 +151,10 @@ pub fn text_encoder(
                     attention_mask: batch.iter().flat_map(|j| j.mask.iter().copied()).collect(),
                 };
                 let started = Instant::now();
-                match encoder.embed(&tokens) {
-                    Ok(e) => {
-                        asm.stats.batch("text", batch.len(), started.elapsed());
-                        Stats::add(&asm.stats.text_batches, 1);
-                        Stats::add(&asm.stats.texts, batch.len() as u64);
-                        for (job, row) in batch.iter().zip(e.rows()) {
-                            if !asm.part_done(&job.rec, Part::Text, row.to_vec()) {
-                                return;
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        fatal.set(format!("text tower: {e}"));
-                        return;
-                    }
+                let result = encoder.embed(&tokens);
+                let recs = batch.iter().map(|j| &j.rec);
+                if !finish_batch(&asm, &fatal, Part::Text, recs, result, started) {
+                    return;
                 }
             }
         })

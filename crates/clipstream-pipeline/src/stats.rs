@@ -42,10 +42,6 @@ pub struct Stats {
     pub dead_letters: IntCounter,
     /// Records that failed (not written; to be retried by a rerun).
     pub failed: IntCounter,
-    /// Vision batches run.
-    pub vision_batches: IntCounter,
-    /// Text batches run.
-    pub text_batches: IntCounter,
     /// Input size, when the source knows it.
     pub total: IntGauge,
     /// Records read and not yet finished.
@@ -85,77 +81,83 @@ pub struct Snapshot {
     pub files: Vec<String>,
 }
 
+/// Registers a metric and returns it (a handle: clones share the value).
+fn register<M: prometheus::core::Collector + Clone + 'static>(
+    r: &Registry,
+    m: prometheus::Result<M>,
+) -> M {
+    let m = m.expect("valid metric");
+    r.register(Box::new(m.clone())).expect("unique metric");
+    m
+}
+
 fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
-    let c = IntCounter::new(name, help).expect("valid metric");
-    r.register(Box::new(c.clone())).expect("unique metric");
-    c
+    register(r, IntCounter::new(name, help))
 }
 
 fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
-    let g = IntGauge::new(name, help).expect("valid metric");
-    r.register(Box::new(g.clone())).expect("unique metric");
-    g
+    register(r, IntGauge::new(name, help))
 }
 
 fn histogram(r: &Registry, name: &str, help: &str, buckets: &[f64]) -> Histogram {
-    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))
-        .expect("valid metric");
-    r.register(Box::new(h.clone())).expect("unique metric");
-    h
+    register(
+        r,
+        Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec())),
+    )
 }
 
 impl Default for Stats {
     fn default() -> Self {
         let r = Registry::new();
-        let dead_by_stage_kind = IntCounterVec::new(
-            Opts::new(
-                "clipstream_dead_letters_total",
-                "Records set aside as dead letters, by stage and kind.",
+        let dead_by_stage_kind = register(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "clipstream_dead_letters_total",
+                    "Records set aside as dead letters, by stage and kind.",
+                ),
+                &["stage", "kind"],
             ),
-            &["stage", "kind"],
-        )
-        .expect("valid metric");
-        r.register(Box::new(dead_by_stage_kind.clone()))
-            .expect("unique metric");
-        let batch_size = HistogramVec::new(
-            HistogramOpts::new(
-                "clipstream_batch_size",
-                "Inputs per encoder batch, by tower.",
-            )
-            .buckets(BATCH_BUCKETS.to_vec()),
-            &["tower"],
-        )
-        .expect("valid metric");
-        r.register(Box::new(batch_size.clone()))
-            .expect("unique metric");
-        let inference_seconds = HistogramVec::new(
-            HistogramOpts::new(
-                "clipstream_inference_duration_seconds",
-                "ONNX Runtime time per batch, by tower.",
-            )
-            .buckets(SECONDS_BUCKETS.to_vec()),
-            &["tower"],
-        )
-        .expect("valid metric");
-        r.register(Box::new(inference_seconds.clone()))
-            .expect("unique metric");
-        let encoder_info = IntGaugeVec::new(
-            Opts::new(
-                "clipstream_encoder_info",
-                "The model and execution provider in use (value 1).",
+        );
+        let batch_size = register(
+            &r,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "clipstream_batch_size",
+                    "Inputs per encoder batch, by tower.",
+                )
+                .buckets(BATCH_BUCKETS.to_vec()),
+                &["tower"],
             ),
-            &["model", "provider"],
-        )
-        .expect("valid metric");
-        r.register(Box::new(encoder_info.clone()))
-            .expect("unique metric");
-        let build_info = IntGaugeVec::new(
-            Opts::new("clipstream_build_info", "clipstream's version (value 1)."),
-            &["version"],
-        )
-        .expect("valid metric");
-        r.register(Box::new(build_info.clone()))
-            .expect("unique metric");
+        );
+        let inference_seconds = register(
+            &r,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "clipstream_inference_duration_seconds",
+                    "ONNX Runtime time per batch, by tower.",
+                )
+                .buckets(SECONDS_BUCKETS.to_vec()),
+                &["tower"],
+            ),
+        );
+        let encoder_info = register(
+            &r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "clipstream_encoder_info",
+                    "The model and execution provider in use (value 1).",
+                ),
+                &["model", "provider"],
+            ),
+        );
+        let build_info = register(
+            &r,
+            IntGaugeVec::new(
+                Opts::new("clipstream_build_info", "clipstream's version (value 1)."),
+                &["version"],
+            ),
+        );
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
@@ -191,16 +193,6 @@ impl Default for Stats {
                 &r,
                 "clipstream_records_failed_total",
                 "Records that failed (retried by a rerun).",
-            ),
-            vision_batches: counter(
-                &r,
-                "clipstream_vision_batches_total",
-                "Vision tower batches run.",
-            ),
-            text_batches: counter(
-                &r,
-                "clipstream_text_batches_total",
-                "Text tower batches run.",
             ),
             total: gauge(
                 &r,

@@ -7,7 +7,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::Serialize;
 
@@ -16,9 +16,7 @@ use crate::dead_letter::DeadLetter;
 /// An append-only dead-letter file.
 #[derive(Debug)]
 pub struct DeadLetterFile {
-    path: PathBuf,
     file: File,
-    written: u64,
 }
 
 #[derive(Serialize)]
@@ -55,21 +53,7 @@ impl DeadLetterFile {
             file.set_len(complete)?;
         }
         file.seek(SeekFrom::End(0))?;
-        Ok(DeadLetterFile {
-            path: path.to_path_buf(),
-            file,
-            written: 0,
-        })
-    }
-
-    /// Where it is.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Dead letters written by this run.
-    pub fn written(&self) -> u64 {
-        self.written
+        Ok(DeadLetterFile { file })
     }
 
     /// Appends one dead letter and syncs it to disk.
@@ -90,7 +74,6 @@ impl DeadLetterFile {
         buf.push(b'\n');
         self.file.write_all(&buf)?;
         self.file.sync_data()?;
-        self.written += 1;
         Ok(())
     }
 }
