@@ -31,7 +31,8 @@ def files(args):
     for a in args:
         p = Path(a)
         if p.is_dir():
-            yield from sorted(x for x in p.iterdir() if x.suffix == ".parquet" and not x.name.startswith((".", "_")))
+            # Recursive: Hive-style date folders (dt=YYYY-MM-DD/) hold files too.
+            yield from sorted(x for x in p.rglob("*.parquet") if not x.name.startswith((".", "_")))
         else:
             yield p
 

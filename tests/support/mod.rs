@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod stack;
+
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};

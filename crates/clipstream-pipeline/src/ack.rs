@@ -56,6 +56,8 @@ struct Shared {
     tracker: Arc<AckTracker>,
     partition: PartitionKey,
     position: Position,
+    /// The partition's assignment epoch when the token was issued.
+    epoch: u64,
     /// Worst mark so far (`MARK_*`); a dropped unmarked clone counts as failed.
     worst: AtomicU8,
 }
@@ -68,7 +70,7 @@ impl Drop for Shared {
             _ => Outcome::Failed,
         };
         self.tracker
-            .resolve(&self.partition, self.position, outcome);
+            .resolve(&self.partition, self.position, self.epoch, outcome);
     }
 }
 
@@ -96,6 +98,17 @@ impl AckToken {
     /// The record's position.
     pub fn position(&self) -> Position {
         self.shared.position
+    }
+
+    /// False once the record's partition was revoked (its results must not
+    /// be written: the partition's next owner processes it again).
+    pub fn is_current(&self) -> bool {
+        self.shared.tracker.epoch(&self.shared.partition) == Some(self.shared.epoch)
+    }
+
+    /// The partition's assignment epoch when the token was issued.
+    pub fn epoch(&self) -> u64 {
+        self.shared.epoch
     }
 
     fn mark(mut self, mark: u8) {
@@ -130,6 +143,8 @@ impl Drop for AckToken {
 /// Per-partition state of the tracker.
 #[derive(Debug, Default, Clone)]
 struct PartitionState {
+    /// Assignment epoch: tokens of an earlier epoch no longer count.
+    epoch: u64,
     /// Lowest seq not yet contiguously resolved.
     next_seq: u64,
     /// Offset of the last record of the contiguous prefix.
@@ -147,6 +162,7 @@ struct PartitionState {
 #[derive(Debug, Default)]
 pub struct AckTracker {
     partitions: Mutex<HashMap<PartitionKey, PartitionState>>,
+    epochs: std::sync::atomic::AtomicU64,
 }
 
 /// A snapshot of one partition.
@@ -175,20 +191,56 @@ impl AckTracker {
 
     /// Issues the token of a record.
     pub fn token(self: &Arc<Self>, partition: PartitionKey, position: Position) -> AckToken {
+        let epoch = {
+            let mut parts = self.partitions.lock().unwrap_or_else(|e| e.into_inner());
+            parts.entry(partition.clone()).or_default().epoch
+        };
         AckToken {
             shared: Arc::new(Shared {
                 tracker: Arc::clone(self),
                 partition,
                 position,
+                epoch,
                 worst: AtomicU8::new(MARK_NONE),
             }),
             marked: false,
         }
     }
 
-    fn resolve(&self, partition: &PartitionKey, position: Position, outcome: Outcome) {
+    /// Starts a new assignment of `partition` whose first record will have
+    /// sequence number `next_seq`; tokens of earlier assignments no longer
+    /// count.
+    pub fn assign(&self, partition: &PartitionKey, next_seq: u64) {
+        let epoch = 1 + self.epochs.fetch_add(1, Ordering::AcqRel);
         let mut parts = self.partitions.lock().unwrap_or_else(|e| e.into_inner());
-        let st = parts.entry(partition.clone()).or_default();
+        parts.insert(
+            partition.clone(),
+            PartitionState {
+                epoch,
+                next_seq,
+                ..PartitionState::default()
+            },
+        );
+    }
+
+    /// The partition was taken away: its outstanding tokens no longer count.
+    pub fn revoke(&self, partition: &PartitionKey) {
+        let mut parts = self.partitions.lock().unwrap_or_else(|e| e.into_inner());
+        parts.remove(partition);
+    }
+
+    /// The current epoch of a partition; `None` when not assigned.
+    pub fn epoch(&self, partition: &PartitionKey) -> Option<u64> {
+        let parts = self.partitions.lock().unwrap_or_else(|e| e.into_inner());
+        parts.get(partition).map(|s| s.epoch)
+    }
+
+    fn resolve(&self, partition: &PartitionKey, position: Position, epoch: u64, outcome: Outcome) {
+        let mut parts = self.partitions.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(st) = parts.get_mut(partition).filter(|s| s.epoch == epoch) else {
+            // A record of a revoked assignment: its partition moved on.
+            return;
+        };
         match outcome {
             Outcome::Delivered => st.delivered += 1,
             Outcome::DeadLettered => st.dead_lettered += 1,
@@ -198,7 +250,6 @@ impl AckTracker {
             }
         }
         if position.seq < st.next_seq {
-            // A record resolved twice would be a bug in the caller.
             debug_assert!(false, "seq {} resolved twice", position.seq);
             return;
         }
@@ -228,12 +279,6 @@ impl AckTracker {
             .collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
-    }
-
-    /// Forgets a partition (after a Kafka rebalance took it away).
-    pub fn forget(&self, partition: &PartitionKey) {
-        let mut parts = self.partitions.lock().unwrap_or_else(|e| e.into_inner());
-        parts.remove(partition);
     }
 
     fn snapshot(s: &PartitionState) -> Watermark {

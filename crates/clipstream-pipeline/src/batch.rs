@@ -98,7 +98,9 @@ fn finish_batch<'a>(
     };
     asm.stats.batch(tower, recs.len(), started.elapsed());
     Stats::add(encoded, recs.len() as u64);
-    recs.zip(e.rows())
+    let wait = asm.stats.queue_wait_seconds.with_label_values(&[tower]);
+    recs.inspect(|rec| wait.observe(started.saturating_duration_since(rec.queued).as_secs_f64()))
+        .zip(e.rows())
         .all(|(rec, row)| asm.part_done(rec, part, row.to_vec()))
 }
 

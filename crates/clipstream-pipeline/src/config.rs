@@ -23,6 +23,9 @@ pub struct PipelineConfig {
     pub runtime: RuntimeOptions,
     /// Where events come from.
     pub source: SourceConfig,
+    /// The S3 client (fetching images, writing Parquet).
+    #[serde(default)]
+    pub s3: S3Config,
     /// How referenced objects are fetched.
     #[serde(default)]
     pub fetch: FetchConfig,
@@ -76,12 +79,111 @@ fn default_top_k() -> usize {
     5
 }
 
-/// `[source]`: `kind = "files"` (more kinds come with Kafka).
+/// `[source]`: `kind = "files"` or `kind = "kafka"`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 pub enum SourceConfig {
     /// Local input: a JSONL manifest of events, or a directory of images.
     Files(FilesSourceConfig),
+    /// A Kafka consumer group.
+    Kafka(KafkaSourceConfig),
+}
+
+/// `[source]` with `kind = "kafka"`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSourceConfig {
+    /// Bootstrap servers, `host:port,host:port`.
+    pub brokers: String,
+    /// Topics to consume.
+    pub topics: Vec<String>,
+    /// Consumer group: workers sharing it share the partitions.
+    pub group_id: String,
+    /// How often acknowledged offsets are committed, in ms. Default 1000.
+    #[serde(default = "default_commit_interval")]
+    pub commit_interval_ms: u64,
+    /// Group session timeout, in ms. Default 45000.
+    #[serde(default = "default_session_timeout")]
+    pub session_timeout_ms: u64,
+    /// On a rebalance, how long the records of revoked partitions may take
+    /// to finish before their offsets are committed, in ms; below
+    /// `session_timeout_ms`. Default 20000.
+    #[serde(default = "default_rebalance_drain")]
+    pub drain_deadline_ms: u64,
+    /// Where a group without a committed offset starts: `earliest` or
+    /// `latest`. Default `earliest`.
+    #[serde(default = "default_offset_reset")]
+    pub auto_offset_reset: String,
+    /// Messages larger than this are dead letters. Default 1 MiB.
+    #[serde(default = "default_max_event_bytes")]
+    pub max_event_bytes: usize,
+    /// Raw librdkafka properties, applied last (security, tuning).
+    #[serde(default)]
+    pub options: std::collections::BTreeMap<String, String>,
+}
+
+fn default_commit_interval() -> u64 {
+    1000
+}
+fn default_session_timeout() -> u64 {
+    45_000
+}
+fn default_rebalance_drain() -> u64 {
+    20_000
+}
+fn default_offset_reset() -> String {
+    "earliest".into()
+}
+
+/// `[s3]`: the S3 client. Credentials come from the standard AWS chain
+/// (environment, profile, web identity, instance metadata).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct S3Config {
+    /// Endpoint URL for S3-compatible stores (MinIO, Ceph, ...). Default:
+    /// AWS.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// Region. Default: from the environment, else `us-east-1`.
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Path-style addressing (`endpoint/bucket/key`), which most
+    /// S3-compatible stores need. Default false.
+    #[serde(default)]
+    pub force_path_style: bool,
+    /// Time limit of one request attempt, in ms. Default 10000.
+    #[serde(default = "default_s3_timeout")]
+    pub request_timeout_ms: u64,
+    /// Attempts per request (throttling, 5xx and timeouts are retried with
+    /// exponential backoff and jitter). Default 5.
+    #[serde(default = "default_s3_attempts")]
+    pub max_attempts: u32,
+    /// First backoff, in ms; doubles per attempt. Default 100.
+    #[serde(default = "default_s3_backoff")]
+    pub backoff_ms: u64,
+}
+
+fn default_s3_timeout() -> u64 {
+    10_000
+}
+fn default_s3_attempts() -> u32 {
+    5
+}
+fn default_s3_backoff() -> u64 {
+    100
+}
+
+impl Default for S3Config {
+    fn default() -> Self {
+        S3Config {
+            endpoint: None,
+            region: None,
+            force_path_style: false,
+            request_timeout_ms: default_s3_timeout(),
+            max_attempts: default_s3_attempts(),
+            backoff_ms: default_s3_backoff(),
+        }
+    }
 }
 
 /// `[source]` with `kind = "files"`. Exactly one of `manifest` / `dir`.
@@ -113,6 +215,9 @@ pub struct FetchConfig {
     /// for the files source.
     #[serde(default = "default_schemes")]
     pub allowed_schemes: Vec<String>,
+    /// Buckets `s3://` URIs may name; required when `s3` is allowed.
+    #[serde(default)]
+    pub allowed_buckets: Vec<String>,
     /// Objects larger than this are dead letters. Default 64 MiB.
     #[serde(default = "default_max_object_bytes")]
     pub max_object_bytes: u64,
@@ -135,6 +240,7 @@ impl Default for FetchConfig {
     fn default() -> Self {
         FetchConfig {
             allowed_schemes: default_schemes(),
+            allowed_buckets: Vec::new(),
             max_object_bytes: default_max_object_bytes(),
             concurrency: default_fetch_concurrency(),
         }
@@ -229,14 +335,58 @@ impl BatchConfig {
 pub struct SinkConfig {
     /// Parquet output.
     pub parquet: ParquetConfig,
+    /// Kafka output topics.
+    #[serde(default)]
+    pub kafka: Option<KafkaSinkConfig>,
+}
+
+/// `[sink.kafka]`: one JSON message per record, keyed by id.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSinkConfig {
+    /// Bootstrap servers. Default: the source's.
+    #[serde(default)]
+    pub brokers: Option<String>,
+    /// Topic for embeddings.
+    #[serde(default)]
+    pub embeddings_topic: Option<String>,
+    /// Topic for top-k labels (records with an image, when a label set is
+    /// configured).
+    #[serde(default)]
+    pub labels_topic: Option<String>,
+    /// Raw librdkafka producer properties, applied last.
+    #[serde(default)]
+    pub options: std::collections::BTreeMap<String, String>,
 }
 
 /// `[sink.parquet]`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ParquetConfig {
-    /// Output directory.
-    pub dir: PathBuf,
+    /// Output directory (local). Exactly one of `dir` / `url`.
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    /// Output on S3: `s3://bucket/prefix/`. Files are built in
+    /// `spool_dir`, then uploaded with a multipart upload: an object
+    /// appears only when complete.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Local directory for files being built before upload. Default: the
+    /// system temp directory.
+    #[serde(default)]
+    pub spool_dir: Option<PathBuf>,
+    /// Size of multipart upload parts. Default 16 MiB (S3's minimum is 5).
+    #[serde(default = "default_part_bytes")]
+    pub part_bytes: usize,
+    /// Hive-style folders by the record's date (`dt=YYYY-MM-DD/`, from the
+    /// event time). Default false.
+    #[serde(default)]
+    pub partition_by_date: bool,
+    /// Roll a file when a record's event time is this many seconds after
+    /// the file's first (record time, never wall-clock time, so replays
+    /// make the same files). Default: no limit.
+    #[serde(default)]
+    pub max_file_span_secs: Option<u64>,
     /// Rows per file before rolling. Default 10,000.
     #[serde(default = "default_rows_per_file")]
     pub max_rows_per_file: usize,
@@ -251,6 +401,9 @@ pub struct ParquetConfig {
     pub zstd_level: i32,
 }
 
+fn default_part_bytes() -> usize {
+    16 << 20
+}
 fn default_rows_per_file() -> usize {
     10_000
 }
@@ -269,9 +422,13 @@ fn default_zstd() -> i32 {
 #[serde(deny_unknown_fields)]
 pub struct DeadLetterConfig {
     /// JSONL file for dead letters. Default: `_dead_letters.jsonl` in the
-    /// Parquet directory.
+    /// Parquet directory (local output).
     #[serde(default)]
     pub path: Option<PathBuf>,
+    /// Kafka dead-letter topic: the original key, value and headers, plus
+    /// `clipstream.*` headers saying why. Uses `[sink.kafka]`'s brokers.
+    #[serde(default)]
+    pub topic: Option<String>,
 }
 
 /// `[shutdown]`.
@@ -455,8 +612,14 @@ impl PipelineConfig {
                     abs(d);
                 }
             }
+            SourceConfig::Kafka(_) => {}
         }
-        abs(&mut self.sink.parquet.dir);
+        if let Some(d) = &mut self.sink.parquet.dir {
+            abs(d);
+        }
+        if let Some(d) = &mut self.sink.parquet.spool_dir {
+            abs(d);
+        }
         if let Some(p) = &mut self.dead_letter.path {
             abs(p);
         }
@@ -488,6 +651,73 @@ impl PipelineConfig {
                     bad("source.max_event_bytes", "must be positive".into());
                 }
             }
+            SourceConfig::Kafka(k) => {
+                if k.brokers.trim().is_empty() {
+                    bad(
+                        "source.brokers",
+                        "list the bootstrap servers, `host:port,...`".into(),
+                    );
+                }
+                if k.topics.is_empty() || k.topics.iter().any(|t| t.trim().is_empty()) {
+                    bad(
+                        "source.topics",
+                        "name at least one topic, none empty".into(),
+                    );
+                }
+                if k.group_id.trim().is_empty() {
+                    bad("source.group_id", "must not be empty".into());
+                }
+                if k.max_event_bytes == 0 {
+                    bad("source.max_event_bytes", "must be positive".into());
+                }
+                if k.commit_interval_ms == 0 {
+                    bad("source.commit_interval_ms", "must be positive".into());
+                }
+                if k.drain_deadline_ms >= k.session_timeout_ms {
+                    bad(
+                        "source.drain_deadline_ms",
+                        format!(
+                            "{} must be below source.session_timeout_ms ({}), or the group evicts the worker while it drains",
+                            k.drain_deadline_ms, k.session_timeout_ms
+                        ),
+                    );
+                }
+                if !matches!(k.auto_offset_reset.as_str(), "earliest" | "latest") {
+                    bad(
+                        "source.auto_offset_reset",
+                        format!("{:?}: use \"earliest\" or \"latest\"", k.auto_offset_reset),
+                    );
+                }
+                if self.fetch.allowed_schemes.iter().any(|s| s == "file") {
+                    bad(
+                        "fetch.allowed_schemes",
+                        "`file` lets any event read this worker's files; Kafka pipelines allow only \"s3\"".into(),
+                    );
+                }
+            }
+        }
+        if self.fetch.allowed_schemes.iter().any(|s| s == "s3")
+            && self.fetch.allowed_buckets.is_empty()
+        {
+            bad(
+                "fetch.allowed_buckets",
+                "list the buckets events may reference (an allow-list), e.g. [\"my-images\"]"
+                    .into(),
+            );
+        }
+        if self.s3.max_attempts == 0 {
+            bad("s3.max_attempts", "must be at least 1".into());
+        }
+        if self.s3.request_timeout_ms == 0 {
+            bad("s3.request_timeout_ms", "must be positive".into());
+        }
+        if let Some(e) = &self.s3.endpoint
+            && !(e.starts_with("http://") || e.starts_with("https://"))
+        {
+            bad(
+                "s3.endpoint",
+                format!("{e:?} must start with http:// or https://"),
+            );
         }
         for (i, s) in self.fetch.allowed_schemes.iter().enumerate() {
             if !matches!(s.as_str(), "file" | "s3") {
@@ -534,6 +764,62 @@ impl PipelineConfig {
             }
         }
         let pq = &self.sink.parquet;
+        match (&pq.dir, &pq.url) {
+            (Some(_), Some(_)) => bad("sink.parquet", "set `dir` or `url`, not both".into()),
+            (None, None) => bad(
+                "sink.parquet",
+                "set `dir` (a local directory) or `url` (s3://bucket/prefix/)".into(),
+            ),
+            (None, Some(u)) => {
+                if let Err(m) = parse_s3_url(u) {
+                    bad("sink.parquet.url", m);
+                }
+            }
+            _ => {}
+        }
+        if pq.part_bytes < 5 << 20 {
+            bad(
+                "sink.parquet.part_bytes",
+                "must be at least 5 MiB (5242880), S3's smallest multipart part".into(),
+            );
+        }
+        if pq.max_file_span_secs == Some(0) {
+            bad("sink.parquet.max_file_span_secs", "must be positive".into());
+        }
+        let kafka_source = matches!(self.source, SourceConfig::Kafka(_));
+        if let Some(k) = &self.sink.kafka {
+            if k.embeddings_topic.is_none() && k.labels_topic.is_none() {
+                bad(
+                    "sink.kafka",
+                    "set `embeddings_topic` and/or `labels_topic`, or remove the section".into(),
+                );
+            }
+            if k.brokers.is_none() && !kafka_source {
+                bad(
+                    "sink.kafka.brokers",
+                    "needed when the source is not Kafka".into(),
+                );
+            }
+        }
+        if let Some(t) = &self.dead_letter.topic {
+            if t.trim().is_empty() {
+                bad("dead_letter.topic", "must not be empty".into());
+            }
+            if self.dead_letter.path.is_some() {
+                bad("dead_letter", "set `path` or `topic`, not both".into());
+            }
+            if self.kafka_sink_brokers().is_none() {
+                bad(
+                    "dead_letter.topic",
+                    "needs brokers: a Kafka source or `[sink.kafka] brokers`".into(),
+                );
+            }
+        } else if self.dead_letter.path.is_none() && pq.dir.is_none() {
+            bad(
+                "dead_letter",
+                "with Parquet on S3, set `topic` (a Kafka dead-letter topic) or `path` (a local file)".into(),
+            );
+        }
         if pq.max_rows_per_file == 0 {
             bad(
                 "sink.parquet.max_rows_per_file",
@@ -573,13 +859,54 @@ impl PipelineConfig {
         if p.is_empty() { Ok(()) } else { Err(p) }
     }
 
-    /// The dead-letter file.
-    pub fn dead_letter_path(&self) -> PathBuf {
-        self.dead_letter
-            .path
-            .clone()
-            .unwrap_or_else(|| self.sink.parquet.dir.join("_dead_letters.jsonl"))
+    /// The dead-letter file, when dead letters go to a file.
+    pub fn dead_letter_path(&self) -> Option<PathBuf> {
+        if self.dead_letter.topic.is_some() {
+            return None;
+        }
+        self.dead_letter.path.clone().or_else(|| {
+            self.sink
+                .parquet
+                .dir
+                .as_ref()
+                .map(|d| d.join("_dead_letters.jsonl"))
+        })
     }
+
+    /// Brokers of the Kafka outputs: `[sink.kafka] brokers`, else the
+    /// source's.
+    pub fn kafka_sink_brokers(&self) -> Option<String> {
+        self.sink
+            .kafka
+            .as_ref()
+            .and_then(|k| k.brokers.clone())
+            .or_else(|| match &self.source {
+                SourceConfig::Kafka(k) => Some(k.brokers.clone()),
+                SourceConfig::Files(_) => None,
+            })
+    }
+
+    /// Where Parquet files go, for messages.
+    pub fn output_location(&self) -> String {
+        match (&self.sink.parquet.dir, &self.sink.parquet.url) {
+            (Some(d), _) => d.display().to_string(),
+            (None, Some(u)) => u.clone(),
+            (None, None) => "-".into(),
+        }
+    }
+}
+
+/// Splits `s3://bucket/prefix` into bucket and prefix (no leading or
+/// trailing slash; may be empty).
+pub fn parse_s3_url(url: &str) -> Result<(String, String), String> {
+    let rest = url
+        .strip_prefix("s3://")
+        .ok_or_else(|| format!("{url:?} is not an s3://bucket/prefix URL"))?;
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    if bucket.is_empty() {
+        return Err(format!("{url:?} has no bucket"));
+    }
+    Ok((bucket.to_string(), prefix.trim_matches('/').to_string()))
 }
 
 #[cfg(test)]
@@ -606,11 +933,11 @@ mod tests {
     fn minimal_config_gets_defaults_and_absolute_paths() {
         let c = parse(MINIMAL).expect("valid");
         assert_eq!(c.model.dir, PathBuf::from("/base/models/clip"));
-        assert_eq!(c.sink.parquet.dir, PathBuf::from("/base/out"));
+        assert_eq!(c.sink.parquet.dir, Some(PathBuf::from("/base/out")));
         assert_eq!(c.engine.vision_batch.max_size, 32);
         assert_eq!(
             c.dead_letter_path(),
-            PathBuf::from("/base/out/_dead_letters.jsonl")
+            Some(PathBuf::from("/base/out/_dead_letters.jsonl"))
         );
     }
 
@@ -647,6 +974,69 @@ mod tests {
                 "fetch.concurrency",
                 "engine.vision_batch.max_size",
                 "engine.text_batch.max_size"
+            ],
+            "{p:?}"
+        );
+    }
+
+    const KAFKA: &str = r#"
+        [model]
+        dir = "m"
+        [source]
+        kind = "kafka"
+        brokers = "127.0.0.1:9092"
+        topics = ["events"]
+        group_id = "g"
+        [source.options]
+        "fetch.min.bytes" = "1"
+        [fetch]
+        allowed_schemes = ["s3"]
+        allowed_buckets = ["images"]
+        [sink.parquet]
+        url = "s3://out/embeddings/"
+        [sink.kafka]
+        embeddings_topic = "emb"
+        [dead_letter]
+        topic = "dlq"
+    "#;
+
+    #[test]
+    fn kafka_pipeline_parses() {
+        let c = parse(KAFKA).expect("valid");
+        let SourceConfig::Kafka(k) = &c.source else {
+            panic!("kafka source expected");
+        };
+        assert_eq!(k.options["fetch.min.bytes"], "1");
+        assert_eq!(c.kafka_sink_brokers().as_deref(), Some("127.0.0.1:9092"));
+        assert_eq!(c.dead_letter_path(), None);
+        assert_eq!(
+            parse_s3_url(c.sink.parquet.url.as_deref().unwrap_or_default()),
+            Ok(("out".into(), "embeddings".into()))
+        );
+    }
+
+    #[test]
+    fn kafka_pipelines_refuse_unsafe_settings() {
+        let text = KAFKA
+            .replace(
+                "allowed_schemes = [\"s3\"]",
+                "allowed_schemes = [\"s3\", \"file\"]",
+            )
+            .replace("allowed_buckets = [\"images\"]", "")
+            .replace(
+                "group_id = \"g\"",
+                "group_id = \"g\"\ndrain_deadline_ms = 50000",
+            )
+            .replace("topic = \"dlq\"", "");
+        let p = parse(&text).expect_err("invalid");
+        let paths: Vec<&str> = p.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            vec![
+                "source.drain_deadline_ms",
+                "fetch.allowed_schemes",
+                "fetch.allowed_buckets",
+                "dead_letter"
             ],
             "{p:?}"
         );

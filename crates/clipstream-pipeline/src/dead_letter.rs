@@ -63,6 +63,8 @@ pub enum Kind {
     ObjectForbidden,
     /// The object is larger than the configured limit.
     ObjectTooLarge,
+    /// The store refused the request for another reason (a 4xx).
+    FetchFailed,
     /// The bytes are not an image of a supported format.
     NotAnImage,
     /// A broken or truncated image.
@@ -94,6 +96,7 @@ impl Kind {
             Kind::ObjectNotFound => "object_not_found",
             Kind::ObjectForbidden => "object_forbidden",
             Kind::ObjectTooLarge => "object_too_large",
+            Kind::FetchFailed => "fetch_failed",
             Kind::NotAnImage => "not_an_image",
             Kind::CorruptImage => "corrupt_image",
             Kind::UnsupportedImage => "unsupported_image",
@@ -105,7 +108,7 @@ impl Kind {
     }
 
     /// Every kind, for documentation and metric initialisation.
-    pub const ALL: [Kind; 18] = [
+    pub const ALL: [Kind; 19] = [
         Kind::InvalidJson,
         Kind::InvalidUtf8,
         Kind::InvalidEvent,
@@ -117,6 +120,7 @@ impl Kind {
         Kind::ObjectNotFound,
         Kind::ObjectForbidden,
         Kind::ObjectTooLarge,
+        Kind::FetchFailed,
         Kind::NotAnImage,
         Kind::CorruptImage,
         Kind::UnsupportedImage,
@@ -140,6 +144,9 @@ impl Kind {
     }
 }
 
+/// Message headers: name and value (a header may have no value).
+pub type Headers = Arc<[(String, Option<Vec<u8>>)]>;
+
 /// A rejected record: the original bytes and why.
 #[derive(Debug, Clone)]
 pub struct DeadLetter {
@@ -151,6 +158,8 @@ pub struct DeadLetter {
     pub id: Option<String>,
     /// The original key (Kafka) if any.
     pub key: Option<Arc<[u8]>>,
+    /// The original headers (Kafka).
+    pub headers: Headers,
     /// The original value, byte for byte.
     pub original: Arc<[u8]>,
     /// Where it failed.

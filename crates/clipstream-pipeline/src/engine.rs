@@ -9,6 +9,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use clipstream_model::{
@@ -20,11 +21,14 @@ use crate::ack::{AckTracker, PartitionKey, Watermark};
 use crate::batch::{self, Fatal};
 use crate::config::{PipelineConfig, SourceConfig};
 use crate::prep::{self, Assembler, PrepContext};
+use crate::sink::Cleanup;
 use crate::sink::dead_letter_file::DeadLetterFile;
-use crate::sink::parquet::ParquetWriter;
+use crate::sink::kafka::KafkaOutputs;
+use crate::sink::parquet::{Destination, ParquetWriter};
 use crate::sink::resume::DoneSet;
 use crate::source::SourceContext;
 use crate::source::files::FilesSource;
+use crate::source::kafka::KafkaSource;
 use crate::stats::{Snapshot, Stats};
 
 /// The model parts a pipeline runs on (loaded by the caller, so that a
@@ -72,10 +76,10 @@ pub struct RunReport {
     pub watermarks: Vec<(PartitionKey, Watermark)>,
     /// Records read but neither written nor dead-lettered.
     pub unacknowledged: u64,
-    /// Output directory.
-    pub output_dir: PathBuf,
-    /// Dead-letter file.
-    pub dead_letter_path: PathBuf,
+    /// Where the Parquet files are (a directory or an s3:// URL).
+    pub output: String,
+    /// Where dead letters are (a file or a topic).
+    pub dead_letters_to: String,
     /// True when the run stopped before the end of its input.
     pub stopped_early: bool,
 }
@@ -88,12 +92,18 @@ pub async fn run(
     stats: Arc<Stats>,
 ) -> anyhow::Result<RunReport> {
     let started = Instant::now();
-    let SourceConfig::Files(files_cfg) = &cfg.source;
+    let kafka_source = matches!(cfg.source, SourceConfig::Kafka(_));
     let dead_path = cfg.dead_letter_path();
-    let out_dir = cfg.sink.parquet.dir.clone();
-    let done_set = {
-        let (o, d) = (out_dir.clone(), dead_path.clone());
-        tokio::task::spawn_blocking(move || DoneSet::load(&o, &d)).await??
+    let pq = &cfg.sink.parquet;
+
+    // Resume state of local runs: ids already written (Kafka resumes from
+    // its committed offsets instead).
+    let done_set = match (&cfg.source, &pq.dir, &dead_path) {
+        (SourceConfig::Files(_), Some(dir), Some(dead)) => {
+            let (o, d) = (dir.clone(), dead.clone());
+            tokio::task::spawn_blocking(move || DoneSet::load(&o, &d)).await??
+        }
+        _ => DoneSet::default(),
     };
     if !done_set.is_empty() {
         tracing::info!(
@@ -103,6 +113,60 @@ pub async fn run(
         );
     }
 
+    // S3, when images or the output live there.
+    let needs_s3 = cfg.fetch.allowed_schemes.iter().any(|s| s == "s3") || pq.url.is_some();
+    let s3 = if needs_s3 {
+        Some(crate::s3::S3::connect(&cfg.s3, Arc::clone(&stats)).await)
+    } else {
+        None
+    };
+    let dest = match (&pq.dir, &pq.url, &s3) {
+        (Some(dir), _, _) => Destination::Local {
+            dir: dir.clone(),
+            overwrite: kafka_source,
+        },
+        (None, Some(url), Some(s3)) => {
+            let (bucket, prefix) =
+                crate::config::parse_s3_url(url).map_err(|m| anyhow::anyhow!(m))?;
+            s3.reachable(&bucket).await.map_err(|e| {
+                anyhow::anyhow!("the Parquet output bucket is not reachable: {e} (check [s3] endpoint, credentials and that the bucket exists)")
+            })?;
+            let spool = pq.spool_dir.clone().unwrap_or_else(|| {
+                std::env::temp_dir().join(format!("clipstream-spool-{}", std::process::id()))
+            });
+            Destination::S3 {
+                s3: s3.clone(),
+                bucket,
+                prefix,
+                spool,
+                part_bytes: pq.part_bytes,
+                handle: tokio::runtime::Handle::current(),
+            }
+        }
+        _ => anyhow::bail!("sink.parquet needs `dir` or `url`"),
+    };
+
+    // Kafka outputs: the embeddings and labels topics, the dead-letter topic.
+    let kafka_out = match cfg.kafka_sink_brokers() {
+        Some(brokers) if cfg.sink.kafka.is_some() || cfg.dead_letter.topic.is_some() => {
+            let k = cfg.sink.kafka.clone();
+            let options = k.as_ref().map(|k| k.options.clone()).unwrap_or_default();
+            let (model_id, out_stats) = (parts.model_id.clone(), Arc::clone(&stats));
+            let (emb, lab) = (
+                k.as_ref().and_then(|k| k.embeddings_topic.clone()),
+                k.as_ref().and_then(|k| k.labels_topic.clone()),
+            );
+            let dlq = cfg.dead_letter.topic.clone();
+            Some(Arc::new(
+                tokio::task::spawn_blocking(move || {
+                    KafkaOutputs::connect(&brokers, &options, emb, lab, dlq, model_id, out_stats)
+                })
+                .await??,
+            ))
+        }
+        _ => None,
+    };
+
     let q = cfg.engine.queue_capacity;
     let (records_tx, records_rx) = flume::bounded(q);
     let (fetched_tx, fetched_rx) = flume::bounded(q);
@@ -111,22 +175,40 @@ pub async fn run(
     let (vbatch_tx, vbatch_rx) = flume::bounded(1);
     let (tbatch_tx, tbatch_rx) = flume::bounded(1);
     let (done_tx, done_rx) = flume::bounded(q);
+    let (sink_tx, sink_rx) = flume::bounded(q);
+    let queue_watch = watch_queues(
+        Arc::clone(&stats),
+        vec![
+            ("records", records_rx.clone().into()),
+            ("fetched", fetched_rx.clone().into()),
+            ("vision", vision_rx.clone().into()),
+            ("text", text_rx.clone().into()),
+            ("done", done_rx.clone().into()),
+        ],
+        q,
+    );
 
     let tracker = AckTracker::new();
     let fatal = Arc::new(Fatal::default());
 
-    // Sink, last stage first.
+    // Sinks, last stage first.
+    let cleanup: Arc<dyn Cleanup> = Arc::new(dest.clone());
     let parquet = ParquetWriter::new(
-        cfg.sink.parquet.clone(),
+        pq.clone(),
+        dest,
         parts.dim,
         parts.model_id.clone(),
         Arc::clone(&stats),
     )?;
-    let dead_file = DeadLetterFile::open(&dead_path)?;
+    let dead_file = match &dead_path {
+        Some(p) => Some(DeadLetterFile::open(p)?),
+        None => None,
+    };
     let sink_stats = Arc::clone(&stats);
     let sink = std::thread::Builder::new()
         .name("sink".into())
-        .spawn(move || crate::sink::run_sink(done_rx, parquet, dead_file, sink_stats))?;
+        .spawn(move || crate::sink::run_sink(sink_rx, parquet, dead_file, sink_stats))?;
+    let outputs = crate::sink::kafka::spawn(done_rx, sink_tx.clone(), kafka_out);
 
     let asm = Assembler {
         head: parts.head.map(Arc::new),
@@ -165,13 +247,20 @@ pub async fn run(
         },
     ));
 
-    let source = FilesSource::new(files_cfg.clone(), done_set);
+    let base_dir = match &cfg.source {
+        SourceConfig::Files(f) => FilesSource::new(f.clone(), DoneSet::default()).base_dir(),
+        SourceConfig::Kafka(_) => PathBuf::new(),
+    };
     let fetchers = crate::fetch::spawn_workers(
         records_rx,
         fetched_tx,
         done_tx.clone(),
-        cfg.fetch.clone(),
-        source.base_dir(),
+        crate::fetch::Fetcher {
+            cfg: cfg.fetch.clone(),
+            base: base_dir,
+            s3,
+            persistent: kafka_source,
+        },
         Arc::clone(&stats),
     );
 
@@ -202,11 +291,29 @@ pub async fn run(
         stop: inner_stop_rx.clone(),
         stats: Arc::clone(&stats),
     };
-    let source_result = source.run(ctx).await;
-    let stopped_early = *inner_stop_rx.borrow();
+    let undrained = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let source_result = match &cfg.source {
+        SourceConfig::Files(f) => {
+            stats.ready.store(true, Ordering::Relaxed);
+            drop(sink_tx);
+            FilesSource::new(f.clone(), done_set).run(ctx).await
+        }
+        SourceConfig::Kafka(k) => {
+            // Leave time for the last commit within the shutdown deadline.
+            let drain = Duration::from_secs_f64(cfg.shutdown.drain_deadline_secs * 0.8);
+            let source = KafkaSource::new(k.clone(), sink_tx, Some(cleanup), drain);
+            let left = Arc::clone(&source.undrained);
+            let r = source.run(ctx).await;
+            undrained.store(left.load(Ordering::Relaxed), Ordering::Relaxed);
+            r
+        }
+    };
+    let stopped_early = *inner_stop_rx.borrow() && !kafka_source;
     for f in fetchers {
         f.await?;
     }
+    outputs.await?;
+    queue_watch.abort();
     let joined = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
         for t in threads {
             t.join()
@@ -240,9 +347,61 @@ pub async fn run(
         failed: Stats::get(&stats.failed),
         detail: stats.snapshot(),
         watermarks,
-        unacknowledged: read.saturating_sub(resolved),
-        output_dir: out_dir,
-        dead_letter_path: dead_path,
+        // Kafka: partitions come and go, so count what the final drain
+        // left (the tracker forgets revoked partitions).
+        unacknowledged: if kafka_source {
+            undrained.load(Ordering::Relaxed)
+        } else {
+            read.saturating_sub(resolved)
+        },
+        output: cfg.output_location(),
+        dead_letters_to: match (&dead_path, &cfg.dead_letter.topic) {
+            (Some(p), _) => p.display().to_string(),
+            (None, Some(t)) => format!("topic {t}"),
+            (None, None) => "-".into(),
+        },
         stopped_early,
+    })
+}
+
+/// A queue's receiving end, type-erased for sampling its length (holding a
+/// receiver does not keep a channel from closing when its senders go).
+pub struct QueueProbe(Box<dyn Fn() -> usize + Send + Sync>);
+
+impl<T: Send + 'static> From<flume::Receiver<T>> for QueueProbe {
+    fn from(rx: flume::Receiver<T>) -> Self {
+        QueueProbe(Box::new(move || rx.len()))
+    }
+}
+
+impl std::fmt::Debug for QueueProbe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("QueueProbe")
+    }
+}
+
+/// Samples queue lengths into the `clipstream_queue_items` gauge.
+fn watch_queues(
+    stats: Arc<Stats>,
+    queues: Vec<(&'static str, QueueProbe)>,
+    capacity: usize,
+) -> tokio::task::JoinHandle<()> {
+    for (name, _) in &queues {
+        stats
+            .queue_capacity
+            .with_label_values(&[name])
+            .set(capacity as i64);
+    }
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tick.tick().await;
+            for (name, probe) in &queues {
+                stats
+                    .queue_items
+                    .with_label_values(&[name])
+                    .set((probe.0)() as i64);
+            }
+        }
     })
 }

@@ -140,9 +140,9 @@ where
         match attempt().await {
             Err(FetchError::Transient(why)) if n < tries => {
                 let backoff = base * 2u32.pow(n - 1);
-                let jitter = 0.5 + fastrand_f64();
+                let factor = 0.5 + jitter();
                 tracing::debug!(attempt = n, %why, "transient fetch error, retrying");
-                tokio::time::sleep(backoff.mul_f64(jitter)).await;
+                tokio::time::sleep(backoff.mul_f64(factor)).await;
             }
             other => return other,
         }
@@ -150,7 +150,7 @@ where
 }
 
 /// A cheap, non-cryptographic random number in [0, 1) for jitter.
-fn fastrand_f64() -> f64 {
+pub(crate) fn jitter() -> f64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u64(
@@ -161,8 +161,24 @@ fn fastrand_f64() -> f64 {
     (h.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
+/// What the fetch workers share.
+#[derive(Debug)]
+pub struct Fetcher {
+    /// Limits and allow-lists.
+    pub cfg: FetchConfig,
+    /// Base of relative file paths.
+    pub base: PathBuf,
+    /// The S3 client, when `s3` is an allowed scheme.
+    pub s3: Option<crate::s3::S3>,
+    /// Retry transient S3 failures until they succeed (streaming: a failed
+    /// record would hold its partition's commits back), instead of failing
+    /// the record when the attempts run out (local runs: a rerun retries).
+    pub persistent: bool,
+}
+
 /// Fetches the object of one record.
-pub async fn fetch(record: Record, cfg: &FetchConfig, base: &Path) -> Result<Fetched, Done> {
+pub async fn fetch(record: Record, f: &Fetcher) -> Result<Fetched, Done> {
+    let (cfg, base) = (&f.cfg, f.base.as_path());
     let Some(uri) = record.event.image.clone() else {
         return Ok(Fetched {
             record,
@@ -176,22 +192,45 @@ pub async fn fetch(record: Record, cfg: &FetchConfig, base: &Path) -> Result<Fet
         Err(FetchError::Transient(why)) => return Err(record.failed(why)),
     };
     let result = match &location {
-        Location::File(path) => {
-            with_retries(3, Duration::from_millis(100), || {
-                read_file(path, cfg.max_object_bytes)
-            })
-            .await
+        Location::File(path) => with_retries(3, Duration::from_millis(100), || {
+            read_file(path, cfg.max_object_bytes)
+        })
+        .await
+        .map(|b| (b, None)),
+        Location::S3 { bucket, .. } if !cfg.allowed_buckets.contains(bucket) => {
+            Err(FetchError::Permanent(
+                Kind::BucketNotAllowed,
+                format!(
+                    "bucket `{bucket}` is not in fetch.allowed_buckets ({})",
+                    cfg.allowed_buckets.join(", ")
+                ),
+            ))
         }
-        Location::S3 { .. } => Err(FetchError::Permanent(
-            Kind::SchemeNotAllowed,
-            "s3:// objects need an S3 fetcher, which this pipeline does not configure".into(),
-        )),
+        Location::S3 { bucket, key } => match &f.s3 {
+            Some(s3) => {
+                let mut pause = Duration::from_secs(1);
+                loop {
+                    match s3.get(bucket, key, cfg.max_object_bytes).await {
+                        Err(crate::s3::S3Error::Transient(why)) if f.persistent => {
+                            tracing::warn!(%why, "S3 still failing after retries; waiting before trying again");
+                            tokio::time::sleep(pause).await;
+                            pause = (pause * 2).min(Duration::from_secs(30));
+                        }
+                        other => break other.map_err(FetchError::from),
+                    }
+                }
+            }
+            None => Err(FetchError::Permanent(
+                Kind::SchemeNotAllowed,
+                "s3:// objects need an S3 client, which this pipeline does not configure".into(),
+            )),
+        },
     };
     match result {
-        Ok(bytes) => Ok(Fetched {
+        Ok((bytes, etag)) => Ok(Fetched {
             record,
             bytes: Some(bytes),
-            etag: None,
+            etag,
         }),
         Err(FetchError::Permanent(kind, why)) => Err(record.dead(Stage::Fetch, kind, why)),
         Err(FetchError::Transient(why)) => {
@@ -205,27 +244,24 @@ pub fn spawn_workers(
     rx: flume::Receiver<Record>,
     tx: flume::Sender<Fetched>,
     done: flume::Sender<Done>,
-    cfg: FetchConfig,
-    base: PathBuf,
+    fetcher: Fetcher,
     stats: Arc<crate::stats::Stats>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
-    let cfg = Arc::new(cfg);
-    let base = Arc::new(base);
-    (0..cfg.concurrency)
+    let fetcher = Arc::new(fetcher);
+    (0..fetcher.cfg.concurrency)
         .map(|_| {
-            let (rx, tx, done, cfg, base, stats) = (
+            let (rx, tx, done, fetcher, stats) = (
                 rx.clone(),
                 tx.clone(),
                 done.clone(),
-                Arc::clone(&cfg),
-                Arc::clone(&base),
+                Arc::clone(&fetcher),
                 Arc::clone(&stats),
             );
             tokio::spawn(async move {
                 while let Ok(record) = rx.recv_async().await {
                     let started = std::time::Instant::now();
                     let has_image = record.event.image.is_some();
-                    let fetched = fetch(record, &cfg, &base).await;
+                    let fetched = fetch(record, &fetcher).await;
                     if has_image {
                         stats.fetch_seconds.observe(started.elapsed().as_secs_f64());
                     }

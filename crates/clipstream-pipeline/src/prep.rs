@@ -17,6 +17,8 @@ use crate::stats::Stats;
 #[derive(Debug)]
 pub struct InFlight {
     state: Mutex<State>,
+    /// When its parts were queued for the towers.
+    pub queued: std::time::Instant,
 }
 
 #[derive(Debug)]
@@ -204,9 +206,15 @@ fn prepare(f: Fetched, ctx: &PrepContext) -> bool {
         None => None,
     };
     drop(bytes);
+    let tokenize_started = std::time::Instant::now();
     let tokens = match &record.event.text {
         Some(t) => match ctx.tokenizer.encode_batch(&[t.as_str()]) {
-            Ok(b) => Some((b.input_ids, b.attention_mask)),
+            Ok(b) => {
+                ctx.stats
+                    .tokenize_seconds
+                    .observe(tokenize_started.elapsed().as_secs_f64());
+                Some((b.input_ids, b.attention_mask))
+            }
             Err(e) => {
                 return ctx
                     .done
@@ -218,6 +226,7 @@ fn prepare(f: Fetched, ctx: &PrepContext) -> bool {
     };
     let remaining = u8::from(pixels.is_some()) + u8::from(tokens.is_some());
     let rec = Arc::new(InFlight {
+        queued: std::time::Instant::now(),
         state: Mutex::new(State {
             record: Some(record),
             etag,

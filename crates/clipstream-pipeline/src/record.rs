@@ -141,6 +141,8 @@ pub struct Record {
     pub event: Event,
     /// The Kafka key, if any.
     pub key: Option<Arc<[u8]>>,
+    /// The Kafka headers, if any.
+    pub headers: crate::dead_letter::Headers,
     /// The original bytes (for dead letters).
     pub raw: Arc<[u8]>,
     /// Event time (Kafka timestamp), milliseconds since the epoch.
@@ -169,6 +171,7 @@ impl Record {
                 offset: self.position.offset,
                 id: Some(self.event.id),
                 key: self.key,
+                headers: self.headers,
                 original: self.raw,
                 stage,
                 kind,

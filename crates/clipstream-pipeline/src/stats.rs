@@ -60,6 +60,35 @@ pub struct Stats {
     /// Bytes of completed Parquet files.
     pub parquet_bytes: IntCounter,
     encoder_info: IntGaugeVec,
+    /// Time to tokenize one text.
+    pub tokenize_seconds: Histogram,
+    /// Time an input waits in its tower's queue before its batch runs.
+    pub queue_wait_seconds: HistogramVec,
+    /// Items in each queue between stages (sampled).
+    pub queue_items: IntGaugeVec,
+    /// Capacity of each queue.
+    pub queue_capacity: IntGaugeVec,
+    /// S3 requests by operation and result.
+    pub s3_requests: IntCounterVec,
+    /// S3 retries by operation.
+    pub s3_retries: IntCounterVec,
+    /// S3 bytes read and written.
+    pub s3_bytes: IntCounterVec,
+    /// Time per S3 request attempt, by operation.
+    pub s3_seconds: HistogramVec,
+    /// Consumer lag per assigned partition (from librdkafka statistics).
+    pub kafka_lag: IntGaugeVec,
+    /// Time of one offset commit.
+    pub kafka_commit_seconds: Histogram,
+    /// Offset commits by result.
+    pub kafka_commits: IntCounterVec,
+    /// Partitions assigned to this worker.
+    pub kafka_assigned: IntGauge,
+    /// Messages delivered to output topics, by output.
+    pub kafka_produced: IntCounterVec,
+    /// Readiness: the source is assigned (or needs no assignment) and the
+    /// sinks answered.
+    pub ready: std::sync::atomic::AtomicBool,
     detail: Mutex<Detail>,
 }
 
@@ -161,7 +190,109 @@ impl Default for Stats {
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        let vec_counter = |name: &str, help: &str, labels: &[&str]| {
+            register(&r, IntCounterVec::new(Opts::new(name, help), labels))
+        };
+        let vec_gauge = |name: &str, help: &str, labels: &[&str]| {
+            register(&r, IntGaugeVec::new(Opts::new(name, help), labels))
+        };
+        let vec_seconds = |name: &str, help: &str, labels: &[&str]| {
+            register(
+                &r,
+                HistogramVec::new(
+                    HistogramOpts::new(name, help).buckets(SECONDS_BUCKETS.to_vec()),
+                    labels,
+                ),
+            )
+        };
+        let tokenize_seconds = histogram(
+            &r,
+            "clipstream_tokenize_duration_seconds",
+            "Time to tokenize one text.",
+            &SECONDS_BUCKETS,
+        );
+        let queue_wait_seconds = vec_seconds(
+            "clipstream_queue_wait_seconds",
+            "Time an input waits for its encoder batch to start, by tower.",
+            &["tower"],
+        );
+        let queue_items = vec_gauge(
+            "clipstream_queue_items",
+            "Items waiting in each queue between stages.",
+            &["queue"],
+        );
+        let queue_capacity = vec_gauge(
+            "clipstream_queue_capacity",
+            "Capacity of each queue between stages.",
+            &["queue"],
+        );
+        let s3_requests = vec_counter(
+            "clipstream_s3_requests_total",
+            "S3 request attempts, by operation and result.",
+            &["operation", "result"],
+        );
+        let s3_retries = vec_counter(
+            "clipstream_s3_retries_total",
+            "S3 requests retried after a transient error, by operation.",
+            &["operation"],
+        );
+        let s3_bytes = vec_counter(
+            "clipstream_s3_bytes_total",
+            "Bytes read from and written to S3.",
+            &["direction"],
+        );
+        let s3_seconds = vec_seconds(
+            "clipstream_s3_request_duration_seconds",
+            "Time of one S3 request attempt, by operation.",
+            &["operation"],
+        );
+        let kafka_lag = vec_gauge(
+            "clipstream_kafka_consumer_lag_records",
+            "Records behind the end of each assigned partition.",
+            &["topic", "partition"],
+        );
+        let kafka_commit_seconds = histogram(
+            &r,
+            "clipstream_kafka_commit_duration_seconds",
+            "Time of one offset commit.",
+            &SECONDS_BUCKETS,
+        );
+        let kafka_commits = vec_counter(
+            "clipstream_kafka_commits_total",
+            "Offset commits, by result.",
+            &["result"],
+        );
+        let kafka_produced = vec_counter(
+            "clipstream_kafka_messages_produced_total",
+            "Messages delivered to output topics, by output.",
+            &["output"],
+        );
+        let kafka_assigned = gauge(
+            &r,
+            "clipstream_kafka_assigned_partitions",
+            "Partitions assigned to this worker.",
+        );
+        for d in ["read", "written"] {
+            s3_bytes.with_label_values(&[d]);
+        }
+        for res in ["ok", "error"] {
+            kafka_commits.with_label_values(&[res]);
+        }
         Stats {
+            tokenize_seconds,
+            queue_wait_seconds,
+            queue_items,
+            queue_capacity,
+            s3_requests,
+            s3_retries,
+            s3_bytes,
+            s3_seconds,
+            kafka_lag,
+            kafka_commit_seconds,
+            kafka_commits,
+            kafka_assigned,
+            kafka_produced,
+            ready: std::sync::atomic::AtomicBool::new(false),
             read: counter(
                 &r,
                 "clipstream_records_read_total",

@@ -9,6 +9,7 @@
 //!   ranges and are named deterministically by their first offset.
 
 pub mod dead_letter_file;
+pub mod kafka;
 pub mod parquet;
 pub mod resume;
 
@@ -21,6 +22,30 @@ use crate::stats::Stats;
 
 use self::dead_letter_file::DeadLetterFile;
 use self::parquet::ParquetWriter;
+
+/// What the sink thread receives.
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // results dominate; flushes are rare
+pub enum SinkMsg {
+    /// A record's result.
+    Done(Done),
+    /// Close the partition's open file once every record up to `upto_seq`
+    /// has arrived (rebalance, shutdown, a quiet partition).
+    Flush {
+        /// The partition.
+        partition: PartitionKey,
+        /// Last emitted sequence number.
+        upto_seq: u64,
+    },
+}
+
+/// Removes output files a worker wrote beyond a partition's committed
+/// offset (it died before committing); called when a partition is assigned.
+pub trait Cleanup: Send + Sync {
+    /// Removes the files of `partition` whose first offset is `from` or
+    /// later.
+    fn remove_from(&self, partition: &PartitionKey, from: i64) -> anyhow::Result<()>;
+}
 
 /// Puts one partition's results in emission order.
 #[derive(Debug, Default)]
@@ -45,48 +70,45 @@ impl Sequencer {
 
 /// The sink thread: orders, writes, acknowledges. Returns when every sender
 /// of `rx` is gone, after closing every file.
+///
+/// Dead letters are written to `dead` when there is a file; without one they
+/// were already delivered (to the dead-letter topic) before reaching here.
 pub fn run_sink(
-    rx: flume::Receiver<Done>,
+    rx: flume::Receiver<SinkMsg>,
     mut parquet: ParquetWriter,
-    mut dead: DeadLetterFile,
+    mut dead: Option<DeadLetterFile>,
     stats: Arc<Stats>,
 ) -> anyhow::Result<()> {
     let mut sequencers: HashMap<PartitionKey, Sequencer> = HashMap::new();
-    for done in rx.iter() {
-        let key = done.ack().partition().clone();
-        let ready = sequencers.entry(key).or_default().push(done);
-        for d in ready {
-            Stats::add(&stats.finished, 1);
-            stats
-                .in_flight
-                .set(Stats::get(&stats.read) as i64 - Stats::get(&stats.finished) as i64);
-            match d {
-                Done::Row { row, ack, permit } => {
-                    parquet.append(row, ack)?;
-                    drop(permit);
+    let mut flushes: HashMap<PartitionKey, u64> = HashMap::new();
+    for msg in rx.iter() {
+        let done = match msg {
+            SinkMsg::Done(d) => d,
+            SinkMsg::Flush {
+                partition,
+                upto_seq,
+            } => {
+                let next = sequencers.get(&partition).map_or(0, |s| s.next_seq);
+                if next > upto_seq {
+                    parquet.close(&partition)?;
+                } else {
+                    flushes.insert(partition, upto_seq);
                 }
-                Done::Failed {
-                    reason,
-                    ack,
-                    permit,
-                } => {
-                    tracing::error!(offset = ack.position().offset, %reason, "record failed; a rerun will retry it");
-                    Stats::add(&stats.failed, 1);
-                    ack.failed();
-                    drop(permit);
-                }
-                Done::Dead {
-                    letter,
-                    ack,
-                    permit,
-                } => {
-                    dead.write(&letter)?;
-                    stats.dead_letter(letter.stage, letter.kind);
-                    ack.dead_lettered();
-                    drop(permit);
-                }
+                continue;
             }
+        };
+        let key = done.ack().partition().clone();
+        let seq = sequencers.entry(key.clone()).or_default();
+        let ready = seq.push(done);
+        let next = seq.next_seq;
+        if flushes.get(&key).is_some_and(|&upto| next > upto) {
+            flushes.remove(&key);
+            // Written below, then closed.
+            write_ready(ready, &mut parquet, &mut dead, &stats)?;
+            parquet.close(&key)?;
+            continue;
         }
+        write_ready(ready, &mut parquet, &mut dead, &stats)?;
     }
     parquet.close_all()?;
     let stuck: usize = sequencers.values().map(|s| s.pending.len()).sum();
@@ -95,6 +117,58 @@ pub fn run_sink(
             records = stuck,
             "results left unwritten behind records that never finished"
         );
+    }
+    Ok(())
+}
+
+fn write_ready(
+    ready: Vec<Done>,
+    parquet: &mut ParquetWriter,
+    dead: &mut Option<DeadLetterFile>,
+    stats: &Stats,
+) -> anyhow::Result<()> {
+    for d in ready {
+        Stats::add(&stats.finished, 1);
+        stats
+            .in_flight
+            .set(Stats::get(&stats.read) as i64 - Stats::get(&stats.finished) as i64);
+        match d {
+            Done::Row { row, ack, permit } => {
+                if ack.is_current() {
+                    parquet.append(row, ack)?;
+                } else {
+                    // Its partition was revoked: the next owner writes it.
+                    parquet.abort(ack.partition());
+                    ack.failed();
+                }
+                drop(permit);
+            }
+            Done::Failed {
+                reason,
+                ack,
+                permit,
+            } => {
+                tracing::error!(offset = ack.position().offset, %reason, "record failed; it is processed again on restart");
+                Stats::add(&stats.failed, 1);
+                // A failed record ends the file before it, so that no
+                // file spans a position that is not committed.
+                parquet.close(ack.partition())?;
+                ack.failed();
+                drop(permit);
+            }
+            Done::Dead {
+                letter,
+                ack,
+                permit,
+            } => {
+                if let Some(file) = dead.as_mut() {
+                    file.write(&letter)?;
+                }
+                stats.dead_letter(letter.stage, letter.kind);
+                ack.dead_lettered();
+                drop(permit);
+            }
+        }
     }
     Ok(())
 }
@@ -110,6 +184,7 @@ mod tests {
     use crate::config::ParquetConfig;
     use crate::dead_letter::{DeadLetter, Kind, Stage};
     use crate::record::OutputRow;
+    use crate::sink::parquet::Destination;
 
     fn row(key: &PartitionKey, offset: i64) -> OutputRow {
         OutputRow {
@@ -139,14 +214,24 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let stats = Arc::new(Stats::default());
         let cfg = ParquetConfig {
-            dir: dir.clone(),
+            dir: Some(dir.clone()),
+            url: None,
+            spool_dir: None,
+            part_bytes: 5 << 20,
+            partition_by_date: false,
+            max_file_span_secs: None,
             max_rows_per_file: 4,
             max_bytes_per_file: 1 << 30,
             row_group_rows: 2,
             zstd_level: 3,
         };
-        let writer = ParquetWriter::new(cfg, 2, "m".into(), Arc::clone(&stats)).expect("writer");
-        let dead = DeadLetterFile::open(&dir.join("_dead_letters.jsonl")).expect("dlq");
+        let dest = Destination::Local {
+            dir: dir.clone(),
+            overwrite: false,
+        };
+        let writer =
+            ParquetWriter::new(cfg, dest, 2, "m".into(), Arc::clone(&stats)).expect("writer");
+        let dead = Some(DeadLetterFile::open(&dir.join("_dead_letters.jsonl")).expect("dlq"));
         let (tx, rx) = flume::unbounded();
         let sink_stats = Arc::clone(&stats);
         let sink = std::thread::spawn(move || run_sink(rx, writer, dead, sink_stats));
@@ -178,6 +263,7 @@ mod tests {
                         offset: offsets[i],
                         id: Some("bad".into()),
                         key: None,
+                        headers: Arc::from([]),
                         original: Arc::from(&b"{}"[..]),
                         stage: Stage::Source,
                         kind: Kind::EmptyEvent,
@@ -193,7 +279,7 @@ mod tests {
                     permit,
                 }
             };
-            tx.send(done).expect("send");
+            tx.send(SinkMsg::Done(done)).expect("send");
             if i == 5 {
                 // Nothing is acknowledged before its file is complete.
                 std::thread::sleep(std::time::Duration::from_millis(50));

@@ -164,19 +164,148 @@ pub fn to_batch(
     Ok(RecordBatch::try_new(Arc::clone(schema), columns)?)
 }
 
+/// Where complete files go.
+#[derive(Debug, Clone)]
+pub enum Destination {
+    /// A local directory.
+    Local {
+        /// The directory.
+        dir: PathBuf,
+        /// Replace a complete file of the same name (Kafka replays make the
+        /// same files), instead of choosing a new name (`+1`) so that an
+        /// earlier run's file is never lost (local inputs can change).
+        overwrite: bool,
+    },
+    /// An S3 prefix: files are built in `spool`, then uploaded.
+    S3 {
+        /// The client.
+        s3: crate::s3::S3,
+        /// Bucket.
+        bucket: String,
+        /// Prefix, without slashes at either end (may be empty).
+        prefix: String,
+        /// Local directory for files being built.
+        spool: PathBuf,
+        /// Part size of multipart uploads.
+        part_bytes: usize,
+        /// Runs the uploads from the sink thread.
+        handle: tokio::runtime::Handle,
+    },
+}
+
+impl Destination {
+    fn build_dir(&self) -> &Path {
+        match self {
+            Destination::Local { dir, .. } => dir,
+            Destination::S3 { spool, .. } => spool,
+        }
+    }
+
+    fn s3_key(prefix: &str, rel: &str) -> String {
+        if prefix.is_empty() {
+            rel.to_string()
+        } else {
+            format!("{prefix}/{rel}")
+        }
+    }
+
+    /// Output files of `partition` whose first offset is `from` or later:
+    /// left by a worker that wrote them but died before committing.
+    /// Deleting them before the partition is read again keeps each record
+    /// in exactly one file.
+    pub fn remove_from(&self, partition: &PartitionKey, from: i64) -> anyhow::Result<usize> {
+        let stem = format!("{}-{}-", sanitize(&partition.source), partition.partition);
+        let matches =
+            |name: &str| -> bool { first_offset_of(name, &stem).is_some_and(|o| o >= from) };
+        let mut removed = 0;
+        match self {
+            Destination::Local { dir, .. } => {
+                let mut stack = vec![dir.clone()];
+                while let Some(d) = stack.pop() {
+                    let Ok(entries) = std::fs::read_dir(&d) else {
+                        continue;
+                    };
+                    for e in entries.flatten() {
+                        let path = e.path();
+                        if path.is_dir() {
+                            stack.push(path);
+                        } else if path
+                            .file_name()
+                            .and_then(|n| n.to_str())
+                            .is_some_and(matches)
+                        {
+                            std::fs::remove_file(&path)?;
+                            removed += 1;
+                        }
+                    }
+                }
+            }
+            Destination::S3 {
+                s3,
+                bucket,
+                prefix,
+                handle,
+                ..
+            } => {
+                let list_prefix = if prefix.is_empty() {
+                    String::new()
+                } else {
+                    format!("{prefix}/")
+                };
+                let keys = handle.block_on(s3.list(bucket, &list_prefix))?;
+                for key in keys {
+                    let name = key.rsplit('/').next().unwrap_or(&key);
+                    if matches(name) {
+                        handle.block_on(s3.delete(bucket, &key))?;
+                        removed += 1;
+                    }
+                }
+            }
+        }
+        if removed > 0 {
+            tracing::info!(partition = %format!("{}[{}]", partition.source, partition.partition), from, removed, "removed output files beyond the committed offset (left by an interrupted worker)");
+        }
+        Ok(removed)
+    }
+}
+
+impl crate::sink::Cleanup for Destination {
+    fn remove_from(&self, partition: &PartitionKey, from: i64) -> anyhow::Result<()> {
+        Destination::remove_from(self, partition, from).map(|_| ())
+    }
+}
+
+/// The first offset in a file name `<stem><offset>[+n].parquet`.
+fn first_offset_of(name: &str, stem: &str) -> Option<i64> {
+    let rest = name.strip_prefix(stem)?.strip_suffix(".parquet")?;
+    let digits = rest.split('+').next()?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
 /// A file being written.
 struct OpenFile {
     tmp: PathBuf,
-    name: String,
+    /// Path relative to the destination (`dt=.../name.parquet`).
+    rel: String,
     writer: ArrowWriter<File>,
     buffered: Vec<OutputRow>,
     rows: usize,
     acks: Vec<AckToken>,
+    /// Assignment epoch of the partition when the file was started.
+    epoch: u64,
+    /// Date folder, when partitioning by date.
+    date: Option<String>,
+    /// Event time of the first row.
+    first_time_ms: Option<i64>,
 }
 
 /// Writes rows of every partition, each partition to its own rolling file.
 pub struct ParquetWriter {
     config: ParquetConfig,
+    dest: Destination,
     schema: SchemaRef,
     dim: usize,
     model_id: String,
@@ -187,29 +316,29 @@ pub struct ParquetWriter {
 impl std::fmt::Debug for ParquetWriter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ParquetWriter")
-            .field("dir", &self.config.dir)
+            .field("dest", &self.dest)
             .field("open", &self.open.len())
             .finish_non_exhaustive()
     }
 }
 
 impl ParquetWriter {
-    /// A writer into `config.dir` (created if missing).
+    /// A writer into `dest` (its local directory is created if missing).
     pub fn new(
         config: ParquetConfig,
+        dest: Destination,
         dim: usize,
         model_id: String,
         stats: Arc<Stats>,
     ) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(&config.dir).map_err(|e| {
-            anyhow::anyhow!(
-                "cannot create output directory {}: {e}",
-                config.dir.display()
-            )
+        let dir = dest.build_dir();
+        std::fs::create_dir_all(dir).map_err(|e| {
+            anyhow::anyhow!("cannot create output directory {}: {e}", dir.display())
         })?;
         Ok(ParquetWriter {
             schema: schema(dim),
             config,
+            dest,
             dim,
             model_id,
             open: HashMap::new(),
@@ -221,8 +350,29 @@ impl ParquetWriter {
     /// token is acknowledged when the row's file is complete.
     pub fn append(&mut self, row: OutputRow, ack: AckToken) -> anyhow::Result<()> {
         let key = ack.partition().clone();
+        let date = self
+            .config
+            .partition_by_date
+            .then(|| date_folder(row.event_time_ms));
+        // Roll before this row: another assignment, another date, or the
+        // file spans too much record time.
+        if let Some(f) = self.open.get(&key) {
+            let span_over = match (
+                self.config.max_file_span_secs,
+                f.first_time_ms,
+                row.event_time_ms,
+            ) {
+                (Some(span), Some(first), Some(t)) => t.saturating_sub(first) >= span as i64 * 1000,
+                _ => false,
+            };
+            if f.epoch != ack.epoch() {
+                self.abort(&key);
+            } else if f.date != date || span_over {
+                self.close(&key)?;
+            }
+        }
         if !self.open.contains_key(&key) {
-            let file = self.create(&key, row.offset)?;
+            let file = self.create(&key, row.offset, date, row.event_time_ms, ack.epoch())?;
             self.open.insert(key.clone(), file);
         }
         let f = self
@@ -253,23 +403,43 @@ impl ParquetWriter {
         Ok(())
     }
 
-    fn create(&self, key: &PartitionKey, first_offset: i64) -> anyhow::Result<OpenFile> {
+    fn create(
+        &self,
+        key: &PartitionKey,
+        first_offset: i64,
+        date: Option<String>,
+        first_time_ms: Option<i64>,
+        epoch: u64,
+    ) -> anyhow::Result<OpenFile> {
         let stem = format!(
             "{}-{}-{first_offset:010}",
             sanitize(&key.source),
             key.partition
         );
-        // A complete file of that name from an earlier run holds other rows
-        // (the input changed between runs): never overwrite it.
-        let mut name = format!("{stem}.parquet");
-        let mut n = 1;
-        while self.config.dir.join(&name).exists() {
-            name = format!("{stem}+{n}.parquet");
-            n += 1;
+        let folder = date
+            .as_ref()
+            .map(|d| format!("dt={d}/"))
+            .unwrap_or_default();
+        let mut rel = format!("{folder}{stem}.parquet");
+        if let Destination::Local {
+            dir,
+            overwrite: false,
+        } = &self.dest
+        {
+            // A complete file of that name from an earlier run holds other
+            // rows (the input changed between runs): never overwrite it.
+            let mut n = 1;
+            while dir.join(&rel).exists() {
+                rel = format!("{folder}{stem}+{n}.parquet");
+                n += 1;
+            }
         }
-        let tmp = self.config.dir.join(format!(
+        let build = self.dest.build_dir().join(&folder);
+        std::fs::create_dir_all(&build)?;
+        let base = rel.rsplit('/').next().unwrap_or(&rel);
+        let tmp = build.join(format!(
             ".{}{TMP_SUFFIX}",
-            name.trim_end_matches(".parquet")
+            base.trim_end_matches(".parquet")
         ));
         let file = File::create(&tmp)
             .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", tmp.display()))?;
@@ -282,15 +452,33 @@ impl ParquetWriter {
         let writer = ArrowWriter::try_new(file, Arc::clone(&self.schema), Some(props))?;
         Ok(OpenFile {
             tmp,
-            name,
+            rel,
             writer,
             buffered: Vec::new(),
             rows: 0,
             acks: Vec::new(),
+            epoch,
+            date,
+            first_time_ms,
         })
     }
 
-    fn close(&mut self, key: &PartitionKey) -> anyhow::Result<()> {
+    /// Drops a partition's open file without publishing it (its partition
+    /// was revoked: the next owner writes these rows).
+    pub fn abort(&mut self, key: &PartitionKey) {
+        if let Some(f) = self.open.remove(key) {
+            tracing::info!(file = %f.rel, rows = f.rows, "partition revoked: dropping its unfinished file");
+            drop(f.writer);
+            let _ = std::fs::remove_file(&f.tmp);
+            for ack in f.acks {
+                ack.failed();
+            }
+        }
+    }
+
+    /// Completes a partition's open file, if any: the file is published
+    /// (renamed, or uploaded) and its rows acknowledged.
+    pub fn close(&mut self, key: &PartitionKey) -> anyhow::Result<()> {
         let Some(mut f) = self.open.remove(key) else {
             return Ok(());
         };
@@ -302,21 +490,78 @@ impl ParquetWriter {
         let file = f.writer.into_inner()?;
         file.sync_all()?;
         drop(file);
-        let path = self.config.dir.join(&f.name);
-        std::fs::rename(&f.tmp, &path)?;
-        sync_dir(&self.config.dir);
+        let bytes = std::fs::metadata(&f.tmp).map_or(0, |m| m.len());
+        let current = |acks: &[AckToken]| acks.first().is_none_or(AckToken::is_current);
+        match &self.dest {
+            Destination::Local { dir, .. } => {
+                if !current(&f.acks) {
+                    let _ = std::fs::remove_file(&f.tmp);
+                    return Ok(());
+                }
+                let path = dir.join(&f.rel);
+                std::fs::rename(&f.tmp, &path)?;
+                if let Some(parent) = path.parent() {
+                    sync_dir(parent);
+                }
+            }
+            Destination::S3 {
+                s3,
+                bucket,
+                prefix,
+                part_bytes,
+                handle,
+                ..
+            } => {
+                let key = Destination::s3_key(prefix, &f.rel);
+                // Transient failures are retried until the upload succeeds
+                // (the pipeline waits meanwhile) or the partition is revoked.
+                let mut backoff = std::time::Duration::from_millis(200);
+                loop {
+                    if !current(&f.acks) {
+                        let _ = std::fs::remove_file(&f.tmp);
+                        return Ok(());
+                    }
+                    match handle.block_on(s3.upload_file(&f.tmp, bucket, &key, *part_bytes)) {
+                        Ok(_) => break,
+                        Err(e) => {
+                            tracing::error!(object = %format!("s3://{bucket}/{key}"), error = %e, "Parquet upload failed; retrying");
+                            std::thread::sleep(backoff);
+                            backoff = (backoff * 2).min(std::time::Duration::from_secs(30));
+                        }
+                    }
+                }
+                let _ = std::fs::remove_file(&f.tmp);
+            }
+        }
         self.stats
             .write_seconds
             .observe(started.elapsed().as_secs_f64());
-        let bytes = std::fs::metadata(&path).map_or(0, |m| m.len());
-        tracing::debug!(file = %path.display(), rows = f.rows, "parquet file complete");
+        tracing::debug!(file = %f.rel, rows = f.rows, "parquet file complete");
         Stats::add(&self.stats.rows, f.rows as u64);
-        self.stats.file(f.name, bytes);
+        self.stats.file(f.rel, bytes);
         for ack in f.acks {
             ack.delivered();
         }
         Ok(())
     }
+}
+
+/// `YYYY-MM-DD` (UTC) of an event time; `unknown` without one.
+pub fn date_folder(ms: Option<i64>) -> String {
+    let Some(ms) = ms else {
+        return "unknown".into();
+    };
+    // Howard Hinnant's days-to-civil.
+    let z = ms.div_euclid(86_400_000) + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
 }
 
 fn sanitize(s: &str) -> String {
@@ -334,5 +579,25 @@ fn sanitize(s: &str) -> String {
 fn sync_dir(dir: &Path) {
     if let Ok(d) = File::open(dir) {
         let _ = d.sync_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates_and_names() {
+        assert_eq!(date_folder(Some(0)), "1970-01-01");
+        assert_eq!(date_folder(Some(1_795_996_800_000)), "2026-11-30");
+        assert_eq!(date_folder(Some(951_782_400_000)), "2000-02-29");
+        assert_eq!(date_folder(None), "unknown");
+        assert_eq!(first_offset_of("t-3-0000000120.parquet", "t-3-"), Some(120));
+        assert_eq!(
+            first_offset_of("t-3-0000000120+2.parquet", "t-3-"),
+            Some(120)
+        );
+        assert_eq!(first_offset_of("t-31-0000000120.parquet", "t-3-"), None);
+        assert_eq!(first_offset_of(".t-3-0000000120.parquet.tmp", "t-3-"), None);
     }
 }

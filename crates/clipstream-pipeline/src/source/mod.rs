@@ -3,6 +3,7 @@
 //! is bounded whatever the backlog), and stops when asked.
 
 pub mod files;
+pub mod kafka;
 
 use std::sync::Arc;
 

@@ -4,19 +4,19 @@
 //! connection; nothing else is served.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 
 use clipstream_pipeline::stats::Stats;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 /// Serves until the runtime shuts down.
-pub async fn serve(listener: TcpListener, stats: Arc<Stats>, ready: Arc<AtomicBool>) {
+pub async fn serve(listener: TcpListener, stats: Arc<Stats>) {
     loop {
         let Ok((mut socket, _)) = listener.accept().await else {
             continue;
         };
-        let (stats, ready) = (Arc::clone(&stats), Arc::clone(&ready));
+        let stats = Arc::clone(&stats);
         tokio::spawn(async move {
             let mut buf = Vec::with_capacity(1024);
             let mut chunk = [0u8; 1024];
@@ -37,7 +37,7 @@ pub async fn serve(listener: TcpListener, stats: Arc<Stats>, ready: Arc<AtomicBo
                     stats.render(),
                 ),
                 ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
-                ("GET", "/readyz") if ready.load(Ordering::Acquire) => {
+                ("GET", "/readyz") if stats.ready.load(Ordering::Acquire) => {
                     ("200 OK", "text/plain", "ready\n".to_string())
                 }
                 ("GET", "/readyz") => (

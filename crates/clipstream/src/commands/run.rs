@@ -105,7 +105,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             .as_ref()
             .map(|h| format!(", {} labels", h.classes().len()))
             .unwrap_or_default(),
-        cfg.sink.parquet.dir.display()
+        cfg.output_location()
     );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -114,7 +114,6 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .build()?;
     let stats = Arc::new(Stats::default());
     stats.encoder(&parts.model_id, parts.vision.provider());
-    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
     if let Some(listen) = &cfg.metrics.listen {
         let listener = runtime
             .block_on(tokio::net::TcpListener::bind(listen))
@@ -123,11 +122,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             "clipstream: metrics on http://{}/metrics",
             listener.local_addr()?
         );
-        runtime.spawn(super::http::serve(
-            listener,
-            Arc::clone(&stats),
-            Arc::clone(&ready),
-        ));
+        runtime.spawn(super::http::serve(listener, Arc::clone(&stats)));
     }
     let deadline = Duration::from_secs_f64(cfg.shutdown.drain_deadline_secs);
     let started = Instant::now();
@@ -137,7 +132,6 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         tokio::spawn(signals(stop_tx, deadline_tx, deadline));
         let (finished_tx, finished_rx) = watch::channel(false);
         let progress = tokio::spawn(progress(Arc::clone(&stats), !args.no_progress, finished_rx));
-        ready.store(true, std::sync::atomic::Ordering::Release);
         let outcome = tokio::select! {
             r = engine::run(&cfg, parts, stop_rx, Arc::clone(&stats)) => Some(r),
             _ = deadline_rx.wait_for(|d| *d) => None,
@@ -264,9 +258,7 @@ fn print_summary(pipeline: &Path, r: &RunReport) {
     println!("  {:<22} {:>8}", "rows written", r.rows);
     println!(
         "  {:<22} {:>8}   -> {}",
-        "dead letters",
-        r.dead_letters,
-        r.dead_letter_path.display()
+        "dead letters", r.dead_letters, r.dead_letters_to
     );
     for (kind, n) in &r.detail.dead_by_kind {
         println!("      {kind:<24} {n:>6}");
@@ -287,7 +279,7 @@ fn print_summary(pipeline: &Path, r: &RunReport) {
         "  {:<22} {:>8}   in {}",
         "output files",
         r.detail.files.len(),
-        r.output_dir.display()
+        r.output
     );
     for f in r.detail.files.iter().take(10) {
         println!("      {f}");

@@ -1,0 +1,554 @@
+//! The Kafka source: one consumer in a consumer group, polled on its own
+//! thread.
+//!
+//! - Offsets are committed by hand (`enable.auto.commit=false`): every
+//!   `commit_interval_ms`, each assigned partition's highest *contiguous*
+//!   acknowledged offset (from the [`AckTracker`]) is committed, never past
+//!   a record still in flight or failed.
+//! - When the pipeline is full (no in-flight slot), every assigned
+//!   partition is paused and polling goes on (so the group membership
+//!   stays alive); they resume when a slot frees. Memory stays flat
+//!   whatever the backlog.
+//! - On a rebalance, revoked partitions stop being read, their open files
+//!   are closed, their in-flight records get `drain_deadline_ms` to finish,
+//!   and what finished is committed before the partitions go. Newly assigned
+//!   partitions start from the committed offset; output files left behind
+//!   beyond it (by a worker that died between writing and committing) are
+//!   deleted first, so that the Parquet output holds each record once.
+//! - A partition that goes quiet has its open file closed after
+//!   `idle_flush_ms`, so that its records are committed.
+//! - Malformed messages become dead letters; nothing stops a partition.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::client::ClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaResult;
+use rdkafka::message::{Headers as _, Message};
+use rdkafka::statistics::Statistics;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+
+use super::SourceContext;
+use crate::ack::{AckTracker, PartitionKey, Position};
+use crate::config::KafkaSourceConfig;
+use crate::dead_letter::{DeadLetter, Stage};
+use crate::record::{Done, Record, parse_event};
+use crate::sink::{Cleanup, SinkMsg};
+use crate::stats::Stats;
+
+/// State shared by the poll loop and the rebalance callbacks (which run on
+/// the poll thread, inside `poll`).
+struct Shared {
+    cfg: KafkaSourceConfig,
+    tracker: Arc<AckTracker>,
+    stats: Arc<Stats>,
+    sink: flume::Sender<SinkMsg>,
+    cleanup: Option<Arc<dyn Cleanup>>,
+    /// Next emission sequence number per partition, for the life of the
+    /// process (a partition that comes back continues its numbering).
+    next_seq: Mutex<HashMap<PartitionKey, u64>>,
+    /// Partitions assigned now.
+    assigned: Mutex<HashSet<PartitionKey>>,
+    /// Last offset committed (the next offset to read) per partition.
+    committed: Mutex<HashMap<PartitionKey, i64>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    fn emitted(&self, key: &PartitionKey) -> u64 {
+        lock(&self.next_seq).get(key).copied().unwrap_or(0)
+    }
+
+    /// Commits the contiguous acknowledged position of `keys` that moved
+    /// since the last commit, synchronously (a few ms on the poll thread;
+    /// the latency is measured exactly).
+    fn commit(&self, c: &BaseConsumer<Ctx>, keys: &[PartitionKey]) {
+        let mut tpl = TopicPartitionList::new();
+        let mut committed = lock(&self.committed);
+        for k in keys {
+            let w = self.tracker.watermark(k);
+            let Some(last) = w.last_offset else { continue };
+            if committed.get(k).is_some_and(|&c| c > last) {
+                continue;
+            }
+            if tpl
+                .add_partition_offset(&k.source, k.partition, Offset::Offset(last + 1))
+                .is_ok()
+            {
+                committed.insert(k.clone(), last + 1);
+            }
+        }
+        drop(committed);
+        if tpl.count() == 0 {
+            return;
+        }
+        let started = Instant::now();
+        let r = c.commit(&tpl, CommitMode::Sync);
+        self.commit_done(r, started);
+    }
+
+    fn commit_done(&self, r: KafkaResult<()>, started: Instant) {
+        self.stats
+            .kafka_commit_seconds
+            .observe(started.elapsed().as_secs_f64());
+        match r {
+            Ok(()) => {
+                tracing::debug!(
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "offsets committed"
+                );
+                self.stats.kafka_commits.with_label_values(&["ok"]).inc()
+            }
+            Err(e) => {
+                // A failed commit is retried by the next one; forget what we
+                // thought was committed so that it is sent again.
+                tracing::warn!(error = %e, "offset commit failed; the next commit retries it");
+                self.stats.kafka_commits.with_label_values(&["error"]).inc();
+                lock(&self.committed).clear();
+            }
+        }
+    }
+
+    /// Closes the open files of `keys` once every record emitted so far has
+    /// reached the sink.
+    fn flush(&self, keys: &[PartitionKey]) {
+        for k in keys {
+            let emitted = self.emitted(k);
+            if emitted > 0 {
+                let _ = self.sink.send(SinkMsg::Flush {
+                    partition: k.clone(),
+                    upto_seq: emitted - 1,
+                });
+            }
+        }
+    }
+
+    /// Waits until the records of `keys` are all resolved, or the deadline.
+    /// Returns the partitions that did not finish.
+    fn drain(&self, keys: &[PartitionKey], deadline: Instant) -> Vec<PartitionKey> {
+        loop {
+            let pending: Vec<PartitionKey> = keys
+                .iter()
+                .filter(|k| self.tracker.watermark(k).contiguous < self.emitted(k))
+                .cloned()
+                .collect();
+            if pending.is_empty() || Instant::now() >= deadline {
+                return pending;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn revoke(&self, c: &BaseConsumer<Ctx>, tpl: &TopicPartitionList) {
+        // Partitions this worker already let go (at shutdown) need nothing.
+        let keys: Vec<PartitionKey> = {
+            let assigned = lock(&self.assigned);
+            keys_of(tpl)
+                .into_iter()
+                .filter(|k| assigned.contains(k))
+                .collect()
+        };
+        if keys.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        self.flush(&keys);
+        let left = self.drain(
+            &keys,
+            started + Duration::from_millis(self.cfg.drain_deadline_ms),
+        );
+        self.commit(c, &keys);
+        for k in &keys {
+            self.tracker.revoke(k);
+            lock(&self.assigned).remove(k);
+            let _ = self
+                .stats
+                .kafka_lag
+                .remove_label_values(&[&*k.source, &k.partition.to_string()]);
+        }
+        self.stats
+            .kafka_assigned
+            .set(lock(&self.assigned).len() as i64);
+        if left.is_empty() {
+            tracing::info!(partitions = ?names(&keys), took_ms = started.elapsed().as_millis() as u64, "partitions revoked: drained and committed");
+        } else {
+            tracing::warn!(partitions = ?names(&left), "partitions revoked before their records finished; the next owner reprocesses them");
+        }
+    }
+
+    fn assign(&self, c: &BaseConsumer<Ctx>, tpl: &TopicPartitionList) {
+        let keys = keys_of(tpl);
+        if keys.is_empty() {
+            return;
+        }
+        let committed = c
+            .committed_offsets(tpl.clone(), Duration::from_secs(10))
+            .ok();
+        for k in &keys {
+            let start = committed
+                .as_ref()
+                .and_then(|t| t.find_partition(&k.source, k.partition))
+                .and_then(|e| match e.offset() {
+                    Offset::Offset(o) => Some(o),
+                    _ => None,
+                });
+            self.tracker.assign(k, self.emitted(k));
+            lock(&self.committed).remove(k);
+            if let Some(cleanup) = &self.cleanup {
+                let from = match start {
+                    Some(o) => Some(o),
+                    None if self.cfg.auto_offset_reset == "earliest" => Some(0),
+                    None => None,
+                };
+                if let Some(from) = from
+                    && let Err(e) = cleanup.remove_from(k, from)
+                {
+                    tracing::warn!(partition = %name(k), error = %e, "could not remove output files left beyond the committed offset");
+                }
+            }
+            lock(&self.assigned).insert(k.clone());
+        }
+        self.stats
+            .kafka_assigned
+            .set(lock(&self.assigned).len() as i64);
+        self.stats
+            .ready
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(partitions = ?names(&keys), "partitions assigned");
+    }
+}
+
+fn keys_of(tpl: &TopicPartitionList) -> Vec<PartitionKey> {
+    tpl.elements()
+        .iter()
+        .map(|e| PartitionKey {
+            source: Arc::from(e.topic()),
+            partition: e.partition(),
+        })
+        .collect()
+}
+
+fn name(k: &PartitionKey) -> String {
+    format!("{}[{}]", k.source, k.partition)
+}
+
+fn names(keys: &[PartitionKey]) -> Vec<String> {
+    keys.iter().map(name).collect()
+}
+
+/// The consumer's context: rebalance, commit and statistics callbacks.
+struct Ctx(Arc<Shared>);
+
+impl ClientContext for Ctx {
+    fn stats(&self, s: Statistics) {
+        let assigned = lock(&self.0.assigned).clone();
+        for (topic, t) in &s.topics {
+            for (p, part) in &t.partitions {
+                let key = PartitionKey {
+                    source: Arc::from(topic.as_str()),
+                    partition: *p,
+                };
+                if *p >= 0 && assigned.contains(&key) && part.consumer_lag >= 0 {
+                    self.0
+                        .stats
+                        .kafka_lag
+                        .with_label_values(&[topic, &p.to_string()])
+                        .set(part.consumer_lag);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for Ctx {
+    fn pre_rebalance(&self, c: &BaseConsumer<Self>, r: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = r {
+            self.0.revoke(c, tpl);
+        }
+    }
+
+    fn post_rebalance(&self, c: &BaseConsumer<Self>, r: &Rebalance<'_>) {
+        match r {
+            Rebalance::Assign(tpl) => self.0.assign(c, tpl),
+            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+            Rebalance::Revoke(_) => {}
+        }
+    }
+}
+
+/// The librdkafka settings of the consumer: ours, then the raw options.
+pub fn consumer_config(cfg: &KafkaSourceConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.brokers)
+        .set("group.id", &cfg.group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", &cfg.auto_offset_reset)
+        .set("session.timeout.ms", cfg.session_timeout_ms.to_string())
+        .set("statistics.interval.ms", "5000")
+        .set("client.id", format!("clipstream-{}", std::process::id()));
+    for (k, v) in &cfg.options {
+        c.set(k, v);
+    }
+    c
+}
+
+/// The Kafka source, ready to run.
+pub struct KafkaSource {
+    cfg: KafkaSourceConfig,
+    sink: flume::Sender<SinkMsg>,
+    cleanup: Option<Arc<dyn Cleanup>>,
+    drain_deadline: Duration,
+    idle_flush: Duration,
+    /// Records of the assigned partitions not finished at the end of the
+    /// final drain (they are read again on restart).
+    pub undrained: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl std::fmt::Debug for KafkaSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaSource")
+            .field("topics", &self.cfg.topics)
+            .field("group", &self.cfg.group_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KafkaSource {
+    /// A source that sends flush requests to `sink`, removes leftovers with
+    /// `cleanup` on assignment, and on stop gives in-flight records
+    /// `drain_deadline` before its last commit.
+    pub fn new(
+        cfg: KafkaSourceConfig,
+        sink: flume::Sender<SinkMsg>,
+        cleanup: Option<Arc<dyn Cleanup>>,
+        drain_deadline: Duration,
+    ) -> Self {
+        let idle_flush = Duration::from_millis(cfg.commit_interval_ms.max(200) * 2);
+        KafkaSource {
+            cfg,
+            sink,
+            cleanup,
+            drain_deadline,
+            idle_flush,
+            undrained: Arc::default(),
+        }
+    }
+
+    /// Consumes until `ctx.stop` turns true; then drains and commits.
+    pub async fn run(self, ctx: SourceContext) -> anyhow::Result<()> {
+        tokio::task::spawn_blocking(move || self.poll_loop(ctx)).await?
+    }
+
+    fn poll_loop(self, ctx: SourceContext) -> anyhow::Result<()> {
+        let shared = Arc::new(Shared {
+            cfg: self.cfg.clone(),
+            tracker: Arc::clone(&ctx.tracker),
+            stats: Arc::clone(&ctx.stats),
+            sink: self.sink.clone(),
+            cleanup: self.cleanup.clone(),
+            next_seq: Mutex::new(HashMap::new()),
+            assigned: Mutex::new(HashSet::new()),
+            committed: Mutex::new(HashMap::new()),
+        });
+        let consumer: BaseConsumer<Ctx> = consumer_config(&self.cfg)
+            .create_with_context(Ctx(Arc::clone(&shared)))
+            .map_err(|e| anyhow::anyhow!("cannot create the Kafka consumer: {e}"))?;
+        let topics: Vec<&str> = self.cfg.topics.iter().map(String::as_str).collect();
+        consumer
+            .subscribe(&topics)
+            .map_err(|e| anyhow::anyhow!("cannot subscribe to {topics:?}: {e}"))?;
+        tracing::info!(brokers = %self.cfg.brokers, topics = ?topics, group = %self.cfg.group_id, "consuming");
+
+        let commit_every = Duration::from_millis(self.cfg.commit_interval_ms);
+        let mut last_commit = Instant::now();
+        let mut paused = false;
+        let mut last_seen: HashMap<PartitionKey, Instant> = HashMap::new();
+        let mut flushed: HashMap<PartitionKey, u64> = HashMap::new();
+        let mut stop = ctx.stop.clone();
+        let stopped = |s: &mut tokio::sync::watch::Receiver<bool>| *s.borrow_and_update();
+        while !stopped(&mut stop) {
+            if last_commit.elapsed() >= commit_every {
+                let keys: Vec<PartitionKey> = lock(&shared.assigned).iter().cloned().collect();
+                shared.commit(&consumer, &keys);
+                // Quiet partitions: close their files so they get committed.
+                for k in &keys {
+                    let emitted = shared.emitted(k);
+                    let quiet = last_seen
+                        .get(k)
+                        .is_some_and(|t| t.elapsed() >= self.idle_flush);
+                    if quiet && emitted > 0 && flushed.get(k) != Some(&emitted) {
+                        shared.flush(std::slice::from_ref(k));
+                        flushed.insert(k.clone(), emitted);
+                    }
+                }
+                last_commit = Instant::now();
+            }
+            // Backpressure: no slot, pause everything and keep polling.
+            let permit = match Arc::clone(&ctx.in_flight).try_acquire_owned() {
+                Ok(p) => {
+                    if paused {
+                        if let Ok(a) = consumer.assignment() {
+                            let _ = consumer.resume(&a);
+                        }
+                        paused = false;
+                    }
+                    p
+                }
+                Err(_) => {
+                    if !paused {
+                        if let Ok(a) = consumer.assignment() {
+                            let _ = consumer.pause(&a);
+                        }
+                        paused = true;
+                    }
+                    // Serve callbacks; a paused consumer returns no messages
+                    // (librdkafka purges the fetch queue on pause).
+                    if let Some(m) = consumer.poll(Duration::from_millis(50)) {
+                        match m {
+                            Ok(m) => {
+                                // Fetched before the pause took effect: seek
+                                // back so it is read again after the resume.
+                                let _ = consumer.seek(
+                                    m.topic(),
+                                    m.partition(),
+                                    Offset::Offset(m.offset()),
+                                    Duration::from_secs(1),
+                                );
+                            }
+                            Err(e) => tracing::warn!(error = %e, "Kafka error"),
+                        }
+                    }
+                    continue;
+                }
+            };
+            let Some(m) = consumer.poll(Duration::from_millis(100)) else {
+                continue;
+            };
+            let m = match m {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(error = %e, "Kafka error (librdkafka retries by itself)");
+                    continue;
+                }
+            };
+            let key = PartitionKey {
+                source: Arc::from(m.topic()),
+                partition: m.partition(),
+            };
+            if !lock(&shared.assigned).contains(&key) {
+                // A message of a partition being revoked.
+                continue;
+            }
+            last_seen.insert(key.clone(), Instant::now());
+            let seq = {
+                let mut seqs = lock(&shared.next_seq);
+                let s = seqs.entry(key.clone()).or_insert(0);
+                *s += 1;
+                *s - 1
+            };
+            let position = Position {
+                seq,
+                offset: m.offset(),
+            };
+            let ack = ctx.tracker.token(key.clone(), position);
+            Stats::add(&ctx.stats.read, 1);
+            let raw: Arc<[u8]> = Arc::from(m.payload().unwrap_or_default());
+            let msg_key: Option<Arc<[u8]>> = m.key().map(Arc::from);
+            let headers: crate::dead_letter::Headers = m
+                .headers()
+                .map(|h| {
+                    h.iter()
+                        .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
+                        .collect()
+                })
+                .unwrap_or_else(|| Arc::from([]));
+            let event_time_ms = m.timestamp().to_millis();
+            let parsed = match m.payload() {
+                None => Err(crate::record::EventError {
+                    id: None,
+                    kind: crate::dead_letter::Kind::EmptyEvent,
+                    reason: "message has no value (a tombstone)".into(),
+                }),
+                Some(p) => parse_event(p, self.cfg.max_event_bytes),
+            };
+            let sent = match parsed {
+                Ok(event) => ctx
+                    .records
+                    .send(Record {
+                        partition: key,
+                        position,
+                        event,
+                        key: msg_key,
+                        headers,
+                        raw,
+                        event_time_ms,
+                        ack,
+                        permit,
+                    })
+                    .is_ok(),
+                Err(e) => ctx
+                    .done
+                    .send(Done::Dead {
+                        letter: DeadLetter {
+                            partition: key,
+                            offset: position.offset,
+                            id: e.id,
+                            key: msg_key,
+                            headers,
+                            original: raw,
+                            stage: Stage::Source,
+                            kind: e.kind,
+                            reason: e.reason,
+                        },
+                        ack,
+                        permit,
+                    })
+                    .is_ok(),
+            };
+            if !sent {
+                break;
+            }
+        }
+
+        // Stop: no more reading; close every file, let the records in
+        // flight finish, commit, leave the group.
+        let keys: Vec<PartitionKey> = lock(&shared.assigned).iter().cloned().collect();
+        shared.flush(&keys);
+        let SourceContext { records, done, .. } = ctx;
+        drop(records);
+        drop(done);
+        let left = shared.drain(&keys, Instant::now() + self.drain_deadline);
+        shared.commit(&consumer, &keys);
+        let undrained: u64 = keys
+            .iter()
+            .map(|k| {
+                shared
+                    .emitted(k)
+                    .saturating_sub(shared.tracker.watermark(k).contiguous)
+            })
+            .sum();
+        self.undrained
+            .store(undrained, std::sync::atomic::Ordering::Relaxed);
+        if !left.is_empty() {
+            tracing::warn!(partitions = ?names(&left), "stopped before every record finished; they are read again on restart");
+        }
+        // Leaving the group revokes the partitions (already committed).
+        lock(&shared.assigned).clear();
+        consumer.unsubscribe();
+        for _ in 0..20 {
+            if consumer.poll(Duration::from_millis(50)).is_none()
+                && consumer.assignment().map_or(true, |a| a.count() == 0)
+            {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
