@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The whole test suite, from a fresh clone: fetches ONNX Runtime into the
-# project cache, checks formatting and lints, builds, and runs every test.
+# The whole test suite, from a fresh clone: fetches ONNX Runtime and the test
+# servers (tansu, a Kafka-protocol broker; s3s-fs, an S3 server; Prometheus)
+# into the project cache, checks formatting and lints, builds, runs every
+# test, then the operations checks (dashboards, Helm chart).
 #
 #   scripts/test.sh
 set -euo pipefail
@@ -21,6 +23,12 @@ if ! "$venv/bin/python" -c "import pyarrow, sys; sys.exit(pyarrow.__version__ !=
 fi
 export CLIPSTREAM_TEST_PYTHON="$PWD/$venv/bin/python"
 
+step "Test servers: Kafka-protocol broker and S3 server (scripts/stack.sh install)"
+scripts/stack.sh install
+
+step "Prometheus (scripts/install-prometheus.sh)"
+scripts/install-prometheus.sh
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
@@ -29,3 +37,8 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "cargo test"
 cargo test --workspace --locked
+
+step "Operations: dashboards, Grafana schema, Helm chart, queries against Prometheus"
+cargo build --locked -p clipstream
+CLIPSTREAM_BIN=target/debug/clipstream CLIPSTREAM_VALIDATE=require OPS_PROMETHEUS=require \
+  scripts/check-ops.sh
