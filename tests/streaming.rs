@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use support::stack::{self, Msg, Proc, Stack};
-use support::{Input, build_input, fixtures, model, read_parquet, scratch};
+use support::{Input, build_input, model, read_parquet, scratch};
 
 const TOPIC: &str = "events";
 const PARTITIONS: i32 = 4;
@@ -77,11 +77,7 @@ fn to_kafka(input: &Input, s3_dir: &Path) -> Events {
 fn pipeline(dir: &Path, stack: &Stack, name: &str) -> PathBuf {
     let text = format!(
         r#"
-[model]
-dir = "{model}"
-labels = "{labels}"
-top_k = 3
-
+{model}
 [source]
 kind = "kafka"
 brokers = "{brokers}"
@@ -124,8 +120,7 @@ topic = "dead-letters"
 [shutdown]
 drain_deadline_secs = 8
 "#,
-        model = model().display(),
-        labels = fixtures().join("shapes-labels.toml").display(),
+        model = support::model_section(),
         brokers = stack.brokers(),
         endpoint = stack.s3_endpoint(),
         spool = dir.join(format!("spool-{name}")).display(),
@@ -303,21 +298,29 @@ fn ends(delivered: &[(i32, i64)]) -> HashMap<i32, i64> {
     ends
 }
 
-#[test]
-fn two_workers_in_a_group_write_everything_once() {
-    let dir = scratch("stream-two");
+/// A scratch directory, the servers with the input topic (4 partitions),
+/// the output topics and the buckets (`private` is not on the allow-list),
+/// and `n` events with their images in S3.
+fn setup(name: &str, n: usize, seed: u64) -> (PathBuf, Stack, Input, Events) {
+    let dir = scratch(name);
     let stack = Stack::start(
         &dir,
         &[
-            (TOPIC, 4),
+            (TOPIC, PARTITIONS as u32),
             ("embeddings", 4),
             ("labels", 4),
             ("dead-letters", 1),
         ],
         &["images", "output", "private"],
     );
-    let input = build_input(&dir, 3000, 11);
+    let input = build_input(&dir, n, seed);
     let ev = to_kafka(&input, &stack.s3_dir);
+    (dir, stack, input, ev)
+}
+
+#[test]
+fn two_workers_in_a_group_write_everything_once() {
+    let (dir, stack, input, ev) = setup("stream-two", 3000, 11);
     let delivered = stack::produce(&stack.brokers(), TOPIC, &ev.messages);
     let ends = ends(&delivered);
     assert_eq!(ends.len(), 4, "every partition has events");
@@ -392,19 +395,7 @@ fn two_workers_in_a_group_write_everything_once() {
 
 #[test]
 fn sigkill_at_random_moments_loses_nothing_and_parquet_stays_exactly_once() {
-    let dir = scratch("stream-kill");
-    let stack = Stack::start(
-        &dir,
-        &[
-            (TOPIC, 4),
-            ("embeddings", 4),
-            ("labels", 4),
-            ("dead-letters", 1),
-        ],
-        &["images", "output", "private"],
-    );
-    let input = build_input(&dir, 2000, 23);
-    let ev = to_kafka(&input, &stack.s3_dir);
+    let (dir, stack, input, ev) = setup("stream-kill", 2000, 23);
     let p = pipeline(&dir, &stack, "w");
     let a = worker(&dir, &p, "a");
     let seed = std::time::SystemTime::now()

@@ -275,15 +275,21 @@ pub fn build_input(dir: &Path, n: usize, seed: u64) -> Input {
     input
 }
 
+/// The `[model]` section of the test pipelines: the bundled tiny CLIP and
+/// the shapes label set, top 3.
+pub fn model_section() -> String {
+    format!(
+        "[model]\ndir = \"{}\"\nlabels = \"{}\"\ntop_k = 3\n",
+        model().display(),
+        fixtures().join("shapes-labels.toml").display()
+    )
+}
+
 /// A pipeline file for a local run of `manifest` into `out`.
 pub fn local_pipeline(dir: &Path, manifest: &Path, out: &Path, rows_per_file: usize) -> PathBuf {
     let text = format!(
         r#"
-[model]
-dir = "{model}"
-labels = "{labels}"
-top_k = 3
-
+{model}
 [source]
 kind = "files"
 manifest = "{manifest}"
@@ -305,8 +311,7 @@ row_group_rows = 64
 [shutdown]
 drain_deadline_secs = 30
 "#,
-        model = model().display(),
-        labels = fixtures().join("shapes-labels.toml").display(),
+        model = model_section(),
         manifest = manifest.display(),
         out = out.display(),
     );

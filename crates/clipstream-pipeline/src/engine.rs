@@ -247,9 +247,22 @@ pub async fn run(
         },
     ));
 
-    let base_dir = match &cfg.source {
-        SourceConfig::Files(f) => FilesSource::new(f.clone(), DoneSet::default()).base_dir(),
-        SourceConfig::Kafka(_) => PathBuf::new(),
+    // A files source ends with its input; the Kafka source runs until
+    // stopped and asks the sink to close files (it holds a sink sender).
+    let source = match &cfg.source {
+        SourceConfig::Files(f) => {
+            drop(sink_tx);
+            Source::Files(FilesSource::new(f.clone(), done_set))
+        }
+        SourceConfig::Kafka(k) => {
+            // Leave time for the last commit within the shutdown deadline.
+            let drain = Duration::from_secs_f64(cfg.shutdown.drain_deadline_secs * 0.8);
+            Source::Kafka(KafkaSource::new(k.clone(), sink_tx, Some(cleanup), drain))
+        }
+    };
+    let base_dir = match &source {
+        Source::Files(f) => f.base_dir(),
+        Source::Kafka(_) => PathBuf::new(),
     };
     let fetchers = crate::fetch::spawn_workers(
         records_rx,
@@ -291,22 +304,13 @@ pub async fn run(
         stop: inner_stop_rx.clone(),
         stats: Arc::clone(&stats),
     };
-    let undrained = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let source_result = match &cfg.source {
-        SourceConfig::Files(f) => {
+    // Ok(records left unfinished by a stop).
+    let source_result = match source {
+        Source::Files(f) => {
             stats.ready.store(true, Ordering::Relaxed);
-            drop(sink_tx);
-            FilesSource::new(f.clone(), done_set).run(ctx).await
+            f.run(ctx).await.map(|()| 0)
         }
-        SourceConfig::Kafka(k) => {
-            // Leave time for the last commit within the shutdown deadline.
-            let drain = Duration::from_secs_f64(cfg.shutdown.drain_deadline_secs * 0.8);
-            let source = KafkaSource::new(k.clone(), sink_tx, Some(cleanup), drain);
-            let left = Arc::clone(&source.undrained);
-            let r = source.run(ctx).await;
-            undrained.store(left.load(Ordering::Relaxed), Ordering::Relaxed);
-            r
-        }
+        Source::Kafka(k) => k.run(ctx).await,
     };
     let stopped_early = *inner_stop_rx.borrow() && !kafka_source;
     for f in fetchers {
@@ -324,7 +328,7 @@ pub async fn run(
     })
     .await?;
     watcher.abort();
-    source_result?;
+    let undrained = source_result?;
     joined?;
     if let Some(message) = fatal.message() {
         anyhow::bail!("{message}");
@@ -350,7 +354,7 @@ pub async fn run(
         // Kafka: partitions come and go, so count what the final drain
         // left (the tracker forgets revoked partitions).
         unacknowledged: if kafka_source {
-            undrained.load(Ordering::Relaxed)
+            undrained
         } else {
             read.saturating_sub(resolved)
         },
@@ -364,9 +368,16 @@ pub async fn run(
     })
 }
 
+/// The source of a run.
+#[derive(Debug)]
+enum Source {
+    Files(FilesSource),
+    Kafka(KafkaSource),
+}
+
 /// A queue's receiving end, type-erased for sampling its length (holding a
 /// receiver does not keep a channel from closing when its senders go).
-pub struct QueueProbe(Box<dyn Fn() -> usize + Send + Sync>);
+struct QueueProbe(Box<dyn Fn() -> usize + Send + Sync>);
 
 impl<T: Send + 'static> From<flume::Receiver<T>> for QueueProbe {
     fn from(rx: flume::Receiver<T>) -> Self {

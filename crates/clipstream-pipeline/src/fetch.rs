@@ -38,14 +38,26 @@ pub enum Location {
     },
 }
 
-/// A permanent problem (dead letter) or a transient one (retry).
+/// A permanent problem (dead letter) or a transient one (retry), of a file
+/// read or an S3 request.
 #[derive(Debug, Clone, PartialEq)]
 pub enum FetchError {
     /// Retrying will not help.
     Permanent(Kind, String),
-    /// May succeed later.
+    /// May succeed later: throttling, 5xx, timeouts, connection failures.
     Transient(String),
 }
+
+impl std::fmt::Display for FetchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FetchError::Transient(m) => write!(f, "{m} (transient)"),
+            FetchError::Permanent(k, m) => write!(f, "{m} ({})", k.as_str()),
+        }
+    }
+}
+
+impl std::error::Error for FetchError {}
 
 /// Parses an image reference: `s3://bucket/key`, `file:///abs/path`,
 /// `file://rel/path` or a bare path (relative ones resolved against `base`).
@@ -124,7 +136,7 @@ async fn read_file(path: &Path, max_bytes: u64) -> Result<Vec<u8>, FetchError> {
 }
 
 /// Retries `attempt` on transient errors: up to `tries` attempts, backoff
-/// doubling from `base` with ±50% jitter.
+/// doubling from `base` (at most 20 s) with ±50% jitter.
 pub async fn with_retries<T, F, Fut>(
     tries: u32,
     base: Duration,
@@ -139,9 +151,11 @@ where
         n += 1;
         match attempt().await {
             Err(FetchError::Transient(why)) if n < tries => {
-                let backoff = base * 2u32.pow(n - 1);
+                let backoff = base
+                    .saturating_mul(2u32.saturating_pow(n - 1))
+                    .min(Duration::from_secs(20));
                 let factor = 0.5 + jitter();
-                tracing::debug!(attempt = n, %why, "transient fetch error, retrying");
+                tracing::debug!(attempt = n, %why, "transient error, retrying");
                 tokio::time::sleep(backoff.mul_f64(factor)).await;
             }
             other => return other,
@@ -211,12 +225,12 @@ pub async fn fetch(record: Record, f: &Fetcher) -> Result<Fetched, Done> {
                 let mut pause = Duration::from_secs(1);
                 loop {
                     match s3.get(bucket, key, cfg.max_object_bytes).await {
-                        Err(crate::s3::S3Error::Transient(why)) if f.persistent => {
+                        Err(FetchError::Transient(why)) if f.persistent => {
                             tracing::warn!(%why, "S3 still failing after retries; waiting before trying again");
                             tokio::time::sleep(pause).await;
                             pause = (pause * 2).min(Duration::from_secs(30));
                         }
-                        other => break other.map_err(FetchError::from),
+                        other => break other,
                     }
                 }
             }

@@ -153,6 +153,62 @@ pub struct Record {
     pub permit: Permit,
 }
 
+/// A message as a source read it, before its event is known to be good.
+#[derive(Debug)]
+pub struct Received {
+    /// Partition of origin.
+    pub partition: PartitionKey,
+    /// Position in the partition.
+    pub position: Position,
+    /// The Kafka key, if any.
+    pub key: Option<Arc<[u8]>>,
+    /// The Kafka headers, if any.
+    pub headers: crate::dead_letter::Headers,
+    /// The original bytes.
+    pub raw: Arc<[u8]>,
+    /// Event time, milliseconds since the epoch.
+    pub event_time_ms: Option<i64>,
+    /// Acknowledgement.
+    pub ack: AckToken,
+    /// In-flight slot.
+    pub permit: Permit,
+}
+
+impl Received {
+    /// A record for the pipeline, or, when the event is bad, its dead
+    /// letter (stage `source`; boxed: bad events are the rare case).
+    pub fn admit(self, parsed: Result<Event, EventError>) -> Result<Record, Box<Done>> {
+        match parsed {
+            Ok(event) => Ok(Record {
+                partition: self.partition,
+                position: self.position,
+                event,
+                key: self.key,
+                headers: self.headers,
+                raw: self.raw,
+                event_time_ms: self.event_time_ms,
+                ack: self.ack,
+                permit: self.permit,
+            }),
+            Err(e) => Err(Box::new(Done::Dead {
+                letter: DeadLetter {
+                    partition: self.partition,
+                    offset: self.position.offset,
+                    id: e.id,
+                    key: self.key,
+                    headers: self.headers,
+                    original: self.raw,
+                    stage: Stage::Source,
+                    kind: e.kind,
+                    reason: e.reason,
+                },
+                ack: self.ack,
+                permit: self.permit,
+            })),
+        }
+    }
+}
+
 impl Record {
     /// Gives up on the record without blaming the input.
     pub fn failed(self, reason: String) -> Done {

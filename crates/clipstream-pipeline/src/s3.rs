@@ -3,10 +3,10 @@
 //!
 //! The SDK's own retries are off: every request goes through
 //! [`S3::call`], which retries throttling (503 SlowDown, 429), 5xx, timeouts
-//! and connection failures with exponential backoff and jitter, counts each
-//! request and retry in the metrics, and classifies the final error so that
-//! the fetch stage can tell a dead letter (404, 403, bad key) from a
-//! transient fault.
+//! and connection failures with the fetch stage's backoff and jitter
+//! ([`with_retries`]), counts each request and retry in the metrics; errors
+//! are classified ([`classify`]) so that the fetch stage can tell a dead
+//! letter (404, 403, bad key) from a transient fault.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -24,51 +24,24 @@ use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 
 use crate::config::S3Config;
 use crate::dead_letter::Kind;
-use crate::fetch::FetchError;
+use crate::fetch::{FetchError, with_retries};
 use crate::stats::Stats;
-
-/// What went wrong with a request, once classified.
-#[derive(Debug, Clone, PartialEq)]
-pub enum S3Error {
-    /// Throttling, 5xx, timeout, connection: worth retrying.
-    Transient(String),
-    /// Will not change by retrying (404, 403, bad request).
-    Permanent(Kind, String),
-}
-
-impl std::fmt::Display for S3Error {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            S3Error::Transient(m) => write!(f, "{m} (transient)"),
-            S3Error::Permanent(k, m) => write!(f, "{m} ({})", k.as_str()),
-        }
-    }
-}
-
-impl std::error::Error for S3Error {}
-
-impl From<S3Error> for FetchError {
-    fn from(e: S3Error) -> Self {
-        match e {
-            S3Error::Transient(m) => FetchError::Transient(m),
-            S3Error::Permanent(k, m) => FetchError::Permanent(k, m),
-        }
-    }
-}
 
 /// Sorts an SDK error into transient or permanent, with a message that
 /// names the operation and the object.
-pub fn classify<E, R>(e: &SdkError<E, R>, what: &str) -> S3Error
+pub fn classify<E, R>(e: &SdkError<E, R>, what: &str) -> FetchError
 where
     E: ProvideErrorMetadata + std::error::Error,
     R: std::fmt::Debug + HasStatus,
 {
     match e {
-        SdkError::TimeoutError(_) => S3Error::Transient(format!("{what}: timed out")),
+        SdkError::TimeoutError(_) => FetchError::Transient(format!("{what}: timed out")),
         SdkError::DispatchFailure(d) => {
-            S3Error::Transient(format!("{what}: cannot reach S3: {:?}", d))
+            FetchError::Transient(format!("{what}: cannot reach S3: {:?}", d))
         }
-        SdkError::ResponseError(r) => S3Error::Transient(format!("{what}: bad response: {:?}", r)),
+        SdkError::ResponseError(r) => {
+            FetchError::Transient(format!("{what}: bad response: {:?}", r))
+        }
         SdkError::ServiceError(se) => {
             let status = se.raw().status_code();
             let code = se.err().code().unwrap_or("");
@@ -77,19 +50,19 @@ where
                 .trim_end()
                 .to_string();
             match (status, code) {
-                (429, _) | (500..=599, _) => S3Error::Transient(text),
+                (429, _) | (500..=599, _) => FetchError::Transient(text),
                 (_, "SlowDown" | "Throttling" | "RequestTimeout" | "InternalError") => {
-                    S3Error::Transient(text)
+                    FetchError::Transient(text)
                 }
-                (404, _) => S3Error::Permanent(Kind::ObjectNotFound, text),
-                (403, _) => S3Error::Permanent(Kind::ObjectForbidden, text),
+                (404, _) => FetchError::Permanent(Kind::ObjectNotFound, text),
+                (403, _) => FetchError::Permanent(Kind::ObjectForbidden, text),
                 (_, "InvalidKey" | "KeyTooLongError" | "InvalidBucketName" | "InvalidArgument") => {
-                    S3Error::Permanent(Kind::InvalidUri, text)
+                    FetchError::Permanent(Kind::InvalidUri, text)
                 }
-                _ => S3Error::Permanent(Kind::FetchFailed, text),
+                _ => FetchError::Permanent(Kind::FetchFailed, text),
             }
         }
-        other => S3Error::Permanent(Kind::FetchFailed, format!("{what}: {other}")),
+        other => FetchError::Permanent(Kind::FetchFailed, format!("{what}: {other}")),
     }
 }
 
@@ -150,39 +123,38 @@ impl S3 {
         }
     }
 
-    /// Runs `attempt` until it succeeds, fails permanently, or the attempts
-    /// run out; backoff doubles from `backoff_ms` with ±50% jitter.
-    pub async fn call<T, F, Fut>(&self, op: &'static str, mut attempt: F) -> Result<T, S3Error>
+    /// Runs `attempt` with [`with_retries`] (`max_attempts`, backoff from
+    /// `backoff_ms`), counting every attempt, its time and every retry.
+    pub async fn call<T, F, Fut>(&self, op: &'static str, mut attempt: F) -> Result<T, FetchError>
     where
         F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<T, S3Error>>,
+        Fut: std::future::Future<Output = Result<T, FetchError>>,
     {
+        let stats = &self.stats;
         let mut n = 0u32;
-        loop {
-            n += 1;
-            let started = Instant::now();
-            let r = attempt().await;
-            self.stats
-                .s3_seconds
-                .with_label_values(&[op])
-                .observe(started.elapsed().as_secs_f64());
-            let result = if r.is_ok() { "ok" } else { "error" };
-            self.stats
-                .s3_requests
-                .with_label_values(&[op, result])
-                .inc();
-            match r {
-                Err(S3Error::Transient(why)) if n < self.cfg.max_attempts => {
-                    self.stats.s3_retries.with_label_values(&[op]).inc();
-                    let backoff = Duration::from_millis(self.cfg.backoff_ms)
-                        .saturating_mul(2u32.saturating_pow(n - 1))
-                        .min(Duration::from_secs(20));
-                    tracing::debug!(op, attempt = n, %why, "S3 request failed, retrying");
-                    tokio::time::sleep(backoff.mul_f64(0.5 + crate::fetch::jitter())).await;
+        with_retries(
+            self.cfg.max_attempts,
+            Duration::from_millis(self.cfg.backoff_ms),
+            || {
+                n += 1;
+                if n > 1 {
+                    stats.s3_retries.with_label_values(&[op]).inc();
                 }
-                other => return other,
-            }
-        }
+                let fut = attempt();
+                async move {
+                    let started = Instant::now();
+                    let r = fut.await;
+                    stats
+                        .s3_seconds
+                        .with_label_values(&[op])
+                        .observe(started.elapsed().as_secs_f64());
+                    let result = if r.is_ok() { "ok" } else { "error" };
+                    stats.s3_requests.with_label_values(&[op, result]).inc();
+                    r
+                }
+            },
+        )
+        .await
     }
 
     /// Reads an object: its bytes and ETag. Objects over `max_bytes` are
@@ -192,7 +164,7 @@ impl S3 {
         bucket: &str,
         key: &str,
         max_bytes: u64,
-    ) -> Result<(Vec<u8>, Option<String>), S3Error> {
+    ) -> Result<(Vec<u8>, Option<String>), FetchError> {
         let what = format!("s3://{bucket}/{key}");
         let r = self
             .call("get_object", || async {
@@ -206,14 +178,14 @@ impl S3 {
                     .map_err(|e| classify(&e, &what))?;
                 let len = resp.content_length().unwrap_or(0).max(0) as u64;
                 if len > max_bytes {
-                    return Err(S3Error::Permanent(
+                    return Err(FetchError::Permanent(
                         Kind::ObjectTooLarge,
                         format!("{what} is {len} bytes, over the limit of {max_bytes}"),
                     ));
                 }
                 let etag = resp.e_tag().map(|t| t.trim_matches('"').to_string());
                 let body = resp.body.collect().await.map_err(|e| {
-                    S3Error::Transient(format!("{what}: reading the body failed: {e}"))
+                    FetchError::Transient(format!("{what}: reading the body failed: {e}"))
                 })?;
                 Ok((body.into_bytes().to_vec(), etag))
             })
@@ -233,11 +205,11 @@ impl S3 {
         bucket: &str,
         key: &str,
         part_bytes: usize,
-    ) -> Result<u64, S3Error> {
+    ) -> Result<u64, FetchError> {
         let what = format!("s3://{bucket}/{key}");
         let data = tokio::fs::read(path)
             .await
-            .map_err(|e| S3Error::Transient(format!("cannot read {}: {e}", path.display())))?;
+            .map_err(|e| FetchError::Transient(format!("cannot read {}: {e}", path.display())))?;
         let upload_id = self
             .call("create_multipart_upload", || async {
                 self.client
@@ -251,7 +223,7 @@ impl S3 {
             })
             .await?
             .upload_id
-            .ok_or_else(|| S3Error::Transient(format!("{what}: no upload id returned")))?;
+            .ok_or_else(|| FetchError::Transient(format!("{what}: no upload id returned")))?;
         let result = self
             .upload_parts(&data, bucket, key, &upload_id, part_bytes, &what)
             .await;
@@ -282,7 +254,7 @@ impl S3 {
         upload_id: &str,
         part_bytes: usize,
         what: &str,
-    ) -> Result<(), S3Error> {
+    ) -> Result<(), FetchError> {
         let mut parts = Vec::new();
         let chunks: Vec<&[u8]> = if data.is_empty() {
             vec![data]
@@ -333,7 +305,7 @@ impl S3 {
     }
 
     /// Keys under `prefix`, all pages.
-    pub async fn list(&self, bucket: &str, prefix: &str) -> Result<Vec<String>, S3Error> {
+    pub async fn list(&self, bucket: &str, prefix: &str) -> Result<Vec<String>, FetchError> {
         let what = format!("s3://{bucket}/{prefix}");
         let mut keys = Vec::new();
         let mut token: Option<String> = None;
@@ -363,7 +335,7 @@ impl S3 {
     }
 
     /// Deletes one object.
-    pub async fn delete(&self, bucket: &str, key: &str) -> Result<(), S3Error> {
+    pub async fn delete(&self, bucket: &str, key: &str) -> Result<(), FetchError> {
         let what = format!("s3://{bucket}/{key}");
         self.call("delete_object", || async {
             self.client
@@ -379,7 +351,7 @@ impl S3 {
     }
 
     /// Whether the bucket answers (readiness).
-    pub async fn reachable(&self, bucket: &str) -> Result<(), S3Error> {
+    pub async fn reachable(&self, bucket: &str) -> Result<(), FetchError> {
         let what = format!("s3://{bucket}");
         self.client
             .head_bucket()

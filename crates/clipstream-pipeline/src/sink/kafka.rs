@@ -108,11 +108,6 @@ impl KafkaOutputs {
         })
     }
 
-    /// Whether dead letters go to a topic here.
-    pub fn has_dead_letter_topic(&self) -> bool {
-        self.dead_letters.is_some()
-    }
-
     async fn send(
         &self,
         output: &'static str,

@@ -101,14 +101,11 @@ pub fn run_sink(
         let seq = sequencers.entry(key.clone()).or_default();
         let ready = seq.push(done);
         let next = seq.next_seq;
+        write_ready(ready, &mut parquet, &mut dead, &stats)?;
         if flushes.get(&key).is_some_and(|&upto| next > upto) {
             flushes.remove(&key);
-            // Written below, then closed.
-            write_ready(ready, &mut parquet, &mut dead, &stats)?;
             parquet.close(&key)?;
-            continue;
         }
-        write_ready(ready, &mut parquet, &mut dead, &stats)?;
     }
     parquet.close_all()?;
     let stuck: usize = sequencers.values().map(|s| s.pending.len()).sum();

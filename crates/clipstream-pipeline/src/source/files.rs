@@ -12,8 +12,7 @@ use tokio::io::AsyncBufReadExt;
 use super::SourceContext;
 use crate::ack::{PartitionKey, Position};
 use crate::config::FilesSourceConfig;
-use crate::dead_letter::{DeadLetter, Stage};
-use crate::record::{Done, Record, parse_event};
+use crate::record::{Received, parse_event};
 use crate::sink::resume::DoneSet;
 use crate::stats::Stats;
 
@@ -174,41 +173,19 @@ impl FilesSource {
         let ack = ctx.tracker.token(key.clone(), position);
         Stats::add(&ctx.stats.read, 1);
         let raw: Arc<[u8]> = Arc::from(raw);
-        match parsed {
-            Ok(event) => ctx
-                .records
-                .send_async(Record {
-                    partition: key.clone(),
-                    position,
-                    event,
-                    key: None,
-                    headers: Arc::from([]),
-                    raw,
-                    event_time_ms: None,
-                    ack,
-                    permit,
-                })
-                .await
-                .is_ok(),
-            Err(e) => ctx
-                .done
-                .send_async(Done::Dead {
-                    letter: DeadLetter {
-                        partition: key.clone(),
-                        offset,
-                        id: e.id,
-                        key: None,
-                        headers: Arc::from([]),
-                        original: raw,
-                        stage: Stage::Source,
-                        kind: e.kind,
-                        reason: e.reason,
-                    },
-                    ack,
-                    permit,
-                })
-                .await
-                .is_ok(),
+        let received = Received {
+            partition: key.clone(),
+            position,
+            key: None,
+            headers: Arc::from([]),
+            raw,
+            event_time_ms: None,
+            ack,
+            permit,
+        };
+        match received.admit(parsed) {
+            Ok(record) => ctx.records.send_async(record).await.is_ok(),
+            Err(dead) => ctx.done.send_async(*dead).await.is_ok(),
         }
     }
 }

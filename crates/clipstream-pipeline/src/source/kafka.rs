@@ -34,8 +34,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use super::SourceContext;
 use crate::ack::{AckTracker, PartitionKey, Position};
 use crate::config::KafkaSourceConfig;
-use crate::dead_letter::{DeadLetter, Stage};
-use crate::record::{Done, Record, parse_event};
+use crate::record::{Received, parse_event};
 use crate::sink::{Cleanup, SinkMsg};
 use crate::stats::Stats;
 
@@ -306,9 +305,6 @@ pub struct KafkaSource {
     cleanup: Option<Arc<dyn Cleanup>>,
     drain_deadline: Duration,
     idle_flush: Duration,
-    /// Records of the assigned partitions not finished at the end of the
-    /// final drain (they are read again on restart).
-    pub undrained: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for KafkaSource {
@@ -337,16 +333,17 @@ impl KafkaSource {
             cleanup,
             drain_deadline,
             idle_flush,
-            undrained: Arc::default(),
         }
     }
 
     /// Consumes until `ctx.stop` turns true; then drains and commits.
-    pub async fn run(self, ctx: SourceContext) -> anyhow::Result<()> {
+    /// Returns how many records of the assigned partitions did not finish
+    /// within the drain deadline (they are read again on restart).
+    pub async fn run(self, ctx: SourceContext) -> anyhow::Result<u64> {
         tokio::task::spawn_blocking(move || self.poll_loop(ctx)).await?
     }
 
-    fn poll_loop(self, ctx: SourceContext) -> anyhow::Result<()> {
+    fn poll_loop(self, ctx: SourceContext) -> anyhow::Result<u64> {
         let shared = Arc::new(Shared {
             cfg: self.cfg.clone(),
             tracker: Arc::clone(&ctx.tracker),
@@ -478,39 +475,19 @@ impl KafkaSource {
                 }),
                 Some(p) => parse_event(p, self.cfg.max_event_bytes),
             };
-            let sent = match parsed {
-                Ok(event) => ctx
-                    .records
-                    .send(Record {
-                        partition: key,
-                        position,
-                        event,
-                        key: msg_key,
-                        headers,
-                        raw,
-                        event_time_ms,
-                        ack,
-                        permit,
-                    })
-                    .is_ok(),
-                Err(e) => ctx
-                    .done
-                    .send(Done::Dead {
-                        letter: DeadLetter {
-                            partition: key,
-                            offset: position.offset,
-                            id: e.id,
-                            key: msg_key,
-                            headers,
-                            original: raw,
-                            stage: Stage::Source,
-                            kind: e.kind,
-                            reason: e.reason,
-                        },
-                        ack,
-                        permit,
-                    })
-                    .is_ok(),
+            let received = Received {
+                partition: key,
+                position,
+                key: msg_key,
+                headers,
+                raw,
+                event_time_ms,
+                ack,
+                permit,
+            };
+            let sent = match received.admit(parsed) {
+                Ok(record) => ctx.records.send(record).is_ok(),
+                Err(dead) => ctx.done.send(*dead).is_ok(),
             };
             if !sent {
                 break;
@@ -526,7 +503,7 @@ impl KafkaSource {
         drop(done);
         let left = shared.drain(&keys, Instant::now() + self.drain_deadline);
         shared.commit(&consumer, &keys);
-        let undrained: u64 = keys
+        let undrained: u64 = left
             .iter()
             .map(|k| {
                 shared
@@ -534,8 +511,6 @@ impl KafkaSource {
                     .saturating_sub(shared.tracker.watermark(k).contiguous)
             })
             .sum();
-        self.undrained
-            .store(undrained, std::sync::atomic::Ordering::Relaxed);
         if !left.is_empty() {
             tracing::warn!(partitions = ?names(&left), "stopped before every record finished; they are read again on restart");
         }
@@ -549,6 +524,6 @@ impl KafkaSource {
                 break;
             }
         }
-        Ok(())
+        Ok(undrained)
     }
 }
