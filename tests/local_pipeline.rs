@@ -283,32 +283,6 @@ fn a_directory_of_images_with_caption_sidecars() {
 }
 
 /// One HTTP GET on loopback; returns (status code, body).
-fn http_get(addr: &str, path: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).expect("connect");
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").expect("request");
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).expect("response");
-    let status = resp
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("status");
-    let body = resp
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
-}
-
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.split(['{', ' ']).next() == Some(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[test]
 fn metrics_health_and_readiness_are_served_during_a_run() {
     let dir = scratch("local-metrics");
@@ -398,21 +372,6 @@ fn metrics_health_and_readiness_are_served_during_a_run() {
         assert!(!line.contains("rec-"), "no ids in labels: {line}");
     }
     if Command::new("promtool").arg("--version").output().is_ok() {
-        let mut p = Command::new("promtool")
-            .args(["check", "metrics"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("promtool");
-        std::io::Write::write_all(p.stdin.as_mut().expect("stdin"), text.as_bytes())
-            .expect("write");
-        let o = p.wait_with_output().expect("promtool");
-        assert!(
-            o.status.success(),
-            "promtool: {}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
+        promtool_check(&text);
     }
 }

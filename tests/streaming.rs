@@ -74,7 +74,16 @@ fn to_kafka(input: &Input, s3_dir: &Path) -> Events {
     }
 }
 
-fn pipeline(dir: &Path, stack: &Stack, name: &str) -> PathBuf {
+/// One test's servers and workers at a time: the tests time drains and
+/// outages, which two cores shared by several tests would blur.
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The test pipeline against `brokers` and the S3 server at `s3`, plus
+/// `extra` TOML (sections the base does not have).
+fn pipeline(dir: &Path, brokers: &str, s3: &str, name: &str, extra: &str) -> PathBuf {
     let text = format!(
         r#"
 {model}
@@ -119,10 +128,11 @@ topic = "dead-letters"
 
 [shutdown]
 drain_deadline_secs = 8
+
+{extra}
 "#,
         model = support::model_section(),
-        brokers = stack.brokers(),
-        endpoint = stack.s3_endpoint(),
+        endpoint = s3,
         spool = dir.join(format!("spool-{name}")).display(),
     );
     let p = dir.join(format!("{name}.toml"));
@@ -183,10 +193,10 @@ fn ids(msgs: &[Msg]) -> HashMap<String, usize> {
 }
 
 /// Waits until the group has committed every partition to its end.
-fn wait_committed(stack: &Stack, ends: &HashMap<i32, i64>, timeout: Duration) {
+fn wait_committed(brokers: &str, ends: &HashMap<i32, i64>, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     loop {
-        let c = stack::committed(&stack.brokers(), GROUP, TOPIC, PARTITIONS);
+        let c = stack::committed(brokers, GROUP, TOPIC, PARTITIONS);
         if ends.iter().all(|(p, end)| c.get(p) == Some(end)) {
             return;
         }
@@ -208,22 +218,21 @@ struct Outcome {
 /// Reads every output back and checks: each good id exactly once in
 /// Parquet, at least once on the topics (`max_dup` more at most), each bad
 /// id once on the dead-letter topic with its kind.
-fn check(stack: &Stack, input: &Input, ev: &Events, max_dup: usize) -> Outcome {
-    let brokers = stack.brokers();
+fn check(brokers: &str, s3_dir: &Path, input: &Input, ev: &Events, max_dup: usize) -> Outcome {
     let good: Vec<&String> = input.good.keys().collect();
     let with_image = input.good.values().filter(|(i, _)| *i).count();
     let wait = Duration::from_secs(60);
-    let embeddings = stack::read_topic(&brokers, "embeddings", PARTITIONS, wait, |m| {
+    let embeddings = stack::read_topic(brokers, "embeddings", PARTITIONS, wait, |m| {
         ids(m).len() >= good.len()
     });
-    let labels = stack::read_topic(&brokers, "labels", PARTITIONS, wait, |m| {
+    let labels = stack::read_topic(brokers, "labels", PARTITIONS, wait, |m| {
         ids(m).len() >= with_image
     });
-    let dead = stack::read_topic(&brokers, "dead-letters", 1, wait, |m| {
+    let dead = stack::read_topic(brokers, "dead-letters", 1, wait, |m| {
         ids(m).len() >= ev.bad.len()
     });
     // Parquet objects, read straight from the S3 server's disk by pyarrow.
-    let parquet = read_parquet(&stack.s3_dir.join("output/embeddings"));
+    let parquet = read_parquet(&s3_dir.join("output/embeddings"));
     let mut seen: HashMap<String, usize> = HashMap::new();
     for r in &parquet {
         *seen
@@ -320,19 +329,20 @@ fn setup(name: &str, n: usize, seed: u64) -> (PathBuf, Stack, Input, Events) {
 
 #[test]
 fn two_workers_in_a_group_write_everything_once() {
+    let _one = one_at_a_time();
     let (dir, stack, input, ev) = setup("stream-two", 3000, 11);
     let delivered = stack::produce(&stack.brokers(), TOPIC, &ev.messages);
     let ends = ends(&delivered);
     assert_eq!(ends.len(), 4, "every partition has events");
 
-    let p = pipeline(&dir, &stack, "w");
+    let p = pipeline(&dir, &stack.brokers(), &stack.s3_endpoint(), "w", "");
     let a = worker(&dir, &p, "a");
     let b = worker(&dir, &p, "b");
-    wait_committed(&stack, &ends, Duration::from_secs(240));
+    wait_committed(&stack.brokers(), &ends, Duration::from_secs(240));
     assert_eq!(terminate(a), Some(0), "worker a exits cleanly");
     assert_eq!(terminate(b), Some(0), "worker b exits cleanly");
 
-    let out = check(&stack, &input, &ev, 0);
+    let out = check(&stack.brokers(), &stack.s3_dir, &input, &ev, 0);
     // Both workers took part.
     let logs = ["a", "b"]
         .map(|n| std::fs::read_to_string(dir.join(format!("{n}.log"))).unwrap_or_default());
@@ -395,8 +405,9 @@ fn two_workers_in_a_group_write_everything_once() {
 
 #[test]
 fn sigkill_at_random_moments_loses_nothing_and_parquet_stays_exactly_once() {
+    let _one = one_at_a_time();
     let (dir, stack, input, ev) = setup("stream-kill", 2000, 23);
-    let p = pipeline(&dir, &stack, "w");
+    let p = pipeline(&dir, &stack.brokers(), &stack.s3_endpoint(), "w", "");
     let a = worker(&dir, &p, "a");
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -420,13 +431,17 @@ fn sigkill_at_random_moments_loses_nothing_and_parquet_stays_exactly_once() {
         drop(b);
     }
     let b = worker(&dir, &p, "b");
-    wait_committed(&stack, &ends(&delivered), Duration::from_secs(300));
+    wait_committed(
+        &stack.brokers(),
+        &ends(&delivered),
+        Duration::from_secs(300),
+    );
     assert_eq!(terminate(a), Some(0));
     assert_eq!(terminate(b), Some(0));
     // Duplicates on the topics are bounded by what was in flight when a
     // worker died: at most max_in_flight (64) records per kill, plus the
     // records of partitions moved while their worker was busy.
-    let out = check(&stack, &input, &ev, 5 * 64 * 2);
+    let out = check(&stack.brokers(), &stack.s3_dir, &input, &ev, 5 * 64 * 2);
     eprintln!(
         "after 5 kills: parquet rows {} (each id once), embeddings {} for {} ids, labels {} for {} ids, dead letters {}",
         out.parquet.len(),
@@ -436,4 +451,237 @@ fn sigkill_at_random_moments_loses_nothing_and_parquet_stays_exactly_once() {
         input.good.values().filter(|(i, _)| *i).count(),
         out.dead.len()
     );
+}
+
+/// Waits until the group has committed at least `share` of `total` records.
+fn wait_progress(brokers: &str, total: i64, share: f64) -> HashMap<i32, i64> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let c = stack::committed(brokers, GROUP, TOPIC, PARTITIONS);
+        if c.values().sum::<i64>() as f64 >= total as f64 * share {
+            return c;
+        }
+        assert!(Instant::now() < deadline, "no progress: committed {c:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn sigterm_drains_and_commits_then_a_restart_adds_no_duplicates() {
+    let _one = one_at_a_time();
+    let (dir, stack, input, ev) = setup("stream-term", 1500, 31);
+    let brokers = stack.brokers();
+    let delivered = stack::produce(&brokers, TOPIC, &ev.messages);
+    let ends = ends(&delivered);
+    let total: i64 = ends.values().sum();
+    let p = pipeline(&dir, &brokers, &stack.s3_endpoint(), "w", "");
+    let a = worker(&dir, &p, "a");
+    wait_progress(&brokers, total, 0.2);
+
+    // SIGTERM mid-run: the worker stops reading, finishes what it holds,
+    // writes it, commits it and exits within the drain deadline (8 s).
+    let started = Instant::now();
+    assert_eq!(terminate(a), Some(0), "exit status after SIGTERM");
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(8 + 4),
+        "SIGTERM to exit took {took:?}, more than the 8 s drain deadline"
+    );
+    let committed = stack::committed(&brokers, GROUP, TOPIC, PARTITIONS);
+    let done: i64 = committed.values().sum();
+    assert!(
+        done < total,
+        "the run had finished before SIGTERM, so nothing was in flight"
+    );
+    // What was committed is exactly what is in Parquet: every good record
+    // below its partition's committed offset, and none at or above it.
+    let position: HashMap<&str, (i32, i64)> = ev
+        .messages
+        .iter()
+        .zip(&delivered)
+        .map(|((id, _), at)| (id.as_str(), *at))
+        .collect();
+    let mut want: Vec<&str> = input
+        .good
+        .keys()
+        .map(String::as_str)
+        .filter(|id| {
+            let (p, o) = position[id];
+            o < committed.get(&p).copied().unwrap_or(0)
+        })
+        .collect();
+    let rows = read_parquet(&stack.s3_dir.join("output/embeddings"));
+    let mut got: Vec<&str> = rows.iter().filter_map(|r| r["id"].as_str()).collect();
+    want.sort_unstable();
+    got.sort_unstable();
+    assert_eq!(
+        got.len(),
+        want.len(),
+        "Parquet after SIGTERM holds {} rows, the committed offsets {committed:?} cover {}",
+        got.len(),
+        want.len()
+    );
+    assert!(
+        got == want,
+        "Parquet after SIGTERM is not the committed records"
+    );
+    eprintln!(
+        "SIGTERM: exited in {:.2} s, {done} of {total} records committed, {} Parquet rows",
+        took.as_secs_f64(),
+        got.len()
+    );
+
+    // A restart resumes at the committed offsets: no record twice anywhere.
+    let b = worker(&dir, &p, "b");
+    wait_committed(&brokers, &ends, Duration::from_secs(240));
+    assert_eq!(terminate(b), Some(0));
+    let out = check(&brokers, &stack.s3_dir, &input, &ev, 0);
+    assert_eq!(out.embeddings.len(), input.good.len(), "embeddings twice");
+    assert_eq!(out.dead.len(), ev.bad.len(), "dead letters twice");
+}
+
+#[test]
+fn s3_faults_are_retried_and_a_forbidden_object_becomes_a_dead_letter() {
+    let _one = one_at_a_time();
+    let (dir, stack, mut input, mut ev) = setup("stream-s3-faults", 1000, 41);
+    // Every 40th good event with an image points at a key the proxy answers
+    // 403 AccessDenied (the object exists: only the permission is missing).
+    std::fs::create_dir_all(stack.s3_dir.join("images/forbidden")).expect("dir");
+    let mut forbidden = 0;
+    for (i, (id, value)) in ev.messages.iter_mut().enumerate() {
+        if i % 40 != 0 || input.good.get(id).is_none_or(|g| !g.0) {
+            continue;
+        }
+        let mut v: Value = serde_json::from_slice(value).expect("json");
+        let name = v["image"]
+            .as_str()
+            .and_then(|u| u.rsplit('/').next())
+            .expect("name")
+            .to_string();
+        std::fs::copy(
+            stack.s3_dir.join("images").join(&name),
+            stack.s3_dir.join("images/forbidden").join(&name),
+        )
+        .expect("copy");
+        v["image"] = Value::String(format!("s3://images/forbidden/{name}"));
+        *value = v.to_string().into_bytes();
+        input.good.remove(id);
+        ev.bad.insert(id.clone(), "object_forbidden");
+        forbidden += 1;
+    }
+    assert!(forbidden >= 5, "only {forbidden} forbidden events");
+    // 15% of object requests answered 503 SlowDown, 5% held past the
+    // worker's 2 s request timeout: 20% faulted, uploads included.
+    let proxy = stack::FaultProxy::start(
+        &dir,
+        stack.s3_port,
+        &[
+            "--slowdown-rate",
+            "0.15",
+            "--timeout-rate",
+            "0.05",
+            "--timeout-secs",
+            "4",
+            "--forbid",
+            "images/forbidden/",
+        ],
+    );
+    let brokers = stack.brokers();
+    let delivered = stack::produce(&brokers, TOPIC, &ev.messages);
+    let p = pipeline(&dir, &brokers, &proxy.endpoint(), "w", "");
+    let a = worker(&dir, &p, "a");
+    wait_committed(&brokers, &ends(&delivered), Duration::from_secs(300));
+    assert_eq!(terminate(a), Some(0));
+    // Nothing lost, nothing twice: transient faults were retried, the 403s
+    // are dead letters of kind object_forbidden.
+    let out = check(&brokers, &stack.s3_dir, &input, &ev, 0);
+    let stats = proxy.stats();
+    eprintln!("S3 fault proxy: {stats}");
+    let n = |k: &str| stats[k].as_u64().unwrap_or(0);
+    assert!(n("injected_503") >= 20, "too few 503s to prove anything");
+    assert!(n("injected_timeouts") >= 5, "too few timeouts");
+    assert_eq!(
+        n("injected_403"),
+        forbidden,
+        "each 403 asked once, not retried"
+    );
+    eprintln!(
+        "with 20% S3 faults: {} Parquet rows, {} embeddings, {} dead letters ({forbidden} forbidden)",
+        out.parquet.len(),
+        out.embeddings.len(),
+        out.dead.len()
+    );
+}
+
+#[test]
+fn prometheus_scrapes_two_workers_and_every_dashboard_panel_has_data() {
+    let _one = one_at_a_time();
+    let (dir, stack, input, ev) = setup("stream-prometheus", 1500, 53);
+    // A few S3 faults, so that the retry and error panels have something.
+    let proxy = stack::FaultProxy::start(&dir, stack.s3_port, &["--slowdown-rate", "0.05"]);
+    let brokers = stack.brokers();
+    let pods = ["worker-a", "worker-b"];
+    let addrs = pods.map(|_| format!("127.0.0.1:{}", stack::free_port()));
+    let prom = stack::Prometheus::start(
+        &dir,
+        "clipstream",
+        "test",
+        &[(pods[0], addrs[0].clone()), (pods[1], addrs[1].clone())],
+    );
+    let workers: Vec<_> = pods
+        .iter()
+        .zip(&addrs)
+        .map(|(pod, addr)| {
+            let extra = format!("[metrics]\nlisten = \"{addr}\"\n");
+            let p = pipeline(&dir, &brokers, &proxy.endpoint(), pod, &extra);
+            worker(&dir, &p, pod)
+        })
+        .collect();
+    let delivered = stack::produce(&brokers, TOPIC, &ev.messages);
+    wait_committed(&brokers, &ends(&delivered), Duration::from_secs(240));
+
+    // The live /metrics of a Kafka worker passes promtool's lint.
+    for addr in &addrs {
+        let (status, text) = support::http_get(addr, "/metrics");
+        assert_eq!(status, 200);
+        for name in [
+            "clipstream_kafka_assigned_partitions",
+            "clipstream_kafka_commit_duration_seconds_bucket",
+            "clipstream_kafka_messages_produced_total",
+            "clipstream_s3_requests_total",
+            "clipstream_s3_retries_total",
+        ] {
+            assert!(
+                text.lines().any(|l| l.starts_with(name)),
+                "{name} missing:\n{text}"
+            );
+        }
+        support::promtool_check(&text);
+        assert_eq!(support::http_get(addr, "/readyz").0, 200);
+    }
+
+    // Every query of every dashboard panel, its variables substituted the
+    // way Grafana would, returns data from this Prometheus.
+    let json = dir.join("panels.json");
+    let out = Command::new(support::python())
+        .arg(support::root().join("tests/ops/dashboard_queries.py"))
+        .args(["--prometheus", &prom.url()])
+        .args(["--job", "clipstream", "--namespace", "test"])
+        .args(["--rate-interval", "30s", "--range", "5m", "--wait", "30"])
+        .args(["--fail-on-nan", "--json"])
+        .arg(&json)
+        .arg(support::root().join("dashboards/clipstream-overview.json"))
+        .arg(support::root().join("dashboards/clipstream-fleet.json"))
+        .output()
+        .expect("dashboard_queries.py runs");
+    let report = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{report}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "some dashboard panels have no data (see above)"
+    );
+    for w in workers {
+        assert_eq!(terminate(w), Some(0));
+    }
+    check(&brokers, &stack.s3_dir, &input, &ev, 0);
 }

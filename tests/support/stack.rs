@@ -54,6 +54,13 @@ pub fn wait_port(port: u16, what: &str) {
     }
 }
 
+/// A log file in `dir` for a child's output.
+pub fn log(dir: &Path, name: &str) -> Stdio {
+    std::fs::File::create(dir.join(name))
+        .map(Stdio::from)
+        .unwrap_or_else(|_| Stdio::null())
+}
+
 /// A child process killed when dropped.
 pub struct Proc(pub Child);
 
@@ -69,7 +76,7 @@ pub struct Stack {
     pub kafka_port: u16,
     pub s3_port: u16,
     pub s3_dir: PathBuf,
-    _kafka: Proc,
+    _kafka: Option<Proc>,
     _s3: Proc,
 }
 
@@ -77,14 +84,9 @@ impl Stack {
     /// Starts both servers; `topics` are created with their partition
     /// counts, `buckets` as folders of the S3 server.
     pub fn start(dir: &Path, topics: &[(&str, u32)], buckets: &[&str]) -> Stack {
-        let (tansu, s3s) = tools();
+        let (tansu, _) = tools();
         let kafka_port = free_port();
         let url = format!("tcp://127.0.0.1:{kafka_port}");
-        let log = |name: &str| {
-            std::fs::File::create(dir.join(name))
-                .map(Stdio::from)
-                .unwrap_or_else(|_| Stdio::null())
-        };
         let kafka = Proc(
             Command::new(tansu)
                 .args([
@@ -95,28 +97,15 @@ impl Stack {
                     &url,
                 ])
                 .args(["--storage-engine", "memory://tansu/"])
-                .stdout(log("tansu.log"))
-                .stderr(log("tansu.err"))
+                .stdout(log(dir, "tansu.log"))
+                .stderr(log(dir, "tansu.err"))
                 .spawn()
                 .expect("tansu starts"),
         );
-        let s3_port = free_port();
-        let s3_dir = dir.join("s3");
-        for b in buckets {
-            std::fs::create_dir_all(s3_dir.join(b)).expect("bucket dir");
-        }
-        let s3 = Proc(
-            Command::new(s3s)
-                .args(["--host", "127.0.0.1", "--port", &s3_port.to_string()])
-                .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
-                .arg(&s3_dir)
-                .stdout(log("s3s.log"))
-                .stderr(log("s3s.err"))
-                .spawn()
-                .expect("s3s-fs starts"),
-        );
+        let mut stack = Stack::s3_only(dir, buckets);
         wait_port(kafka_port, "tansu");
-        wait_port(s3_port, "s3s-fs");
+        stack.kafka_port = kafka_port;
+        stack._kafka = Some(kafka);
         for (t, n) in topics {
             let out = Command::new(tansu)
                 .args([
@@ -136,11 +125,33 @@ impl Stack {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
+        stack
+    }
+
+    /// Only the S3 server (for tests that bring their own Kafka).
+    pub fn s3_only(dir: &Path, buckets: &[&str]) -> Stack {
+        let (_, s3s) = tools();
+        let s3_port = free_port();
+        let s3_dir = dir.join("s3");
+        for b in buckets {
+            std::fs::create_dir_all(s3_dir.join(b)).expect("bucket dir");
+        }
+        let s3 = Proc(
+            Command::new(s3s)
+                .args(["--host", "127.0.0.1", "--port", &s3_port.to_string()])
+                .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
+                .arg(&s3_dir)
+                .stdout(log(dir, "s3s.log"))
+                .stderr(log(dir, "s3s.err"))
+                .spawn()
+                .expect("s3s-fs starts"),
+        );
+        wait_port(s3_port, "s3s-fs");
         Stack {
-            kafka_port,
+            kafka_port: 0,
             s3_port,
             s3_dir,
-            _kafka: kafka,
+            _kafka: None,
             _s3: s3,
         }
     }
@@ -268,4 +279,103 @@ pub fn committed(brokers: &str, group: &str, topic: &str, partitions: i32) -> Ha
             _ => None,
         })
         .collect()
+}
+
+/// The fault-injecting proxy (`tests/helpers/s3_fault_proxy.py`) in front
+/// of the S3 server: 503 SlowDown, held requests, 403 on chosen keys.
+pub struct FaultProxy {
+    pub port: u16,
+    stats: PathBuf,
+    _proc: Proc,
+}
+
+impl FaultProxy {
+    pub fn start(dir: &Path, upstream_port: u16, args: &[&str]) -> FaultProxy {
+        use std::io::BufRead;
+        let stats = dir.join("proxy-stats.json");
+        let mut child = Command::new(super::python())
+            .arg(root().join("tests/helpers/s3_fault_proxy.py"))
+            .args(["--upstream", &format!("127.0.0.1:{upstream_port}")])
+            .args(["--seed", "7", "--stats-file"])
+            .arg(&stats)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(log(dir, "proxy.err"))
+            .spawn()
+            .expect("the fault proxy starts");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("proxy output");
+        let port = line
+            .trim()
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("the fault proxy said {line:?}, not LISTENING host:port"));
+        FaultProxy {
+            port,
+            stats,
+            _proc: Proc(child),
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The proxy's counters (requests, forwarded, injected_503, ...).
+    pub fn stats(&self) -> serde_json::Value {
+        std::fs::read(&self.stats)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+}
+
+/// A real Prometheus scraping `targets` (`(pod, host:port)`) every second,
+/// with the labels a Kubernetes scrape gives (`job`, `namespace`, `pod`).
+pub struct Prometheus {
+    pub port: u16,
+    _proc: Proc,
+}
+
+impl Prometheus {
+    pub fn start(dir: &Path, job: &str, namespace: &str, targets: &[(&str, String)]) -> Prometheus {
+        let bin = std::env::var("PROMETHEUS_BIN").unwrap_or_else(|_| "prometheus".into());
+        let mut config = format!(
+            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n  - job_name: {job}\n    static_configs:\n"
+        );
+        for (pod, addr) in targets {
+            config.push_str(&format!(
+                "      - targets: ['{addr}']\n        labels: {{namespace: {namespace}, pod: {pod}}}\n"
+            ));
+        }
+        let file = dir.join("prometheus.yml");
+        std::fs::write(&file, config).expect("prometheus.yml");
+        let port = free_port();
+        let child = Command::new(&bin)
+            .arg(format!("--config.file={}", file.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("tsdb").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(log(dir, "prometheus.log"))
+            .stderr(log(dir, "prometheus.err"))
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("{bin} does not start ({e}): run scripts/install-prometheus.sh")
+            });
+        let p = Prometheus {
+            port,
+            _proc: Proc(child),
+        };
+        wait_port(port, "prometheus");
+        p
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
 }
