@@ -5,10 +5,12 @@
 //!   `commit_interval_ms`, each assigned partition's highest *contiguous*
 //!   acknowledged offset (from the [`AckTracker`]) is committed, never past
 //!   a record still in flight or failed.
-//! - When the pipeline is full (no in-flight slot), every assigned
-//!   partition is paused and polling goes on (so the group membership
-//!   stays alive); they resume when a slot frees. Memory stays flat
-//!   whatever the backlog.
+//! - When the pipeline is full (no in-flight slot), the poll loop waits
+//!   for a slot; if none frees within half a second, every assigned
+//!   partition is paused and polling goes on (so that callbacks are
+//!   served); they resume when a slot frees. librdkafka's prefetch queue is
+//!   capped (`queued.max.messages.kbytes`, 8 MiB by default here), so
+//!   memory stays flat whatever the backlog.
 //! - On a rebalance, revoked partitions stop being read, their open files
 //!   are closed, their in-flight records get `drain_deadline_ms` to finish,
 //!   and what finished is committed before the partitions go. Newly assigned
@@ -66,8 +68,8 @@ impl Shared {
 
     /// Commits the contiguous acknowledged position of `keys` that moved
     /// since the last commit, synchronously (a few ms on the poll thread;
-    /// the latency is measured exactly).
-    fn commit(&self, c: &BaseConsumer<Ctx>, keys: &[PartitionKey]) {
+    /// the latency is measured exactly). False when the commit failed.
+    fn commit(&self, c: &BaseConsumer<Ctx>, keys: &[PartitionKey]) -> bool {
         let mut tpl = TopicPartitionList::new();
         let mut committed = lock(&self.committed);
         for k in keys {
@@ -85,14 +87,14 @@ impl Shared {
         }
         drop(committed);
         if tpl.count() == 0 {
-            return;
+            return true;
         }
         let started = Instant::now();
         let r = c.commit(&tpl, CommitMode::Sync);
-        self.commit_done(r, started);
+        self.commit_done(r, started)
     }
 
-    fn commit_done(&self, r: KafkaResult<()>, started: Instant) {
+    fn commit_done(&self, r: KafkaResult<()>, started: Instant) -> bool {
         self.stats
             .kafka_commit_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -102,7 +104,8 @@ impl Shared {
                     took_ms = started.elapsed().as_millis() as u64,
                     "offsets committed"
                 );
-                self.stats.kafka_commits.with_label_values(&["ok"]).inc()
+                self.stats.kafka_commits.with_label_values(&["ok"]).inc();
+                true
             }
             Err(e) => {
                 // A failed commit is retried by the next one; forget what we
@@ -110,6 +113,7 @@ impl Shared {
                 tracing::warn!(error = %e, "offset commit failed; the next commit retries it");
                 self.stats.kafka_commits.with_label_values(&["error"]).inc();
                 lock(&self.committed).clear();
+                false
             }
         }
     }
@@ -162,7 +166,7 @@ impl Shared {
             &keys,
             started + Duration::from_millis(self.cfg.drain_deadline_ms),
         );
-        self.commit(c, &keys);
+        let committed = self.commit(c, &keys);
         for k in &keys {
             self.tracker.revoke(k);
             lock(&self.assigned).remove(k);
@@ -174,10 +178,15 @@ impl Shared {
         self.stats
             .kafka_assigned
             .set(lock(&self.assigned).len() as i64);
-        if left.is_empty() {
-            tracing::info!(partitions = ?names(&keys), took_ms = started.elapsed().as_millis() as u64, "partitions revoked: drained and committed");
-        } else {
+        if !left.is_empty() {
             tracing::warn!(partitions = ?names(&left), "partitions revoked before their records finished; the next owner reprocesses them");
+        } else if !committed {
+            // Typically the session expired (brokers unreachable): the group
+            // has moved on, and the next owner reprocesses from the last
+            // committed offsets; their Parquet leftovers are removed then.
+            tracing::warn!(partitions = ?names(&keys), took_ms = started.elapsed().as_millis() as u64, "partitions revoked: drained, but the commit failed; the next owner reprocesses from the last commit");
+        } else {
+            tracing::info!(partitions = ?names(&keys), took_ms = started.elapsed().as_millis() as u64, "partitions revoked: drained and committed");
         }
     }
 
@@ -282,6 +291,10 @@ impl ConsumerContext for Ctx {
 }
 
 /// The librdkafka settings of the consumer: ours, then the raw options.
+/// How long the poll loop waits for a free in-flight slot before it pauses
+/// the partitions (and serves callbacks while paused).
+const PAUSE_AFTER: Duration = Duration::from_millis(500);
+
 pub fn consumer_config(cfg: &KafkaSourceConfig) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &cfg.brokers)
@@ -291,6 +304,10 @@ pub fn consumer_config(cfg: &KafkaSourceConfig) -> ClientConfig {
         .set("auto.offset.reset", &cfg.auto_offset_reset)
         .set("session.timeout.ms", cfg.session_timeout_ms.to_string())
         .set("statistics.interval.ms", "5000")
+        // The prefetch queue: librdkafka's defaults (64 MiB, 100k messages)
+        // are sized for tiny, cheap records; ours wait for a model.
+        .set("queued.max.messages.kbytes", "8192")
+        .set("queued.min.messages", "10000")
         .set("client.id", format!("clipstream-{}", std::process::id()));
     for (k, v) in &cfg.options {
         c.set(k, v);
@@ -363,6 +380,7 @@ impl KafkaSource {
             .map_err(|e| anyhow::anyhow!("cannot subscribe to {topics:?}: {e}"))?;
         tracing::info!(brokers = %self.cfg.brokers, topics = ?topics, group = %self.cfg.group_id, "consuming");
 
+        let rt = tokio::runtime::Handle::current();
         let commit_every = Duration::from_millis(self.cfg.commit_interval_ms);
         let mut last_commit = Instant::now();
         let mut paused = false;
@@ -387,9 +405,26 @@ impl KafkaSource {
                 }
                 last_commit = Instant::now();
             }
-            // Backpressure: no slot, pause everything and keep polling.
-            let permit = match Arc::clone(&ctx.in_flight).try_acquire_owned() {
-                Ok(p) => {
+            // Backpressure. A full pipeline usually frees a slot within a
+            // batch: wait for one without polling (librdkafka keeps its
+            // prefetched messages). Only when none frees up within
+            // PAUSE_AFTER pause everything and keep polling, so that
+            // callbacks are served; pausing at once on every full moment
+            // would purge the prefetch queue each time and make every
+            // resume wait for a fetch round trip.
+            let slot = Arc::clone(&ctx.in_flight)
+                .try_acquire_owned()
+                .ok()
+                .or_else(|| {
+                    rt.block_on(tokio::time::timeout(
+                        PAUSE_AFTER,
+                        Arc::clone(&ctx.in_flight).acquire_owned(),
+                    ))
+                    .ok()
+                    .and_then(Result::ok)
+                });
+            let permit = match slot {
+                Some(p) => {
                     if paused {
                         if let Ok(a) = consumer.assignment() {
                             let _ = consumer.resume(&a);
@@ -398,7 +433,7 @@ impl KafkaSource {
                     }
                     p
                 }
-                Err(_) => {
+                None => {
                     if !paused {
                         if let Ok(a) = consumer.assignment() {
                             let _ = consumer.pause(&a);
