@@ -329,24 +329,22 @@ fn metrics_health_and_readiness_are_served_during_a_run() {
         .status();
     child.wait().expect("reap");
 
-    for name in [
-        "clipstream_build_info",
-        "clipstream_encoder_info",
-        "clipstream_records_read_total",
-        "clipstream_images_encoded_total",
-        "clipstream_texts_encoded_total",
-        "clipstream_dead_letters_total",
-        "clipstream_batch_size_bucket",
-        "clipstream_inference_duration_seconds_bucket",
-        "clipstream_fetch_duration_seconds_count",
-        "clipstream_decode_duration_seconds_count",
-        "clipstream_in_flight_records",
-    ] {
-        assert!(
-            text.lines().any(|l| l.starts_with(name)),
-            "{name} missing:\n{text}"
-        );
-    }
+    assert_metrics(
+        &text,
+        &[
+            "clipstream_build_info",
+            "clipstream_encoder_info",
+            "clipstream_records_read_total",
+            "clipstream_images_encoded_total",
+            "clipstream_texts_encoded_total",
+            "clipstream_dead_letters_total",
+            "clipstream_batch_size_bucket",
+            "clipstream_inference_duration_seconds_bucket",
+            "clipstream_fetch_duration_seconds_count",
+            "clipstream_decode_duration_seconds_count",
+            "clipstream_in_flight_records",
+        ],
+    );
     assert!(text.contains(r#"provider="cpu""#), "{text}");
     assert!(text.contains(r#"tower="vision""#) && text.contains(r#"tower="text""#));
     // Exposition format: every sample is NAME[{labels}] VALUE, every family has HELP and TYPE.

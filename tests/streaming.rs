@@ -192,20 +192,35 @@ fn ids(msgs: &[Msg]) -> HashMap<String, usize> {
     m
 }
 
-/// Waits until the group has committed every partition to its end.
-fn wait_committed(brokers: &str, ends: &HashMap<i32, i64>, timeout: Duration) {
+/// Polls the group's committed offsets every `every` until `done` holds;
+/// fails with `what` and the offsets after `timeout`.
+fn poll_committed(
+    brokers: &str,
+    timeout: Duration,
+    every: Duration,
+    what: &str,
+    done: impl Fn(&HashMap<i32, i64>) -> bool,
+) -> HashMap<i32, i64> {
     let deadline = Instant::now() + timeout;
     loop {
         let c = stack::committed(brokers, GROUP, TOPIC, PARTITIONS);
-        if ends.iter().all(|(p, end)| c.get(p) == Some(end)) {
-            return;
+        if done(&c) {
+            return c;
         }
-        assert!(
-            Instant::now() < deadline,
-            "committed offsets {c:?} did not reach the ends {ends:?}"
-        );
-        std::thread::sleep(Duration::from_millis(500));
+        assert!(Instant::now() < deadline, "{what}: committed {c:?}");
+        std::thread::sleep(every);
     }
+}
+
+/// Waits until the group has committed every partition to its end.
+fn wait_committed(brokers: &str, ends: &HashMap<i32, i64>, timeout: Duration) {
+    poll_committed(
+        brokers,
+        timeout,
+        Duration::from_millis(500),
+        &format!("the ends {ends:?} not reached"),
+        |c| ends.iter().all(|(p, end)| c.get(p) == Some(end)),
+    );
 }
 
 struct Outcome {
@@ -482,16 +497,14 @@ fn sigkill_at_random_moments_loses_nothing_and_parquet_stays_exactly_once() {
 }
 
 /// Waits until the group has committed at least `share` of `total` records.
-fn wait_progress(brokers: &str, total: i64, share: f64) -> HashMap<i32, i64> {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let c = stack::committed(brokers, GROUP, TOPIC, PARTITIONS);
-        if c.values().sum::<i64>() as f64 >= total as f64 * share {
-            return c;
-        }
-        assert!(Instant::now() < deadline, "no progress: committed {c:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+fn wait_progress(brokers: &str, total: i64, share: f64) {
+    poll_committed(
+        brokers,
+        Duration::from_secs(120),
+        Duration::from_millis(100),
+        "no progress",
+        |c| c.values().sum::<i64>() as f64 >= total as f64 * share,
+    );
 }
 
 #[test]
@@ -672,18 +685,16 @@ fn prometheus_scrapes_two_workers_and_every_dashboard_panel_has_data() {
     for addr in &addrs {
         let (status, text) = support::http_get(addr, "/metrics");
         assert_eq!(status, 200);
-        for name in [
-            "clipstream_kafka_assigned_partitions",
-            "clipstream_kafka_commit_duration_seconds_bucket",
-            "clipstream_kafka_messages_produced_total",
-            "clipstream_s3_requests_total",
-            "clipstream_s3_retries_total",
-        ] {
-            assert!(
-                text.lines().any(|l| l.starts_with(name)),
-                "{name} missing:\n{text}"
-            );
-        }
+        support::assert_metrics(
+            &text,
+            &[
+                "clipstream_kafka_assigned_partitions",
+                "clipstream_kafka_commit_duration_seconds_bucket",
+                "clipstream_kafka_messages_produced_total",
+                "clipstream_s3_requests_total",
+                "clipstream_s3_retries_total",
+            ],
+        );
         support::promtool_check(&text);
         assert_eq!(support::http_get(addr, "/readyz").0, 200);
     }
@@ -831,7 +842,10 @@ fn mock_cluster_faults(refuse_produce: bool) {
 /// tansu + s3s-fs on loopback), same model and engine settings, rates
 /// printed side by side. `CLIPSTREAM_BENCH_MODEL` (a model dir; default the
 /// tiny test model), `CLIPSTREAM_BENCH_IMAGES` (a folder of images; default
-/// the test images) and `CLIPSTREAM_BENCH_RECORDS` (default 2000) change it.
+/// the test images), `CLIPSTREAM_BENCH_RECORDS` (default 2000),
+/// `CLIPSTREAM_BENCH_IN_FLIGHT` (`engine.max_in_flight` of both; default
+/// 128) and `CLIPSTREAM_BENCH_FETCH_CONCURRENCY` (`fetch.concurrency` of the
+/// Kafka + S3 run; default 16) change it.
 ///
 ///     cargo test --release -p clipstream --test streaming -- --ignored --nocapture bench
 #[test]

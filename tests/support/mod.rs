@@ -416,6 +416,16 @@ pub fn metric(text: &str, name: &str) -> f64 {
         .sum()
 }
 
+/// Fails unless every metric of `names` has a sample line in `text`.
+pub fn assert_metrics(text: &str, names: &[&str]) {
+    for name in names {
+        assert!(
+            text.lines().any(|l| l.starts_with(name)),
+            "{name} missing:\n{text}"
+        );
+    }
+}
+
 /// `promtool check metrics` on an exposition text (lint: names, units,
 /// HELP/TYPE); promtool comes with Prometheus (scripts/install-prometheus.sh).
 pub fn promtool_check(text: &str) {
