@@ -452,11 +452,14 @@ def overview() -> dict:
     p.append(row("In flight and queues"))
     p.append(timeseries("Records in flight", "Records read but not yet acknowledged by every sink (bounded by engine.max_in_flight), by pod; and the records the source reports as its input.", "short",
                         [(f"sum by (pod)(clipstream_in_flight_records{s()})", "in flight {{pod}}"),
-                         (f"sum by (pod)(clipstream_input_records{s()})", "input {{pod}}")], w=8))
+                         (f"sum by (pod)(clipstream_input_records{s()})", "input {{pod}}")], w=6))
     p.append(timeseries("Queue occupancy", "Items in each stage queue over its capacity. A queue pinned at 100% is the one that the next stage cannot keep up with.", "percentunit",
-                        [(f"sum by (queue)(clipstream_queue_items{s()}) / sum by (queue)(clipstream_queue_capacity{s()})", "{{queue}}")], w=8))
+                        [(f"sum by (queue)(clipstream_queue_items{s()}) / sum by (queue)(clipstream_queue_capacity{s()})", "{{queue}}")], w=6))
     p.append(timeseries("Queue items", "Items in each stage queue.", "short",
-                        [(f"sum by (queue)(clipstream_queue_items{s()})", "{{queue}}")], w=8))
+                        [(f"sum by (queue)(clipstream_queue_items{s()})", "{{queue}}")], w=6))
+    p.append(timeseries("Source paused (backpressure)", "1 while a pod's Kafka source has paused its partitions because its pipeline stayed full for half a second: that pod is at capacity (more replicas help while partitions are left to spread). Also pauses per second.", "short",
+                        [(f"max by (pod)(clipstream_kafka_source_paused{s()})", "paused {{pod}}"),
+                         (rate("clipstream_kafka_source_pauses_total"), "pauses / s")], w=6))
 
     p.append(row("Encoder"))
     p.append(table("Encoder and build", "Model, execution provider actually in use and clipstream version, per pod.",

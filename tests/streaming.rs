@@ -691,6 +691,8 @@ fn prometheus_scrapes_two_workers_and_every_dashboard_panel_has_data() {
                 "clipstream_kafka_assigned_partitions",
                 "clipstream_kafka_commit_duration_seconds_bucket",
                 "clipstream_kafka_messages_produced_total",
+                "clipstream_kafka_source_paused",
+                "clipstream_kafka_source_pauses_total",
                 "clipstream_s3_requests_total",
                 "clipstream_s3_retries_total",
             ],
@@ -723,6 +725,207 @@ fn prometheus_scrapes_two_workers_and_every_dashboard_panel_has_data() {
         assert_eq!(terminate(w), Some(0));
     }
     check(&brokers, &stack.s3_dir, &input, &ev, 0);
+}
+
+/// What a worker looked like while it ran: its peak resident memory and
+/// whether its Kafka source paused for backpressure.
+#[derive(Debug, Default)]
+struct Watched {
+    peak_rss_mib: f64,
+    paused_seen: bool,
+    pauses: f64,
+}
+
+/// Samples `p`'s resident memory (every 100 ms) and its `/metrics` at `addr`
+/// (every 500 ms) until `done` holds, at most `max`.
+fn watch(p: &Proc, addr: &str, max: Duration, done: impl Fn() -> bool) -> Watched {
+    let status = format!("/proc/{}/status", p.0.id());
+    let mut w = Watched::default();
+    let started = Instant::now();
+    let mut last_scrape = Instant::now() - Duration::from_secs(1);
+    while started.elapsed() < max {
+        if let Some(kib) = std::fs::read_to_string(&status).ok().and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        }) {
+            w.peak_rss_mib = w.peak_rss_mib.max(kib / 1024.0);
+        }
+        if last_scrape.elapsed() >= Duration::from_millis(500) {
+            last_scrape = Instant::now();
+            if std::net::TcpStream::connect(addr).is_ok() {
+                let (_, text) = support::http_get(addr, "/metrics");
+                w.paused_seen |= support::metric(&text, "clipstream_kafka_source_paused") == 1.0;
+                w.pauses = support::metric(&text, "clipstream_kafka_source_pauses_total");
+            }
+            if done() {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    w
+}
+
+#[test]
+fn backpressure_pauses_the_source_and_memory_stays_flat_under_a_backlog() {
+    let _one = one_at_a_time();
+    let dir = scratch("stream-backpressure");
+    let stack = Stack::start(
+        &dir,
+        &[
+            ("small", PARTITIONS as u32),
+            (TOPIC, PARTITIONS as u32),
+            ("embeddings", 4),
+            ("labels", 4),
+            ("dead-letters", 1),
+        ],
+        &["images", "output", "private"],
+    );
+    let brokers = stack.brokers();
+    // Images in S3 (those of a few generated events), and events of 40 kB
+    // each (padded with a field the worker ignores): a backlog of 1,500 is
+    // 60 MB, against 150 (6 MB) for the small one.
+    let input = build_input(&dir, 80, 71);
+    let ev = to_kafka(&input, &stack.s3_dir);
+    let mut uris: Vec<String> = ev
+        .messages
+        .iter()
+        .filter(|(id, _)| !ev.bad.contains_key(id))
+        .filter_map(|(_, v)| {
+            let v: Value = serde_json::from_slice(v).ok()?;
+            Some(v["image"].as_str()?.to_string())
+        })
+        .filter(|u| u.starts_with("s3://images/"))
+        .collect();
+    uris.sort();
+    uris.dedup();
+    assert!(uris.len() >= 10, "only {} images", uris.len());
+    let pad = "x".repeat(40_000);
+    let events = |prefix: &str, n: usize| -> Vec<(String, Vec<u8>)> {
+        (0..n)
+            .map(|i| {
+                let id = format!("{prefix}-{i:05}");
+                let v = serde_json::json!({"id": id, "image": uris[i % uris.len()], "pad": pad});
+                (id, v.to_string().into_bytes())
+            })
+            .collect()
+    };
+    let small = events("small", 150);
+    let big = events("big", 1500);
+    let small_ends = ends(&stack::produce(&brokers, "small", &small));
+    let big_ends = ends(&stack::produce(&brokers, TOPIC, &big));
+
+    // A slow S3 (every object GET held 1 s) and 16 records in flight: the
+    // pipeline stays full, so the source must pause.
+    let proxy = stack::FaultProxy::start(
+        &dir,
+        stack.s3_port,
+        &["--slowdown-rate", "0", "--delay-secs", "1"],
+    );
+    let slow = |name: &str, topic: &str, addr: &str| {
+        let p = pipeline(
+            &dir,
+            &brokers,
+            &proxy.endpoint(),
+            name,
+            &format!("[metrics]\nlisten = \"{addr}\"\n"),
+        );
+        let text = std::fs::read_to_string(&p)
+            .expect("pipeline")
+            .replace("max_event_bytes = 4096", "max_event_bytes = 65536")
+            .replace("max_in_flight = 64", "max_in_flight = 16")
+            .replace("max_size = 32", "max_size = 16")
+            .replace(
+                &format!("topics = [\"{TOPIC}\"]"),
+                &format!("topics = [\"{topic}\"]"),
+            );
+        std::fs::write(&p, text).expect("pipeline");
+        p
+    };
+    let reached = |topic: &str, ends: &HashMap<i32, i64>| {
+        let c = stack::committed(&brokers, GROUP, topic, PARTITIONS);
+        ends.iter().all(|(p, e)| c.get(p) == Some(e))
+    };
+
+    // The small backlog, to the end.
+    let addr = format!("127.0.0.1:{}", stack::free_port());
+    let w = worker(&dir, &slow("small", "small", &addr), "small");
+    let s = watch(&w, &addr, Duration::from_secs(120), || {
+        reached("small", &small_ends)
+    });
+    assert!(
+        reached("small", &small_ends),
+        "the small backlog was not finished in 120 s"
+    );
+    assert_eq!(terminate(w), Some(0));
+
+    // The big one, for 30 s.
+    let addr = format!("127.0.0.1:{}", stack::free_port());
+    let w = worker(&dir, &slow("big", TOPIC, &addr), "big");
+    let b = watch(&w, &addr, Duration::from_secs(30), || false);
+    assert_eq!(terminate(w), Some(0));
+    let done: i64 = stack::committed(&brokers, GROUP, TOPIC, PARTITIONS)
+        .values()
+        .sum();
+    eprintln!(
+        "backpressure: peak RSS {:.0} MiB with a 6 MB backlog, {:.0} MiB with a 60 MB one \
+         ({done} of 1500 committed in 30 s, {} pauses); proxy: {}",
+        s.peak_rss_mib,
+        b.peak_rss_mib,
+        b.pauses,
+        proxy.stats()
+    );
+    assert!(
+        b.paused_seen && b.pauses >= 1.0,
+        "the source never paused: {b:?}"
+    );
+    assert!(
+        done < 1500,
+        "the big backlog was finished: no backlog to hold"
+    );
+    assert!(
+        b.peak_rss_mib - s.peak_rss_mib < 24.0,
+        "memory grew with the backlog: {:.0} MiB (6 MB backlog) vs {:.0} MiB (60 MB)",
+        s.peak_rss_mib,
+        b.peak_rss_mib
+    );
+
+    // The rest at full speed, straight to S3: nothing lost, Parquet exactly
+    // once for both topics.
+    let p = pipeline(&dir, &brokers, &stack.s3_endpoint(), "rest", "");
+    let text = std::fs::read_to_string(&p)
+        .expect("pipeline")
+        .replace("max_event_bytes = 4096", "max_event_bytes = 65536");
+    std::fs::write(&p, text).expect("pipeline");
+    let w = worker(&dir, &p, "rest");
+    wait_committed(&brokers, &big_ends, Duration::from_secs(240));
+    assert_eq!(terminate(w), Some(0));
+    let rows = read_parquet(&stack.s3_dir.join("output/embeddings"));
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for r in &rows {
+        *seen.entry(r["id"].as_str().expect("id")).or_default() += 1;
+    }
+    for (id, _) in small.iter().chain(&big) {
+        assert_eq!(seen.get(id.as_str()), Some(&1), "{id} in Parquet");
+    }
+    assert_eq!(
+        seen.len(),
+        small.len() + big.len(),
+        "unexpected ids in Parquet"
+    );
+    let embeddings = stack::read_topic(
+        &brokers,
+        "embeddings",
+        PARTITIONS,
+        Duration::from_secs(60),
+        |m| ids(m).len() >= small.len() + big.len(),
+    );
+    assert_eq!(
+        ids(&embeddings).len(),
+        small.len() + big.len(),
+        "embeddings missing"
+    );
 }
 
 /// librdkafka's mock cluster (3 brokers, in this test process) in place of

@@ -3,7 +3,8 @@
 
     s3_fault_proxy.py --upstream 127.0.0.1:PORT [--listen 127.0.0.1:0]
                       [--slowdown-rate 0.2] [--timeout-rate 0.0] [--timeout-secs 30]
-                      [--forbid KEY_SUBSTRING ...] [--seed N] [--stats-file PATH]
+                      [--forbid KEY_SUBSTRING ...] [--delay-secs 0]
+                      [--seed N] [--stats-file PATH]
 
 Defaults: --slowdown-rate 0.2 (pass 0 for none), --timeout-rate 0,
 --timeout-secs 30, a random seed. On start it prints one line,
@@ -26,7 +27,8 @@ bucket-level to the proxy and are never faulted. For an object request:
   - else one draw of the seeded RNG: below --slowdown-rate, 503 SlowDown
     (not forwarded); below slowdown-rate + timeout-rate, the request is held
     unanswered for --timeout-secs and the connection is then closed;
-    otherwise it is forwarded.
+    otherwise it is forwarded, an object GET after --delay-secs (a slow
+    S3; default 0).
 The draws follow arrival order, so a seed fixes which requests fail only when
 the client sends one request at a time.
 Injected replies do not reach the upstream. A faulted request's body is read
@@ -34,7 +36,7 @@ and dropped first (so the connection stays usable); when the client waits on
 `Expect: 100-continue` the reply goes out at once with `Connection: close`.
 
 Counters (requests, forwarded, injected_503, injected_timeouts, injected_403,
-upstream_errors; requests counts everything but the stats path) are served as JSON at GET /__proxy_stats (never forwarded)
+delayed, upstream_errors; requests counts everything but the stats path) are served as JSON at GET /__proxy_stats (never forwarded)
 and written to --stats-file (atomically) on every change and on SIGTERM.
 """
 
@@ -176,6 +178,7 @@ class Proxy:
         self.slowdown_rate = args.slowdown_rate
         self.timeout_rate = args.timeout_rate
         self.timeout_secs = args.timeout_secs
+        self.delay_secs = args.delay_secs
         self.forbid = list(args.forbid or [])
         self.rng = random.Random(args.seed)
         self.stats_file = args.stats_file
@@ -185,6 +188,7 @@ class Proxy:
             "injected_503": 0,
             "injected_timeouts": 0,
             "injected_403": 0,
+            "delayed": 0,
             "upstream_errors": 0,
         }
         self.request_ids = 0
@@ -207,7 +211,7 @@ class Proxy:
     # ------------------------------------------------------------ decisions
 
     def decide(self, target: str) -> str:
-        """'forward', 'forbid', 'slowdown' or 'timeout' for a request target."""
+        """'forward', 'forward_object', 'forbid', 'slowdown' or 'timeout' for a request target."""
         path = target.split("?", 1)[0]
         if path.startswith("http://") or path.startswith("https://"):  # absolute-form
             path = "/" + path.split("://", 1)[1].partition("/")[2]
@@ -222,7 +226,7 @@ class Proxy:
             return "slowdown"
         if r < self.slowdown_rate + self.timeout_rate:
             return "timeout"
-        return "forward"
+        return "forward_object"
 
     # ------------------------------------------------------------ replies
 
@@ -310,6 +314,9 @@ class Proxy:
                 drain.cancel()
             return False, upstream
 
+        if action == "forward_object" and self.delay_secs > 0 and method == "GET":
+            self.bump("delayed")
+            await asyncio.sleep(self.delay_secs)
         return await self.forward(req, method, framing, expect_continue, client_close, creader, cwriter, upstream)
 
     async def connect_upstream(self):
@@ -434,6 +441,9 @@ def main() -> None:
         action="extend",
         metavar="KEY_SUBSTRING",
         help="object paths with this substring get 403 AccessDenied",
+    )
+    ap.add_argument(
+        "--delay-secs", type=float, default=0.0, help="forwarded object GETs wait this long first (default 0)"
     )
     ap.add_argument("--seed", type=int, default=None, help="seed of the fault RNG")
     ap.add_argument("--stats-file", default=None, help="JSON counters, rewritten on every change")

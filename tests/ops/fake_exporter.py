@@ -34,6 +34,7 @@ COUNTERS = {
     "clipstream_parquet_files_total": [{}],
     "clipstream_parquet_bytes_total": [{}],
     "clipstream_kafka_commits_total": [{"result": "ok"}, {"result": "error"}],
+    "clipstream_kafka_source_pauses_total": [{}],
     "clipstream_kafka_messages_produced_total": [{"output": o} for o in ("embeddings", "labels", "dead_letters")],
     "clipstream_s3_requests_total": [{"operation": op, "result": r} for op in ("get_object", "put_object", "create_multipart_upload", "upload_part", "complete_multipart_upload") for r in ("ok", "error")],
     "clipstream_s3_retries_total": [{"operation": "get_object"}, {"operation": "upload_part"}],
@@ -44,6 +45,7 @@ GAUGES = {
     "clipstream_in_flight_records": [{}],
     "clipstream_kafka_consumer_lag_records": [{"topic": "image-events", "partition": str(p)} for p in range(4)],
     "clipstream_kafka_assigned_partitions": [{}],
+    "clipstream_kafka_source_paused": [{}],
     "clipstream_queue_items": [{"queue": q} for q in ("records", "fetched", "vision", "text", "done")],
     "clipstream_queue_capacity": [{"queue": q} for q in ("records", "fetched", "vision", "text", "done")],
     "clipstream_encoder_info": [{"model": "clip-tiny", "provider": "cpu"}],
@@ -92,6 +94,8 @@ def exposition(omit: re.Pattern | None) -> str:
                 v = 64
             elif name == "clipstream_kafka_assigned_partitions":
                 v = 4
+            elif name == "clipstream_kafka_source_paused":
+                v = int(t) % 2
             else:
                 v = (7 * (j + 1) + int(t)) % 64
             lines.append(f"{name}{labels(ls)} {v}")

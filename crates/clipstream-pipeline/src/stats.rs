@@ -84,6 +84,11 @@ pub struct Stats {
     pub kafka_commits: IntCounterVec,
     /// Partitions assigned to this worker.
     pub kafka_assigned: IntGauge,
+    /// 1 while the source has paused its partitions because the pipeline
+    /// stayed full (backpressure), else 0.
+    pub kafka_paused: IntGauge,
+    /// Times the source paused its partitions for backpressure.
+    pub kafka_pauses: IntCounter,
     /// Messages delivered to output topics, by output.
     pub kafka_produced: IntCounterVec,
     /// Readiness: the source is assigned (or needs no assignment) and the
@@ -272,6 +277,16 @@ impl Default for Stats {
             "clipstream_kafka_assigned_partitions",
             "Partitions assigned to this worker.",
         );
+        let kafka_paused = gauge(
+            &r,
+            "clipstream_kafka_source_paused",
+            "1 while the Kafka source has paused its partitions because the pipeline stayed full (backpressure), else 0.",
+        );
+        let kafka_pauses = counter(
+            &r,
+            "clipstream_kafka_source_pauses_total",
+            "Times the Kafka source paused its partitions because the pipeline stayed full.",
+        );
         for d in ["read", "written"] {
             s3_bytes.with_label_values(&[d]);
         }
@@ -291,6 +306,8 @@ impl Default for Stats {
             kafka_commit_seconds,
             kafka_commits,
             kafka_assigned,
+            kafka_paused,
+            kafka_pauses,
             kafka_produced,
             ready: std::sync::atomic::AtomicBool::new(false),
             read: counter(

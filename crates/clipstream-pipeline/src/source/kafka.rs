@@ -430,6 +430,7 @@ impl KafkaSource {
                             let _ = consumer.resume(&a);
                         }
                         paused = false;
+                        ctx.stats.kafka_paused.set(0);
                     }
                     p
                 }
@@ -439,6 +440,8 @@ impl KafkaSource {
                             let _ = consumer.pause(&a);
                         }
                         paused = true;
+                        ctx.stats.kafka_paused.set(1);
+                        ctx.stats.kafka_pauses.inc();
                     }
                     // Serve callbacks; a paused consumer returns no messages
                     // (librdkafka purges the fetch queue on pause).
