@@ -928,6 +928,105 @@ fn backpressure_pauses_the_source_and_memory_stays_flat_under_a_backlog() {
     );
 }
 
+#[test]
+fn kafka_over_tls_end_to_end_and_an_untrusted_broker_is_a_clear_error() {
+    let _one = one_at_a_time();
+    let dir = scratch("stream-tls");
+    // The broker is reachable over TLS only (a TLS-terminating proxy in
+    // front of it, advertised in its metadata); the test's own clients
+    // trust the test CA.
+    let stack = Stack::start_tls(
+        &dir,
+        &[
+            (TOPIC, PARTITIONS as u32),
+            ("embeddings", 4),
+            ("labels", 4),
+            ("dead-letters", 1),
+        ],
+        &["images", "output", "private"],
+    );
+    let ca = stack.kafka_ca.clone().expect("CA");
+    let input = build_input(&dir, 600, 61);
+    let ev = to_kafka(&input, &stack.s3_dir);
+    let brokers = stack.brokers();
+    let delivered = stack::produce(&brokers, TOPIC, &ev.messages);
+
+    // A worker that does not trust the broker's certificate stops with an
+    // error that names the cause, and reads nothing.
+    let untrusted = pipeline(
+        &dir,
+        &brokers,
+        &stack.s3_endpoint(),
+        "untrusted",
+        "[source.options]\n\"security.protocol\" = \"ssl\"\n\n[sink.kafka.options]\n\"security.protocol\" = \"ssl\"\n",
+    );
+    let started = Instant::now();
+    let out = Command::new(support::bin())
+        .args(["run", "--no-progress"])
+        .arg(&untrusted)
+        .env("AWS_ACCESS_KEY_ID", stack::ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", stack::SECRET_KEY)
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .output()
+        .expect("worker runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!(
+        "untrusted CA: exit {:?} after {:.1} s; stderr tail:\n{}",
+        out.status.code(),
+        started.elapsed().as_secs_f64(),
+        stderr.lines().rev().take(3).collect::<Vec<_>>().join("\n")
+    );
+    assert!(
+        !out.status.success(),
+        "a worker that cannot verify the broker ran"
+    );
+    // The last line, the error itself, names the cause (librdkafka's
+    // log lines before it say so too).
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("error:") && last.contains("certificate verify failed"),
+        "the error does not say that the certificate was not trusted:\n{stderr}"
+    );
+    assert!(
+        stack::committed(&brokers, GROUP, TOPIC, PARTITIONS).is_empty(),
+        "the untrusted worker committed offsets"
+    );
+
+    // Two workers with the CA: everything once, as over plaintext.
+    let tls = format!(
+        "[source.options]\n\"security.protocol\" = \"ssl\"\n\"ssl.ca.location\" = \"{ca}\"\n\n\
+         [sink.kafka.options]\n\"security.protocol\" = \"ssl\"\n\"ssl.ca.location\" = \"{ca}\"\n",
+        ca = ca.display()
+    );
+    let workers: Vec<_> = ["a", "b"]
+        .iter()
+        .map(|name| {
+            let p = pipeline(&dir, &brokers, &stack.s3_endpoint(), name, &tls);
+            worker(&dir, &p, name)
+        })
+        .collect();
+    wait_committed(&brokers, &ends(&delivered), Duration::from_secs(240));
+    for w in workers {
+        assert_eq!(terminate(w), Some(0));
+    }
+    let out = check(&brokers, &stack.s3_dir, &input, &ev, 0);
+    let stats: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("tls-stats.json")).expect("TLS proxy stats"),
+    )
+    .expect("json");
+    eprintln!(
+        "over TLS: {} Parquet rows, {} embeddings, {} dead letters; TLS proxy: {stats}",
+        out.parquet.len(),
+        out.embeddings.len(),
+        out.dead.len()
+    );
+    assert!(
+        stats["failed_handshakes"].as_u64().unwrap_or(0) >= 1,
+        "the untrusted worker's handshakes were not refused: {stats}"
+    );
+}
+
 /// librdkafka's mock cluster (3 brokers, in this test process) in place of
 /// the broker, to inject what a real broker cannot be made to do on cue:
 /// the group coordinator moving twice, then every broker down for 10 s

@@ -73,20 +73,125 @@ impl Drop for Proc {
 
 /// The broker and the S3 server.
 pub struct Stack {
+    /// The port Kafka clients use (the TLS proxy's, with TLS).
     pub kafka_port: u16,
     pub s3_port: u16,
     pub s3_dir: PathBuf,
+    /// With TLS: the CA certificate that signed the broker's.
+    pub kafka_ca: Option<PathBuf>,
     _kafka: Option<Proc>,
+    _tls: Option<Proc>,
     _s3: Proc,
+}
+
+/// Extra client properties for a bootstrap address (TLS), applied by every
+/// client these helpers make for it.
+static CLIENT_OPTIONS: std::sync::Mutex<BTreeMap<String, Vec<(String, String)>>> =
+    std::sync::Mutex::new(BTreeMap::new());
+
+/// A client config for `brokers`, with the properties its stack registered.
+pub fn client(brokers: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers);
+    let options = CLIENT_OPTIONS.lock().unwrap_or_else(|e| e.into_inner());
+    for (k, v) in options.get(brokers).into_iter().flatten() {
+        c.set(k, v);
+    }
+    c
+}
+
+/// A CA and a server certificate for 127.0.0.1 (openssl CLI), in `dir`:
+/// (ca.crt, server.crt, server.key).
+fn certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl runs");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=clipstream test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ]);
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    .expect("ext");
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "server.ext",
+        "-out",
+        "server.crt",
+    ]);
+    (
+        dir.join("ca.crt"),
+        dir.join("server.crt"),
+        dir.join("server.key"),
+    )
 }
 
 impl Stack {
     /// Starts both servers; `topics` are created with their partition
     /// counts, `buckets` as folders of the S3 server.
     pub fn start(dir: &Path, topics: &[(&str, u32)], buckets: &[&str]) -> Stack {
+        Stack::start_with(dir, topics, buckets, false)
+    }
+
+    /// The same, with Kafka reached over TLS only: the broker speaks
+    /// plaintext, so a TLS-terminating proxy (`tests/helpers/tls_proxy.py`)
+    /// sits in front of it and the broker advertises the proxy. Clients made
+    /// by these helpers for `brokers()` use TLS and trust `kafka_ca`.
+    pub fn start_tls(dir: &Path, topics: &[(&str, u32)], buckets: &[&str]) -> Stack {
+        Stack::start_with(dir, topics, buckets, true)
+    }
+
+    fn start_with(dir: &Path, topics: &[(&str, u32)], buckets: &[&str], tls: bool) -> Stack {
         let (tansu, _) = tools();
         let kafka_port = free_port();
+        let client_port = if tls { free_port() } else { kafka_port };
         let url = format!("tcp://127.0.0.1:{kafka_port}");
+        let advertised = format!("tcp://127.0.0.1:{client_port}");
         let kafka = Proc(
             Command::new(tansu)
                 .args([
@@ -94,7 +199,7 @@ impl Stack {
                     "--listener-url",
                     &url,
                     "--advertised-listener-url",
-                    &url,
+                    &advertised,
                 ])
                 .args(["--storage-engine", "memory://tansu/"])
                 .stdout(log(dir, "tansu.log"))
@@ -104,8 +209,41 @@ impl Stack {
         );
         let mut stack = Stack::s3_only(dir, buckets);
         wait_port(kafka_port, "tansu");
-        stack.kafka_port = kafka_port;
+        stack.kafka_port = client_port;
         stack._kafka = Some(kafka);
+        if tls {
+            let certs = dir.join("tls");
+            std::fs::create_dir_all(&certs).expect("tls dir");
+            let (ca, cert, key) = certificates(&certs);
+            stack._tls = Some(Proc(
+                Command::new(super::python())
+                    .arg(root().join("tests/helpers/tls_proxy.py"))
+                    .args(["--listen", &format!("127.0.0.1:{client_port}")])
+                    .args(["--upstream", &format!("127.0.0.1:{kafka_port}")])
+                    .arg("--cert")
+                    .arg(&cert)
+                    .arg("--key")
+                    .arg(&key)
+                    .arg("--stats-file")
+                    .arg(dir.join("tls-stats.json"))
+                    .stdout(log(dir, "tls.log"))
+                    .stderr(log(dir, "tls.err"))
+                    .spawn()
+                    .expect("tls_proxy.py starts"),
+            ));
+            wait_port(client_port, "the TLS proxy");
+            CLIENT_OPTIONS
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(
+                    stack.brokers(),
+                    vec![
+                        ("security.protocol".into(), "ssl".into()),
+                        ("ssl.ca.location".into(), ca.display().to_string()),
+                    ],
+                );
+            stack.kafka_ca = Some(ca);
+        }
         for (t, n) in topics {
             let out = Command::new(tansu)
                 .args([
@@ -151,7 +289,9 @@ impl Stack {
             kafka_port: 0,
             s3_port,
             s3_dir,
+            kafka_ca: None,
             _kafka: None,
+            _tls: None,
             _s3: s3,
         }
     }
@@ -167,8 +307,7 @@ impl Stack {
 
 /// Produces `(key, value)` pairs; returns (partition, offset) of each.
 pub fn produce(brokers: &str, topic: &str, messages: &[(String, Vec<u8>)]) -> Vec<(i32, i64)> {
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+    let producer: FutureProducer = client(brokers)
         .set("enable.idempotence", "true")
         .set("linger.ms", "5")
         .create()
@@ -217,8 +356,7 @@ pub fn read_topic(
     timeout: Duration,
     done: impl Fn(&[Msg]) -> bool,
 ) -> Vec<Msg> {
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+    let c: BaseConsumer = client(brokers)
         .set("group.id", "clipstream-test-reader")
         .set("enable.auto.commit", "false")
         .create()
@@ -260,8 +398,7 @@ pub fn read_topic(
 
 /// The offsets a group has committed, per partition.
 pub fn committed(brokers: &str, group: &str, topic: &str, partitions: i32) -> HashMap<i32, i64> {
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+    let c: BaseConsumer = client(brokers)
         .set("group.id", group)
         .create()
         .expect("consumer");

@@ -23,7 +23,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use rdkafka::ClientContext;
 use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use serde_json::json;
@@ -33,9 +35,27 @@ use crate::dead_letter::DeadLetter;
 use crate::record::{Done, OutputRow};
 use crate::stats::Stats;
 
+/// The producer's context: logs librdkafka's errors like the default one,
+/// and keeps the last that names a cause (a TLS handshake or an
+/// authentication that failed says more than the metadata timeout it leads
+/// to; "all brokers down" says nothing new).
+#[derive(Debug, Default)]
+pub struct OutputContext {
+    last_error: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl ClientContext for OutputContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::error!("librdkafka: {error}: {reason}");
+        if error.rdkafka_error_code() != Some(RDKafkaErrorCode::AllBrokersDown) {
+            *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason.to_string());
+        }
+    }
+}
+
 /// The producer and where each output goes.
 pub struct KafkaOutputs {
-    producer: FutureProducer,
+    producer: FutureProducer<OutputContext>,
     embeddings: Option<String>,
     labels: Option<String>,
     dead_letters: Option<String>,
@@ -85,17 +105,25 @@ impl KafkaOutputs {
         model_id: String,
         stats: Arc<Stats>,
     ) -> anyhow::Result<KafkaOutputs> {
-        let producer: FutureProducer = producer_config(brokers, options)
-            .create()
+        let context = OutputContext::default();
+        let last_error = Arc::clone(&context.last_error);
+        let producer: FutureProducer<OutputContext> = producer_config(brokers, options)
+            .create_with_context(context)
             .map_err(|e| anyhow::anyhow!("cannot create the Kafka producer: {e}"))?;
         for topic in [&embeddings, &labels, &dead_letters].into_iter().flatten() {
             producer
                 .client()
                 .fetch_metadata(Some(topic), Duration::from_secs(15))
                 .map_err(|e| {
-                    anyhow::anyhow!(
-                        "output topic {topic:?} on {brokers} is not reachable: {e} (check the brokers and that the topic exists)"
-                    )
+                    let last = last_error.lock().ok().and_then(|l| l.clone());
+                    match last {
+                        Some(cause) => anyhow::anyhow!(
+                            "output topic {topic:?} on {brokers} is not reachable: {e}; librdkafka's last error: {cause} (check the brokers, the topic, and the security settings in [sink.kafka.options])"
+                        ),
+                        None => anyhow::anyhow!(
+                            "output topic {topic:?} on {brokers} is not reachable: {e} (check the brokers and that the topic exists)"
+                        ),
+                    }
                 })?;
         }
         Ok(KafkaOutputs {
