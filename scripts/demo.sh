@@ -6,6 +6,7 @@
 #   scripts/demo.sh            # extra arguments go to `clipstream run`
 set -euo pipefail
 cd "$(dirname "$0")/.."
+scripts/build-deps.sh
 scripts/fetch-onnxruntime.sh >/dev/null
 cargo build --release --locked -p clipstream
 exec target/release/clipstream run pipelines/local.toml "$@"

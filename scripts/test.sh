@@ -13,6 +13,9 @@ if [[ -n "${CI:-}" ]]; then export CARGO_INCREMENTAL=0; fi
 
 step() { printf '\n==> %s\n' "$*"; }
 
+step "Build dependencies (a C compiler, make, pkg-config, OpenSSL headers)"
+scripts/build-deps.sh
+
 step "ONNX Runtime"
 scripts/fetch-onnxruntime.sh
 

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Checks the C build dependencies of clipstream: librdkafka is compiled by
+# rdkafka-sys (a C compiler, make) against the system OpenSSL (TLS and SASL
+# SCRAM to Kafka), found with pkg-config. Where they are missing and this runs
+# as root on Debian/Ubuntu, installs them with apt-get; else says what to do.
+#
+#   scripts/build-deps.sh
+set -euo pipefail
+
+missing() {
+  local m=()
+  command -v cc >/dev/null || m+=(gcc)
+  command -v make >/dev/null || m+=(make)
+  command -v pkg-config >/dev/null || m+=(pkg-config)
+  if command -v pkg-config >/dev/null && ! pkg-config --exists openssl; then m+=(libssl-dev); fi
+  if ! command -v pkg-config >/dev/null; then m+=(libssl-dev); fi
+  echo "${m[@]}"
+}
+
+need="$(missing)"
+[[ -z "$need" ]] && exit 0
+if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
+  echo "installing the build dependencies: $need" >&2
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $need >&2
+  need="$(missing)"
+  [[ -z "$need" ]] && exit 0
+fi
+echo "error: building clipstream needs: $need (Debian/Ubuntu: apt-get install $need; Fedora: dnf install gcc make pkgconf openssl-devel)" >&2
+exit 1
