@@ -12,8 +12,7 @@ missing() {
   command -v cc >/dev/null || m+=(gcc)
   command -v make >/dev/null || m+=(make)
   command -v pkg-config >/dev/null || m+=(pkg-config)
-  if command -v pkg-config >/dev/null && ! pkg-config --exists openssl; then m+=(libssl-dev); fi
-  if ! command -v pkg-config >/dev/null; then m+=(libssl-dev); fi
+  pkg-config --exists openssl 2>/dev/null || m+=(libssl-dev)  # also when pkg-config is missing
   echo "${m[@]}"
 }
 

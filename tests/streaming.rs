@@ -331,17 +331,32 @@ fn ends(delivered: &[(i32, i64)]) -> HashMap<i32, i64> {
 /// the output topics and the buckets (`private` is not on the allow-list),
 /// and `n` events with their images in S3.
 fn setup(name: &str, n: usize, seed: u64) -> (PathBuf, Stack, Input, Events) {
+    setup_with(name, n, seed, Stack::start)
+}
+
+/// The input and output topics of every streaming test.
+const TOPICS: [(&str, u32); 4] = [
+    (TOPIC, PARTITIONS as u32),
+    ("embeddings", 4),
+    ("labels", 4),
+    ("dead-letters", 1),
+];
+/// The buckets: `private` is not on the allow-list.
+const BUCKETS: [&str; 3] = ["images", "output", "private"];
+
+/// How a test's servers start: `Stack::start`, or `Stack::start_tls` for
+/// Kafka over TLS.
+type StartStack = fn(&Path, &[(&str, u32)], &[&str]) -> Stack;
+
+/// `setup`, with the servers started by `start`.
+fn setup_with(
+    name: &str,
+    n: usize,
+    seed: u64,
+    start: StartStack,
+) -> (PathBuf, Stack, Input, Events) {
     let dir = scratch(name);
-    let stack = Stack::start(
-        &dir,
-        &[
-            (TOPIC, PARTITIONS as u32),
-            ("embeddings", 4),
-            ("labels", 4),
-            ("dead-letters", 1),
-        ],
-        &["images", "output", "private"],
-    );
+    let stack = start(&dir, &TOPICS, &BUCKETS);
     let input = build_input(&dir, n, seed);
     let ev = to_kafka(&input, &stack.s3_dir);
     (dir, stack, input, ev)
@@ -727,6 +742,20 @@ fn prometheus_scrapes_two_workers_and_every_dashboard_panel_has_data() {
     check(&brokers, &stack.s3_dir, &input, &ev, 0);
 }
 
+/// Rewrites lines of a pipeline written by `pipeline` (settings its base
+/// already has), each `(from, to)` in turn.
+fn edit_pipeline(p: &Path, edits: &[(&str, &str)]) {
+    let mut text = std::fs::read_to_string(p).expect("pipeline");
+    for (from, to) in edits {
+        assert!(text.contains(from), "{from:?} is not in {}", p.display());
+        text = text.replace(from, to);
+    }
+    std::fs::write(p, text).expect("pipeline");
+}
+
+/// Events of 40 kB (the base pipeline takes 4 kB).
+const BIG_EVENTS: (&str, &str) = ("max_event_bytes = 4096", "max_event_bytes = 65536");
+
 /// What a worker looked like while it ran: its peak resident memory and
 /// whether its Kafka source paused for backpressure.
 #[derive(Debug, Default)]
@@ -771,17 +800,11 @@ fn watch(p: &Proc, addr: &str, max: Duration, done: impl Fn() -> bool) -> Watche
 fn backpressure_pauses_the_source_and_memory_stays_flat_under_a_backlog() {
     let _one = one_at_a_time();
     let dir = scratch("stream-backpressure");
-    let stack = Stack::start(
-        &dir,
-        &[
-            ("small", PARTITIONS as u32),
-            (TOPIC, PARTITIONS as u32),
-            ("embeddings", 4),
-            ("labels", 4),
-            ("dead-letters", 1),
-        ],
-        &["images", "output", "private"],
-    );
+    let topics: Vec<(&str, u32)> = [("small", PARTITIONS as u32)]
+        .into_iter()
+        .chain(TOPICS)
+        .collect();
+    let stack = Stack::start(&dir, &topics, &BUCKETS);
     let brokers = stack.brokers();
     // Images in S3 (those of a few generated events), and events of 40 kB
     // each (padded with a field the worker ignores): a backlog of 1,500 is
@@ -831,16 +854,18 @@ fn backpressure_pauses_the_source_and_memory_stays_flat_under_a_backlog() {
             name,
             &format!("[metrics]\nlisten = \"{addr}\"\n"),
         );
-        let text = std::fs::read_to_string(&p)
-            .expect("pipeline")
-            .replace("max_event_bytes = 4096", "max_event_bytes = 65536")
-            .replace("max_in_flight = 64", "max_in_flight = 16")
-            .replace("max_size = 32", "max_size = 16")
-            .replace(
-                &format!("topics = [\"{TOPIC}\"]"),
-                &format!("topics = [\"{topic}\"]"),
-            );
-        std::fs::write(&p, text).expect("pipeline");
+        edit_pipeline(
+            &p,
+            &[
+                BIG_EVENTS,
+                ("max_in_flight = 64", "max_in_flight = 16"),
+                ("max_size = 32", "max_size = 16"),
+                (
+                    &format!("topics = [\"{TOPIC}\"]"),
+                    &format!("topics = [\"{topic}\"]"),
+                ),
+            ],
+        );
         p
     };
     let reached = |topic: &str, ends: &HashMap<i32, i64>| {
@@ -894,10 +919,7 @@ fn backpressure_pauses_the_source_and_memory_stays_flat_under_a_backlog() {
     // The rest at full speed, straight to S3: nothing lost, Parquet exactly
     // once for both topics.
     let p = pipeline(&dir, &brokers, &stack.s3_endpoint(), "rest", "");
-    let text = std::fs::read_to_string(&p)
-        .expect("pipeline")
-        .replace("max_event_bytes = 4096", "max_event_bytes = 65536");
-    std::fs::write(&p, text).expect("pipeline");
+    edit_pipeline(&p, &[BIG_EVENTS]);
     let w = worker(&dir, &p, "rest");
     wait_committed(&brokers, &big_ends, Duration::from_secs(240));
     assert_eq!(terminate(w), Some(0));
@@ -931,23 +953,11 @@ fn backpressure_pauses_the_source_and_memory_stays_flat_under_a_backlog() {
 #[test]
 fn kafka_over_tls_end_to_end_and_an_untrusted_broker_is_a_clear_error() {
     let _one = one_at_a_time();
-    let dir = scratch("stream-tls");
     // The broker is reachable over TLS only (a TLS-terminating proxy in
     // front of it, advertised in its metadata); the test's own clients
     // trust the test CA.
-    let stack = Stack::start_tls(
-        &dir,
-        &[
-            (TOPIC, PARTITIONS as u32),
-            ("embeddings", 4),
-            ("labels", 4),
-            ("dead-letters", 1),
-        ],
-        &["images", "output", "private"],
-    );
+    let (dir, stack, input, ev) = setup_with("stream-tls", 600, 61, Stack::start_tls);
     let ca = stack.kafka_ca.clone().expect("CA");
-    let input = build_input(&dir, 600, 61);
-    let ev = to_kafka(&input, &stack.s3_dir);
     let brokers = stack.brokers();
     let delivered = stack::produce(&brokers, TOPIC, &ev.messages);
 
@@ -1058,17 +1068,12 @@ fn mock_cluster_faults(refuse_produce: bool) {
 
     let _one = one_at_a_time();
     let dir = scratch("stream-mock");
-    let stack = Stack::s3_only(&dir, &["images", "output", "private"]);
+    let stack = Stack::s3_only(&dir, &BUCKETS);
     let input = build_input(&dir, 1500, 61);
     let ev = to_kafka(&input, &stack.s3_dir);
     let cluster = MockCluster::new(3).expect("mock cluster");
-    for (t, n) in [
-        (TOPIC, PARTITIONS),
-        ("embeddings", 4),
-        ("labels", 4),
-        ("dead-letters", 1),
-    ] {
-        cluster.create_topic(t, n, 3).expect("topic");
+    for (t, n) in TOPICS {
+        cluster.create_topic(t, n as i32, 3).expect("topic");
     }
     let brokers = cluster.bootstrap_servers();
     let (first, rest) = ev.messages.split_at(300);

@@ -55,17 +55,27 @@ pub fn python() -> String {
     std::env::var("CLIPSTREAM_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
 }
 
-/// Every row of the Parquet files under `dir`, read by pyarrow.
-pub fn read_parquet(dir: &Path) -> Vec<Value> {
-    let out = Command::new(python())
-        .arg(root().join("tests/helpers/parquet_dump.py"))
-        .arg(dir)
+/// Runs `cmd` to completion and fails the test, with its stderr, unless it
+/// exits 0; `what` names it in the failure.
+pub fn run_ok(cmd: &mut Command, what: &str) -> std::process::Output {
+    let out = cmd
         .output()
-        .expect("python runs (set CLIPSTREAM_TEST_PYTHON to a Python with pyarrow)");
+        .unwrap_or_else(|e| panic!("{what} does not start: {e}"));
     assert!(
         out.status.success(),
-        "parquet_dump failed: {}",
+        "{what} failed: {}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Every row of the Parquet files under `dir`, read by pyarrow.
+pub fn read_parquet(dir: &Path) -> Vec<Value> {
+    let out = run_ok(
+        Command::new(python())
+            .arg(root().join("tests/helpers/parquet_dump.py"))
+            .arg(dir),
+        "parquet_dump.py (CLIPSTREAM_TEST_PYTHON: a Python with pyarrow)",
     );
     String::from_utf8_lossy(&out.stdout)
         .lines()

@@ -23,15 +23,11 @@ pub const SECRET_KEY: &str = "clipstream-test-secret";
 fn tools() -> &'static (PathBuf, PathBuf) {
     static TOOLS: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
     TOOLS.get_or_init(|| {
-        let out = Command::new("bash")
-            .arg(root().join("scripts/stack.sh"))
-            .arg("install")
-            .output()
-            .expect("scripts/stack.sh runs");
-        assert!(
-            out.status.success(),
-            "scripts/stack.sh install failed: {}",
-            String::from_utf8_lossy(&out.stderr)
+        super::run_ok(
+            Command::new("bash")
+                .arg(root().join("scripts/stack.sh"))
+                .arg("install"),
+            "scripts/stack.sh install",
         );
         let bin = root().join(".cache/tools/bin");
         (bin.join("tansu"), bin.join("s3s-fs"))
@@ -104,15 +100,9 @@ pub fn client(brokers: &str) -> ClientConfig {
 /// (ca.crt, server.crt, server.key).
 fn certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let run = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("openssl runs");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
+        super::run_ok(
+            Command::new("openssl").args(args).current_dir(dir),
+            &format!("openssl {args:?}"),
         );
     };
     run(&[
@@ -245,8 +235,8 @@ impl Stack {
             stack.kafka_ca = Some(ca);
         }
         for (t, n) in topics {
-            let out = Command::new(tansu)
-                .args([
+            super::run_ok(
+                Command::new(tansu).args([
                     "topic",
                     "create",
                     t,
@@ -254,13 +244,8 @@ impl Stack {
                     &n.to_string(),
                     "--broker",
                     &url,
-                ])
-                .output()
-                .expect("tansu topic create");
-            assert!(
-                out.status.success(),
-                "topic {t}: {}",
-                String::from_utf8_lossy(&out.stderr)
+                ]),
+                &format!("tansu topic create {t}"),
             );
         }
         stack
