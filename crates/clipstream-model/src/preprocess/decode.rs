@@ -124,7 +124,7 @@ pub fn decode(
     Ok(decoded)
 }
 
-fn format_name(format: ImageFormat) -> &'static str {
+pub(crate) fn format_name(format: ImageFormat) -> &'static str {
     match format {
         ImageFormat::Jpeg => "JPEG",
         ImageFormat::Png => "PNG",
@@ -251,21 +251,37 @@ fn decode_jpeg(bytes: &[u8], limits: &DecodeLimits) -> Result<Decoded, ImageErro
             reason: "truncated (no end-of-image marker)".into(),
         });
     }
-    let result = std::panic::catch_unwind(|| decode_jpeg_inner(bytes, limits));
-    match result {
-        Ok(r) => r,
-        Err(panic) => {
-            let reason = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "decoder error".into());
-            Err(ImageError::Corrupt {
-                format: "JPEG",
-                reason,
-            })
-        }
+    // A progressive JPEG may hold any number of scans, and libjpeg decodes
+    // each over the whole image: a few kilobytes of scans cost minutes of
+    // CPU. Real encoders write about ten; the count of SOS markers (FF DA
+    // cannot occur inside entropy-coded data) is an upper bound.
+    let scans = bytes.windows(2).filter(|w| w == &[0xFF, 0xDA]).count();
+    if scans > MAX_JPEG_SCANS {
+        return Err(ImageError::Unsupported {
+            format: "JPEG",
+            reason: format!("{scans} scans (the limit is {MAX_JPEG_SCANS})"),
+        });
     }
+    match std::panic::catch_unwind(|| decode_jpeg_inner(bytes, limits)) {
+        Ok(r) => r,
+        Err(panic) => Err(ImageError::Corrupt {
+            format: "JPEG",
+            reason: panic_message(panic.as_ref()),
+        }),
+    }
+}
+
+/// Most scans a JPEG may have (progressive JPEGs from real encoders have
+/// about ten; libjpeg-turbo's own tools default to a limit of 500).
+const MAX_JPEG_SCANS: usize = 500;
+
+/// The message of a caught panic.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "decoder error".into())
 }
 
 fn decode_jpeg_inner(bytes: &[u8], limits: &DecodeLimits) -> Result<Decoded, ImageError> {

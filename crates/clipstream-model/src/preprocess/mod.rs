@@ -332,10 +332,27 @@ impl ImagePreprocessor {
     }
 
     /// Decodes and preprocesses `bytes` into `out` (`pixels_len()` floats).
+    ///
+    /// A panic anywhere in a decoder or in preprocessing is this input's
+    /// fault as far as the caller is concerned: it comes back as
+    /// [`ImageError::Corrupt`], so one file never takes a worker down.
     pub fn preprocess_into(&self, bytes: &[u8], out: &mut [f32]) -> Result<(), ImageError> {
-        let decoded = self.decode(bytes)?;
-        self.pixel_values_into(&decoded.rgb, out);
-        Ok(())
+        let run = std::panic::AssertUnwindSafe(|| {
+            let decoded = self.decode(bytes)?;
+            self.pixel_values_into(&decoded.rgb, out)
+        });
+        match std::panic::catch_unwind(run) {
+            Ok(r) => r,
+            Err(panic) => Err(ImageError::Corrupt {
+                format: image::guess_format(bytes)
+                    .map(decode::format_name)
+                    .unwrap_or("image"),
+                reason: format!(
+                    "the decoder failed: {}",
+                    decode::panic_message(panic.as_ref())
+                ),
+            }),
+        }
     }
 
     /// Decodes and preprocesses `bytes` into a new `[3, H, W]` buffer.
@@ -346,25 +363,75 @@ impl ImagePreprocessor {
     }
 
     /// Resize, crop, rescale and normalise an RGB image into `out`.
-    pub fn pixel_values_into(&self, rgb: &Image8, out: &mut [f32]) {
+    ///
+    /// Only the pixels that survive the crop are resized (see
+    /// [`resample::resize_window`]): the work is bounded by the model's
+    /// input size whatever the image's aspect ratio, and the values are
+    /// those of resizing everything and cropping afterwards.
+    pub fn pixel_values_into(&self, rgb: &Image8, out: &mut [f32]) -> Result<(), ImageError> {
         let c = &self.config;
-        let resized;
-        let img = if c.do_resize {
+        let (h, w) = if c.do_resize {
             let (h, w) = c.resized_size(rgb.height, rgb.width);
-            resized = resample::resize(rgb, w.max(1), h.max(1), c.resample);
-            &resized
+            (h.max(1), w.max(1))
         } else {
-            rgb
+            (rgb.height, rgb.width)
         };
-        let cropped;
-        let img = if c.do_center_crop {
-            cropped = center_crop(img, c.crop_size.0, c.crop_size.1);
-            &cropped
+        // Output pixel (y, x) is pixel (y + top, x + left) of the resized
+        // image, black where that falls outside (transformers' center_crop
+        // pads with zeros).
+        let ((oh, ow), (top, left)) = if c.do_center_crop {
+            let (ch, cw) = c.crop_size;
+            (
+                (ch, cw),
+                (
+                    (h as i64 - ch as i64).div_euclid(2),
+                    (w as i64 - cw as i64).div_euclid(2),
+                ),
+            )
         } else {
-            img
+            ((h, w), (0, 0))
         };
-        let plane = img.width * img.height;
-        assert_eq!(out.len(), 3 * plane, "output buffer has the wrong size");
+        if (oh, ow) != c.output_size() {
+            // Only without resizing and without cropping: the image itself
+            // must have the model's input size.
+            let (eh, ew) = c.output_size();
+            return Err(ImageError::Unsupported {
+                format: "image",
+                reason: format!(
+                    "{}x{} pixels, and this model's preprocessing neither resizes nor crops: it needs {ew}x{eh}",
+                    rgb.width, rgb.height
+                ),
+            });
+        }
+        let span = |offset: i64, len: usize, size: usize| {
+            let start = offset.clamp(0, size as i64) as usize;
+            let end = (offset + len as i64).clamp(0, size as i64) as usize;
+            start..end.max(start)
+        };
+        let window = resample::Window {
+            x: span(left, ow, w),
+            y: span(top, oh, h),
+        };
+        let img = if c.do_resize {
+            resample::resize_window(rgb, w, h, c.resample, &window)
+        } else {
+            resample::resize_window(rgb, rgb.width, rgb.height, c.resample, &window)
+        };
+        let plane = oh * ow;
+        if out.len() != 3 * plane {
+            return Err(ImageError::Unsupported {
+                format: "image",
+                reason: format!(
+                    "output buffer of {} floats for {ow}x{oh} pixels (a caller bug)",
+                    out.len()
+                ),
+            });
+        }
+        // Where the window starts in the output.
+        let (wy, wx) = (
+            (window.y.start as i64 - top) as usize,
+            (window.x.start as i64 - left) as usize,
+        );
         // One lookup table per channel: the value depends only on the byte.
         for ch in 0..3 {
             let mut lut = [0f32; 256];
@@ -380,10 +447,17 @@ impl ImagePreprocessor {
                 *slot = x;
             }
             let dst = &mut out[ch * plane..(ch + 1) * plane];
-            for (d, px) in dst.iter_mut().zip(img.data.chunks_exact(3)) {
-                *d = lut[px[ch] as usize];
+            if img.width != ow || img.height != oh {
+                dst.fill(lut[0]);
+            }
+            for (r, src_row) in img.data.chunks_exact((img.width * 3).max(1)).enumerate() {
+                let d = &mut dst[(wy + r) * ow + wx..(wy + r) * ow + wx + img.width];
+                for (d, px) in d.iter_mut().zip(src_row.chunks_exact(3)) {
+                    *d = lut[px[ch] as usize];
+                }
             }
         }
+        Ok(())
     }
 }
 
@@ -434,6 +508,108 @@ pub fn center_crop(img: &Image8, crop_h: usize, crop_w: usize) -> Image8 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The old path: resize the whole image, crop, normalise.
+    fn reference(pre: &ImagePreprocessor, rgb: &Image8) -> Vec<f32> {
+        let c = &pre.config;
+        let (h, w) = c.resized_size(rgb.height, rgb.width);
+        let resized = resample::resize(rgb, w.max(1), h.max(1), c.resample);
+        let cropped = center_crop(&resized, c.crop_size.0, c.crop_size.1);
+        let plane = cropped.width * cropped.height;
+        let mut out = vec![0f32; 3 * plane];
+        for ch in 0..3 {
+            for (i, px) in cropped.data.chunks_exact(3).enumerate() {
+                let x = (px[ch] as f64 * c.rescale_factor) as f32;
+                out[ch * plane + i] = (x - c.image_mean[ch] as f32) / c.image_std[ch] as f32;
+            }
+        }
+        out
+    }
+
+    fn small_config(short: usize, crop: (usize, usize), resample: Filter) -> PreprocessorConfig {
+        PreprocessorConfig {
+            size: ResizeTarget::ShortestEdge {
+                shortest: short,
+                longest: None,
+            },
+            crop_size: crop,
+            resample,
+            ..PreprocessorConfig::default()
+        }
+    }
+
+    proptest::proptest! {
+        /// Resizing only the cropped window gives exactly the values of
+        /// resizing everything and cropping afterwards, for any image size,
+        /// any crop (larger than the image too: zero padding) and filter.
+        #[test]
+        fn windowed_resize_equals_resize_then_crop(
+            w in 1usize..70, h in 1usize..70,
+            short in 1usize..40, ch in 1usize..45, cw in 1usize..45,
+            filter in 0i64..6, seed in proptest::prelude::any::<u64>(),
+        ) {
+            let mut x = seed | 1;
+            let data: Vec<u8> = (0..w * h * 3).map(|_| { x ^= x << 13; x ^= x >> 7; x ^= x << 17; x as u8 }).collect();
+            let rgb = Image8::new(w, h, 3, data);
+            let filter = Filter::from_pil_code(filter).expect("filter");
+            let pre = ImagePreprocessor::new(small_config(short, (ch, cw), filter));
+            let mut out = vec![0f32; pre.pixels_len()];
+            pre.pixel_values_into(&rgb, &mut out).expect("preprocess");
+            proptest::prop_assert_eq!(out, reference(&pre, &rgb));
+        }
+    }
+
+    /// A 274-byte PNG of 1×100,000 pixels is under any sane pixel limit, but
+    /// resizing it whole means 224×22,400,000 pixels (15 GB). Only the crop
+    /// is computed now: it succeeds, quickly, with transformers' values.
+    #[test]
+    fn extreme_aspect_ratios_cost_only_the_crop() {
+        let pre = ImagePreprocessor::new(PreprocessorConfig::default());
+        for (w, h) in [
+            (1usize, 100_000usize),
+            (100_000, 1),
+            (3, 40_000),
+            (40_000, 2),
+        ] {
+            let data: Vec<u8> = (0..w * h * 3).map(|i| (i * 7 % 251) as u8).collect();
+            let rgb = Image8::new(w, h, 3, data);
+            let started = std::time::Instant::now();
+            let mut out = vec![0f32; pre.pixels_len()];
+            pre.pixel_values_into(&rgb, &mut out).expect("preprocess");
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(5),
+                "{w}x{h} took {:?}",
+                started.elapsed()
+            );
+            assert!(out.iter().all(|v| v.is_finite()));
+        }
+        // Against the whole resize where that is still affordable.
+        let pre = ImagePreprocessor::new(small_config(30, (30, 30), Filter::Bicubic));
+        for (w, h) in [(1usize, 5_000usize), (5_000, 1), (2, 3_001)] {
+            let data: Vec<u8> = (0..w * h * 3).map(|i| (i * 13 % 256) as u8).collect();
+            let rgb = Image8::new(w, h, 3, data);
+            let mut out = vec![0f32; pre.pixels_len()];
+            pre.pixel_values_into(&rgb, &mut out).expect("preprocess");
+            assert_eq!(out, reference(&pre, &rgb), "{w}x{h}");
+        }
+    }
+
+    #[test]
+    fn an_image_of_the_wrong_size_without_resize_or_crop_is_an_error() {
+        let cfg = PreprocessorConfig::from_json_str(
+            r#"{"do_resize": false, "do_center_crop": false, "size": {"height": 4, "width": 4}}"#,
+        )
+        .expect("valid");
+        let pre = ImagePreprocessor::new(cfg);
+        let mut out = vec![0f32; pre.pixels_len()];
+        let rgb = Image8::new(5, 4, 3, vec![9; 60]);
+        let e = pre
+            .pixel_values_into(&rgb, &mut out)
+            .expect_err("5x4 is not 4x4");
+        assert_eq!(e.kind(), "unsupported_image");
+        let rgb = Image8::new(4, 4, 3, vec![9; 48]);
+        pre.pixel_values_into(&rgb, &mut out).expect("4x4");
+    }
 
     #[test]
     fn resized_size_truncates_the_long_side() {

@@ -115,8 +115,16 @@ struct Coefficients {
     weights: Vec<i32>,
 }
 
-/// `precompute_coeffs` + `normalize_coeffs_8bpc` from Pillow.
-fn coefficients(in_size: usize, out_size: usize, filter: Filter) -> Coefficients {
+/// `precompute_coeffs` + `normalize_coeffs_8bpc` from Pillow, for the output
+/// pixels `outputs` of a resize from `in_size` to `out_size` (Pillow computes
+/// all of them; each one depends only on its own index, so computing a
+/// window of them gives the same numbers).
+fn coefficients(
+    in_size: usize,
+    out_size: usize,
+    filter: Filter,
+    outputs: std::ops::Range<usize>,
+) -> Coefficients {
     // Pillow passes the box edges as C `float`; (0, in_size) is exact.
     let in0 = 0.0f32 as f64;
     let in1 = in_size as f32 as f64;
@@ -125,10 +133,11 @@ fn coefficients(in_size: usize, out_size: usize, filter: Filter) -> Coefficients
     let support = filter.support() * filterscale;
     let ksize = (support.ceil() as usize) * 2 + 1;
 
-    let mut bounds = Vec::with_capacity(out_size);
-    let mut weights = vec![0i32; out_size * ksize];
+    let n = outputs.len();
+    let mut bounds = Vec::with_capacity(n);
+    let mut weights = vec![0i32; n * ksize];
     let mut k = vec![0f64; ksize];
-    for xx in 0..out_size {
+    for (i, xx) in outputs.enumerate() {
         let center = in0 + (xx as f64 + 0.5) * scale;
         let ss = 1.0 / filterscale;
         // C's (int) cast truncates toward zero, as does `as i64`.
@@ -141,7 +150,7 @@ fn coefficients(in_size: usize, out_size: usize, filter: Filter) -> Coefficients
             *kx = w;
             ww += w;
         }
-        let row = &mut weights[xx * ksize..(xx + 1) * ksize];
+        let row = &mut weights[i * ksize..(i + 1) * ksize];
         for (x, kx) in k.iter().enumerate().take(xmax) {
             let v = if ww != 0.0 { kx / ww } else { *kx };
             let fixed = v * f64::from(1u32 << PRECISION_BITS);
@@ -197,57 +206,103 @@ impl Image8 {
     }
 }
 
+/// A window of an image: columns `x`, rows `y`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Window {
+    /// Columns.
+    pub x: std::ops::Range<usize>,
+    /// Rows.
+    pub y: std::ops::Range<usize>,
+}
+
 /// Resizes like Pillow's `Image.resize((width, height), filter)` with no
 /// `box` and no `reducing_gap`.
 pub fn resize(src: &Image8, width: usize, height: usize, filter: Filter) -> Image8 {
-    if width == src.width && height == src.height {
-        return src.clone();
-    }
-    if filter == Filter::Nearest {
-        return resize_nearest(src, width, height);
-    }
+    resize_window(
+        src,
+        width,
+        height,
+        filter,
+        &Window {
+            x: 0..width,
+            y: 0..height,
+        },
+    )
+}
+
+/// The pixels in `window` of `resize(src, width, height, filter)`, computed
+/// without the rest: bit-identical to resizing the whole image and cropping
+/// it (every output pixel of Pillow's passes depends only on its own
+/// coefficients), but the work and memory are those of the window, so an
+/// extreme aspect ratio (a 1×100,000 image resized to 224×22,400,000 before
+/// a 224×224 crop) costs what the crop costs. `window` must lie within
+/// `width` × `height`.
+pub fn resize_window(
+    src: &Image8,
+    width: usize,
+    height: usize,
+    filter: Filter,
+    window: &Window,
+) -> Image8 {
     let c = src.channels;
+    let (ow, oh) = (window.x.len(), window.y.len());
+    debug_assert!(window.x.end <= width && window.y.end <= height);
     let need_horizontal = width != src.width;
     let need_vertical = height != src.height;
-    let horiz = coefficients(src.width, width, filter);
-    let vert = coefficients(src.height, height, filter);
+    if !need_horizontal && !need_vertical {
+        return crop_rows(src, window);
+    }
+    if filter == Filter::Nearest {
+        return resize_nearest(src, width, height, window);
+    }
 
     // The horizontal pass only needs the rows the vertical pass reads.
-    let (y_first, y_last) = if need_vertical {
-        let first = vert.bounds[0].0;
-        let (lmin, lcount) = vert.bounds[height - 1];
-        (first, lmin + lcount)
-    } else {
-        (0, src.height)
+    let vert = need_vertical.then(|| coefficients(src.height, height, filter, window.y.clone()));
+    let rows = match &vert {
+        Some(v) if oh > 0 => {
+            let first = v.bounds[0].0;
+            let (lmin, lcount) = v.bounds[oh - 1];
+            first..lmin + lcount
+        }
+        Some(_) => 0..0,
+        None => window.y.clone(),
     };
 
     let temp;
-    let (mid, row_offset) = if need_horizontal {
-        let rows = y_last - y_first;
-        let mut out = vec![0u8; rows * width * c];
+    let mid = if need_horizontal {
+        let horiz = coefficients(src.width, width, filter, window.x.clone());
+        let mut out = vec![0u8; rows.len() * ow * c];
         let in_stride = src.width * c;
-        for (r, out_row) in out.chunks_exact_mut(width * c).enumerate() {
-            let in_row = &src.data[(r + y_first) * in_stride..(r + y_first + 1) * in_stride];
+        for (r, out_row) in out.chunks_exact_mut((ow * c).max(1)).enumerate() {
+            let y = rows.start + r;
+            let in_row = &src.data[y * in_stride..(y + 1) * in_stride];
             horizontal_row(in_row, out_row, c, &horiz);
         }
-        temp = Image8::new(width, rows, c, out);
-        (&temp, y_first)
+        temp = Image8::new(ow, rows.len(), c, out);
+        &temp
     } else {
-        (src, 0)
+        temp = crop_rows(
+            src,
+            &Window {
+                x: window.x.clone(),
+                y: rows.clone(),
+            },
+        );
+        &temp
     };
 
-    if !need_vertical {
+    let Some(vert) = vert else {
         return mid.clone();
-    }
+    };
     // Vertical pass: whole rows at a time, so the inner loop is a plain
     // multiply-add over a row (the compiler vectorises it). Integer sums do
     // not depend on order, so this is exactly Pillow's result.
-    let stride = width * c;
-    let mut out = vec![0u8; height * stride];
+    let stride = ow * c;
+    let mut out = vec![0u8; oh * stride];
     let mut acc = vec![0i32; stride];
-    for (yy, out_row) in out.chunks_exact_mut(stride).enumerate() {
+    for (yy, out_row) in out.chunks_exact_mut(stride.max(1)).enumerate() {
         let (ymin, ycount) = vert.bounds[yy];
-        let ymin = ymin - row_offset;
+        let ymin = ymin - rows.start;
         let k = &vert.weights[yy * vert.ksize..yy * vert.ksize + ycount];
         acc.fill(1 << (PRECISION_BITS - 1));
         for (y, &w) in k.iter().enumerate() {
@@ -260,7 +315,18 @@ pub fn resize(src: &Image8, width: usize, height: usize, filter: Filter) -> Imag
             *o = clip8(a);
         }
     }
-    Image8::new(width, height, c, out)
+    Image8::new(ow, oh, c, out)
+}
+
+/// The pixels of `src` in `window` (which lies within `src`).
+fn crop_rows(src: &Image8, window: &Window) -> Image8 {
+    let c = src.channels;
+    let mut out = Vec::with_capacity(window.x.len() * window.y.len() * c);
+    for y in window.y.clone() {
+        let row = y * src.width * c;
+        out.extend_from_slice(&src.data[row + window.x.start * c..row + window.x.end * c]);
+    }
+    Image8::new(window.x.len(), window.y.len(), c, out)
 }
 
 /// One output row of the horizontal pass.
@@ -294,20 +360,20 @@ fn horizontal_row(in_row: &[u8], out_row: &mut [u8], c: usize, coeffs: &Coeffici
 
 /// Pillow's `ImagingResample` with NEAREST goes through the affine
 /// transform path: source pixel = floor((x + 0.5) * scale).
-fn resize_nearest(src: &Image8, width: usize, height: usize) -> Image8 {
+fn resize_nearest(src: &Image8, width: usize, height: usize, window: &Window) -> Image8 {
     let c = src.channels;
     let sx = src.width as f64 / width as f64;
     let sy = src.height as f64 / height as f64;
-    let mut out = Vec::with_capacity(width * height * c);
-    for y in 0..height {
+    let mut out = Vec::with_capacity(window.x.len() * window.y.len() * c);
+    for y in window.y.clone() {
         let iy = (((y as f64 + 0.5) * sy) as usize).min(src.height - 1);
-        for x in 0..width {
+        for x in window.x.clone() {
             let ix = (((x as f64 + 0.5) * sx) as usize).min(src.width - 1);
             let p = (iy * src.width + ix) * c;
             out.extend_from_slice(&src.data[p..p + c]);
         }
     }
-    Image8::new(width, height, c, out)
+    Image8::new(window.x.len(), window.y.len(), c, out)
 }
 
 #[cfg(test)]
@@ -332,7 +398,7 @@ mod tests {
     #[test]
     fn coefficients_sum_to_one_in_fixed_point() {
         for (i, o) in [(640, 224), (224, 640), (3, 224), (1000, 7)] {
-            let c = coefficients(i, o, Filter::Bicubic);
+            let c = coefficients(i, o, Filter::Bicubic, 0..o);
             for xx in 0..o {
                 let (_, n) = c.bounds[xx];
                 let s: i32 = c.weights[xx * c.ksize..xx * c.ksize + n].iter().sum();
