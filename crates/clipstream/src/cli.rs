@@ -132,8 +132,9 @@ pub struct EmbedArgs {
     /// An image file to embed (repeatable).
     #[arg(long = "image", value_name = "PATH")]
     pub image: Vec<PathBuf>,
-    /// A text to embed (repeatable).
-    #[arg(long = "text", value_name = "STR")]
+    /// A text to embed (repeatable); any text, one that starts with a dash
+    /// too.
+    #[arg(long = "text", value_name = "STR", allow_hyphen_values = true)]
     pub text: Vec<String>,
     /// Inputs per ONNX Runtime call.
     #[arg(long, default_value_t = 16, value_name = "N")]
@@ -181,7 +182,13 @@ pub struct TokenizeArgs {
     /// Model directory (tokenizer.json, tokenizer_config.json, config.json).
     #[arg(long, value_name = "DIR")]
     pub model: PathBuf,
-    /// A text to tokenize (repeatable).
-    #[arg(long = "text", value_name = "STR", required = true)]
+    /// A text to tokenize (repeatable); any text, one that starts with a
+    /// dash too.
+    #[arg(
+        long = "text",
+        value_name = "STR",
+        required = true,
+        allow_hyphen_values = true
+    )]
     pub text: Vec<String>,
 }

@@ -314,6 +314,45 @@ fn preprocess_and_tokenize_write_what_transformers_wrote() {
     assert_eq!(lines[0]["attention_mask"], t["attention_mask"]);
 }
 
+/// Captions are data, whatever they look like: one that starts with a dash
+/// (or is a lone `--`, or looks like an option) is a caption, not an
+/// argument.
+#[test]
+fn captions_that_start_with_a_dash_are_accepted() {
+    let texts = ["-- sale --", "-v", "--help", "-", "--", "- 50% off -"];
+    let model = model();
+    let mut args = vec!["tokenize", "--model", model.to_str().expect("utf8")];
+    for t in &texts {
+        args.extend(["--text", t]);
+    }
+    let out = clipstream(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines = json_lines(&out);
+    let got: Vec<&str> = lines
+        .iter()
+        .map(|l| l["text"].as_str().expect("text"))
+        .collect();
+    assert_eq!(got, texts);
+
+    let mut args = vec!["embed", "--model", model.to_str().expect("utf8")];
+    for t in &texts {
+        args.extend(["--text", t]);
+    }
+    let out = clipstream(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines = json_lines(&out);
+    assert_eq!(lines.len(), texts.len());
+    assert!(lines.iter().zip(&texts).all(|(l, t)| l["input"] == *t));
+}
+
 /// Minimal reader for the float32 .npy files the CLI writes.
 fn read_npy(bytes: &[u8]) -> (Vec<usize>, Vec<f32>) {
     assert_eq!(&bytes[..6], b"\x93NUMPY");
