@@ -7,8 +7,6 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::ack::PartitionKey;
-
 /// The stage that rejected a record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -21,6 +19,8 @@ pub enum Stage {
     Decode,
     /// Tokenizing the text.
     Tokenize,
+    /// Writing the results to an output topic.
+    Output,
 }
 
 impl Stage {
@@ -31,6 +31,7 @@ impl Stage {
             Stage::Fetch => "fetch",
             Stage::Decode => "decode",
             Stage::Tokenize => "tokenize",
+            Stage::Output => "output",
         }
     }
 }
@@ -79,6 +80,9 @@ pub enum Kind {
     EmptyImage,
     /// The tokenizer rejected the text.
     InvalidText,
+    /// An output topic refused the record's results for good (larger than
+    /// the broker accepts, an invalid record): retrying cannot help.
+    OutputRejected,
 }
 
 impl Kind {
@@ -104,11 +108,12 @@ impl Kind {
             Kind::ImageTooLarge => "image_too_large",
             Kind::EmptyImage => "empty_image",
             Kind::InvalidText => "invalid_text",
+            Kind::OutputRejected => "output_rejected",
         }
     }
 
     /// Every kind, for documentation and metric initialisation.
-    pub const ALL: [Kind; 19] = [
+    pub const ALL: [Kind; 20] = [
         Kind::InvalidJson,
         Kind::InvalidUtf8,
         Kind::InvalidEvent,
@@ -128,6 +133,7 @@ impl Kind {
         Kind::ImageTooLarge,
         Kind::EmptyImage,
         Kind::InvalidText,
+        Kind::OutputRejected,
     ];
 
     /// The kind of an image error from the model crate.
@@ -150,18 +156,10 @@ pub type Headers = Arc<[(String, Option<Vec<u8>>)]>;
 /// A rejected record: the original bytes and why.
 #[derive(Debug, Clone)]
 pub struct DeadLetter {
-    /// Partition of origin.
-    pub partition: PartitionKey,
-    /// Offset of origin.
-    pub offset: i64,
+    /// Where it came from, with its original key, headers and bytes.
+    pub origin: crate::record::Origin,
     /// The record id, when the event was readable enough to have one.
     pub id: Option<String>,
-    /// The original key (Kafka) if any.
-    pub key: Option<Arc<[u8]>>,
-    /// The original headers (Kafka).
-    pub headers: Headers,
-    /// The original value, byte for byte.
-    pub original: Arc<[u8]>,
     /// Where it failed.
     pub stage: Stage,
     /// What kind of failure.

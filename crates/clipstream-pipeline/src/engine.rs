@@ -208,7 +208,8 @@ pub async fn run(
     let sink = std::thread::Builder::new()
         .name("sink".into())
         .spawn(move || crate::sink::run_sink(sink_rx, parquet, dead_file, sink_stats))?;
-    let outputs = crate::sink::kafka::spawn(done_rx, sink_tx.clone(), kafka_out);
+    let outputs =
+        crate::sink::kafka::spawn(done_rx, sink_tx.clone(), kafka_out, Arc::clone(&fatal));
 
     let asm = Assembler {
         head: parts.head.map(Arc::new),

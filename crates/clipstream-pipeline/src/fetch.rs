@@ -154,25 +154,13 @@ where
                 let backoff = base
                     .saturating_mul(2u32.saturating_pow(n - 1))
                     .min(Duration::from_secs(20));
-                let factor = 0.5 + jitter();
+                let factor = 0.5 + crate::retry::jitter();
                 tracing::debug!(attempt = n, %why, "transient error, retrying");
                 tokio::time::sleep(backoff.mul_f64(factor)).await;
             }
             other => return other,
         }
     }
-}
-
-/// A cheap, non-cryptographic random number in [0, 1) for jitter.
-pub(crate) fn jitter() -> f64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64),
-    );
-    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// What the fetch workers share.

@@ -31,6 +31,7 @@ pub mod engine;
 pub mod fetch;
 pub mod prep;
 pub mod record;
+pub mod retry;
 pub mod s3;
 pub mod sink;
 pub mod source;

@@ -106,9 +106,9 @@ impl Assembler {
         };
         let row = OutputRow {
             id: record.event.id.clone(),
-            source: Arc::clone(&record.partition.source),
-            partition: record.partition.partition,
-            offset: record.position.offset,
+            source: Arc::clone(&record.origin.partition.source),
+            partition: record.origin.partition.partition,
+            offset: record.origin.position.offset,
             image_uri: record.event.image.clone(),
             image_etag: etag,
             text: record.event.text.clone(),
@@ -121,12 +121,13 @@ impl Assembler {
             text_embedding: text,
             labels,
             clip_score,
-            event_time_ms: record.event_time_ms,
+            event_time_ms: record.origin.event_time_ms,
             processed_at_ms: now_ms(),
         };
         self.done
             .send(Done::Row {
                 row,
+                origin: record.origin,
                 ack: record.ack,
                 permit: record.permit,
             })

@@ -130,44 +130,61 @@ fn type_name(v: &Value) -> &'static str {
 /// record's result has been handed to the file writer (or dead-lettered).
 pub type Permit = OwnedSemaphorePermit;
 
-/// A record in flight: where it came from, its event, its acknowledgement.
-#[derive(Debug)]
-pub struct Record {
+/// Where a record came from, with the bytes a dead letter must carry. Every
+/// field is cheap to clone (shared bytes).
+#[derive(Debug, Clone)]
+pub struct Origin {
     /// Partition of origin.
     pub partition: PartitionKey,
     /// Position in the partition.
     pub position: Position,
-    /// The parsed event.
-    pub event: Event,
     /// The Kafka key, if any.
     pub key: Option<Arc<[u8]>>,
     /// The Kafka headers, if any.
     pub headers: crate::dead_letter::Headers,
-    /// The original bytes (for dead letters).
+    /// The original bytes, as read.
     pub raw: Arc<[u8]>,
     /// Event time (Kafka timestamp), milliseconds since the epoch.
     pub event_time_ms: Option<i64>,
+}
+
+impl Origin {
+    /// A dead letter for this input.
+    pub fn dead_letter(
+        self,
+        id: Option<String>,
+        stage: Stage,
+        kind: Kind,
+        reason: String,
+    ) -> DeadLetter {
+        DeadLetter {
+            origin: self,
+            id,
+            stage,
+            kind,
+            reason,
+        }
+    }
+}
+
+/// A message as a source read it, before its event is known to be good.
+#[derive(Debug)]
+pub struct Received {
+    /// Where it came from.
+    pub origin: Origin,
     /// Acknowledgement.
     pub ack: AckToken,
     /// In-flight slot.
     pub permit: Permit,
 }
 
-/// A message as a source read it, before its event is known to be good.
+/// A record in flight: where it came from, its event, its acknowledgement.
 #[derive(Debug)]
-pub struct Received {
-    /// Partition of origin.
-    pub partition: PartitionKey,
-    /// Position in the partition.
-    pub position: Position,
-    /// The Kafka key, if any.
-    pub key: Option<Arc<[u8]>>,
-    /// The Kafka headers, if any.
-    pub headers: crate::dead_letter::Headers,
-    /// The original bytes.
-    pub raw: Arc<[u8]>,
-    /// Event time, milliseconds since the epoch.
-    pub event_time_ms: Option<i64>,
+pub struct Record {
+    /// Where it came from.
+    pub origin: Origin,
+    /// The parsed event.
+    pub event: Event,
     /// Acknowledgement.
     pub ack: AckToken,
     /// In-flight slot.
@@ -180,28 +197,15 @@ impl Received {
     pub fn admit(self, parsed: Result<Event, EventError>) -> Result<Record, Box<Done>> {
         match parsed {
             Ok(event) => Ok(Record {
-                partition: self.partition,
-                position: self.position,
+                origin: self.origin,
                 event,
-                key: self.key,
-                headers: self.headers,
-                raw: self.raw,
-                event_time_ms: self.event_time_ms,
                 ack: self.ack,
                 permit: self.permit,
             }),
             Err(e) => Err(Box::new(Done::Dead {
-                letter: DeadLetter {
-                    partition: self.partition,
-                    offset: self.position.offset,
-                    id: e.id,
-                    key: self.key,
-                    headers: self.headers,
-                    original: self.raw,
-                    stage: Stage::Source,
-                    kind: e.kind,
-                    reason: e.reason,
-                },
+                letter: self
+                    .origin
+                    .dead_letter(e.id, Stage::Source, e.kind, e.reason),
                 ack: self.ack,
                 permit: self.permit,
             })),
@@ -222,17 +226,9 @@ impl Record {
     /// Turns the record into a dead letter.
     pub fn dead(self, stage: Stage, kind: Kind, reason: String) -> Done {
         Done::Dead {
-            letter: DeadLetter {
-                partition: self.partition,
-                offset: self.position.offset,
-                id: Some(self.event.id),
-                key: self.key,
-                headers: self.headers,
-                original: self.raw,
-                stage,
-                kind,
-                reason,
-            },
+            letter: self
+                .origin
+                .dead_letter(Some(self.event.id), stage, kind, reason),
             ack: self.ack,
             permit: self.permit,
         }
@@ -279,6 +275,8 @@ pub enum Done {
     Row {
         /// The result.
         row: OutputRow,
+        /// Its input (for a dead letter, should an output refuse the row).
+        origin: Origin,
         /// Acknowledgement.
         ack: AckToken,
         /// In-flight slot.

@@ -58,17 +58,18 @@ impl DeadLetterFile {
 
     /// Appends one dead letter and syncs it to disk.
     pub fn write(&mut self, d: &DeadLetter) -> anyhow::Result<()> {
-        let text = std::str::from_utf8(&d.original).ok();
+        let o = &d.origin;
+        let text = std::str::from_utf8(&o.raw).ok();
         let line = Line {
             id: d.id.as_deref(),
-            source: &d.partition.source,
-            partition: d.partition.partition,
-            offset: d.offset,
+            source: &o.partition.source,
+            partition: o.partition.partition,
+            offset: o.position.offset,
             stage: d.stage.as_str(),
             kind: d.kind.as_str(),
             reason: &d.reason,
             original: text,
-            original_base64: text.is_none().then(|| base64(&d.original)),
+            original_base64: text.is_none().then(|| base64(&o.raw)),
         };
         let mut buf = serde_json::to_vec(&line)?;
         buf.push(b'\n');

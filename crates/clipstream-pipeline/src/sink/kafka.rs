@@ -31,7 +31,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use serde_json::json;
 
 use super::SinkMsg;
-use crate::dead_letter::DeadLetter;
+use crate::ack::AckToken;
+use crate::dead_letter::{DeadLetter, Kind, Stage};
 use crate::record::{Done, OutputRow};
 use crate::stats::Stats;
 
@@ -61,6 +62,9 @@ pub struct KafkaOutputs {
     dead_letters: Option<String>,
     model_id: String,
     stats: Arc<Stats>,
+    /// The producer's `message.max.bytes`: larger messages are refused
+    /// before they are sent.
+    max_message_bytes: usize,
 }
 
 impl std::fmt::Debug for KafkaOutputs {
@@ -126,6 +130,10 @@ impl KafkaOutputs {
                     }
                 })?;
         }
+        let max_message_bytes = options
+            .get("message.max.bytes")
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(DEFAULT_MESSAGE_MAX_BYTES);
         Ok(KafkaOutputs {
             producer,
             embeddings,
@@ -133,6 +141,7 @@ impl KafkaOutputs {
             dead_letters,
             model_id,
             stats,
+            max_message_bytes,
         })
     }
 
@@ -143,7 +152,14 @@ impl KafkaOutputs {
         key: Option<&[u8]>,
         payload: &[u8],
         headers: Option<OwnedHeaders>,
-    ) -> Result<(), String> {
+    ) -> Result<(), DeliveryError> {
+        let size = payload.len() + key.map_or(0, <[u8]>::len);
+        if size + MESSAGE_OVERHEAD_BYTES > self.max_message_bytes {
+            return Err(DeliveryError::Permanent(format!(
+                "the {output} message for {topic} would be {size} bytes, over message.max.bytes ({})",
+                self.max_message_bytes
+            )));
+        }
         let mut rec = FutureRecord::<[u8], [u8]>::to(topic).payload(payload);
         if let Some(k) = key {
             rec = rec.key(k);
@@ -156,11 +172,11 @@ impl KafkaOutputs {
                 self.stats.kafka_produced.with_label_values(&[output]).inc();
                 Ok(())
             }
-            Err((e, _)) => Err(format!("delivery to {topic} failed: {e}")),
+            Err((e, _)) => Err(DeliveryError::of(&e, topic)),
         }
     }
 
-    async fn row(&self, row: &OutputRow) -> Result<(), String> {
+    async fn row(&self, row: &OutputRow) -> Result<(), DeliveryError> {
         let embeddings = self.embeddings.as_deref().map(|topic| {
             let attributes = row
                 .attributes
@@ -208,54 +224,195 @@ impl KafkaOutputs {
                 None => Ok(()),
             }
         };
+        // Sizes are checked before either is sent, so a row refused for
+        // its size leaves no half of it on the topics.
+        let too_big = [&embeddings, &labels]
+            .into_iter()
+            .flatten()
+            .map(|(t, v)| (t, v.len() + row.id.len()))
+            .find(|(_, size)| size + MESSAGE_OVERHEAD_BYTES > self.max_message_bytes);
+        if let Some((topic, size)) = too_big {
+            return Err(DeliveryError::Permanent(format!(
+                "the message for {topic} would be {size} bytes, over message.max.bytes ({})",
+                self.max_message_bytes
+            )));
+        }
         let (e, l) = tokio::join!(e, l);
         e.and(l)
     }
 
-    async fn dead_letter(&self, topic: &str, d: &DeadLetter) -> Result<(), String> {
-        let mut h = OwnedHeaders::new_with_capacity(d.headers.len() + 7);
-        for (k, v) in d.headers.iter() {
+    /// Delivers a dead letter, cut down until the topic takes it: the
+    /// original value is truncated (its size and SHA-256 travel in
+    /// headers), then the original headers are dropped, then the value.
+    async fn dead_letter(&self, topic: &str, d: &DeadLetter) -> Result<(), DeliveryError> {
+        let mut budget = self.max_message_bytes;
+        loop {
+            let m = DeadLetterMessage::fit(d, budget);
+            let r = self
+                .send(
+                    "dead_letters",
+                    topic,
+                    d.origin.key.as_deref(),
+                    &m.value,
+                    Some(m.headers()),
+                )
+                .await;
+            match r {
+                Err(DeliveryError::Permanent(why)) if budget > 1024 => {
+                    tracing::warn!(%why, budget, "dead letter refused; sending it smaller");
+                    budget /= 2;
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+/// librdkafka's default `message.max.bytes`.
+const DEFAULT_MESSAGE_MAX_BYTES: usize = 1_000_000;
+
+/// Room for a message's framing (record batch header, timestamps, headers
+/// that are not counted separately).
+const MESSAGE_OVERHEAD_BYTES: usize = 512;
+
+/// Why a message was not delivered.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DeliveryError {
+    /// The broker (or librdkafka) refuses this message for good: too large,
+    /// an invalid record. The record becomes a dead letter.
+    Permanent(String),
+    /// Anything else (timeouts, brokers down, leader moves): retried.
+    Transient(String),
+}
+
+impl DeliveryError {
+    /// Sorts a produce error: errors about the message itself are
+    /// permanent; errors about the cluster are transient.
+    pub fn of(e: &KafkaError, topic: &str) -> DeliveryError {
+        use RDKafkaErrorCode as C;
+        let text = format!("delivery to {topic} failed: {e}");
+        match e.rdkafka_error_code() {
+            Some(
+                C::MessageSizeTooLarge
+                | C::InvalidMessageSize
+                | C::MessageBatchTooLarge
+                | C::InvalidRecord
+                | C::InvalidMessage
+                | C::BadMessage,
+            ) => DeliveryError::Permanent(text),
+            _ => DeliveryError::Transient(text),
+        }
+    }
+}
+
+impl std::fmt::Display for DeliveryError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeliveryError::Permanent(m) | DeliveryError::Transient(m) => f.write_str(m),
+        }
+    }
+}
+
+/// A dead letter as one Kafka message that fits in `budget` bytes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetterMessage {
+    /// The original value, whole or truncated.
+    pub value: Vec<u8>,
+    /// The original headers that were kept, then ours.
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+}
+
+impl DeadLetterMessage {
+    /// Builds the message of `d`: the original key, value and headers plus
+    /// `clipstream.*` headers; when that exceeds `budget`, the original
+    /// headers are dropped if they take more than half of it, and the value
+    /// is truncated to what is left (`clipstream.original.truncated`,
+    /// `.bytes` and `.sha256` say so).
+    pub fn fit(d: &DeadLetter, budget: usize) -> DeadLetterMessage {
+        let o = &d.origin;
+        let partition = o.partition.partition.to_string();
+        let offset = o.position.offset.to_string();
+        // A reason is a sentence; one that quotes huge input is cut.
+        let reason: String = d.reason.chars().take(2048).collect();
+        let mut ours: Vec<(String, Option<Vec<u8>>)> = vec![
+            ("clipstream.stage".into(), Some(d.stage.as_str().into())),
+            ("clipstream.kind".into(), Some(d.kind.as_str().into())),
+            ("clipstream.reason".into(), Some(reason.into_bytes())),
+            (
+                "clipstream.source.topic".into(),
+                Some(o.partition.source.as_bytes().to_vec()),
+            ),
+            ("clipstream.source.partition".into(), Some(partition.into())),
+            ("clipstream.source.offset".into(), Some(offset.into())),
+        ];
+        if let Some(id) = &d.id {
+            let id: String = id.chars().take(1024).collect();
+            ours.push(("clipstream.id".into(), Some(id.into_bytes())));
+        }
+        let size = |h: &[(String, Option<Vec<u8>>)]| -> usize {
+            h.iter()
+                .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len) + 8)
+                .sum()
+        };
+        let key = o.key.as_ref().map_or(0, |k| k.len());
+        // 400: the headers added below when the original is cut.
+        let room = budget.saturating_sub(MESSAGE_OVERHEAD_BYTES + key + size(&ours) + 400);
+        let mut headers: Vec<(String, Option<Vec<u8>>)> = o.headers.to_vec();
+        if size(&headers) + o.raw.len() > room && size(&headers) > room / 2 {
+            ours.push((
+                "clipstream.original.headers_dropped".into(),
+                Some(headers.len().to_string().into_bytes()),
+            ));
+            headers.clear();
+        }
+        let room = room.saturating_sub(size(&headers));
+        let value = if o.raw.len() > room {
+            use sha2::Digest as _;
+            let digest = sha2::Sha256::digest(&o.raw[..]);
+            let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+            ours.push((
+                "clipstream.original.truncated".into(),
+                Some(b"true".to_vec()),
+            ));
+            ours.push((
+                "clipstream.original.bytes".into(),
+                Some(o.raw.len().to_string().into_bytes()),
+            ));
+            ours.push(("clipstream.original.sha256".into(), Some(hex.into_bytes())));
+            o.raw[..room].to_vec()
+        } else {
+            o.raw.to_vec()
+        };
+        headers.extend(ours);
+        DeadLetterMessage { value, headers }
+    }
+
+    fn headers(&self) -> OwnedHeaders {
+        let mut h = OwnedHeaders::new_with_capacity(self.headers.len());
+        for (k, v) in &self.headers {
             h = h.insert(Header {
                 key: k,
                 value: v.as_deref(),
             });
         }
-        let partition = d.partition.partition.to_string();
-        let offset = d.offset.to_string();
-        let mut fields = vec![
-            ("clipstream.stage", d.stage.as_str()),
-            ("clipstream.kind", d.kind.as_str()),
-            ("clipstream.reason", d.reason.as_str()),
-            ("clipstream.source.topic", &*d.partition.source),
-            ("clipstream.source.partition", partition.as_str()),
-            ("clipstream.source.offset", offset.as_str()),
-        ];
-        if let Some(id) = &d.id {
-            fields.push(("clipstream.id", id.as_str()));
-        }
-        for (k, v) in fields {
-            h = h.insert(Header {
-                key: k,
-                value: Some(v.as_bytes()),
-            });
-        }
-        self.send(
-            "dead_letters",
-            topic,
-            d.key.as_deref(),
-            &d.original,
-            Some(h),
-        )
-        .await
+        h
     }
 }
 
 /// Runs the outputs stage until `rx` closes: each result goes to the
 /// output topics (when configured), then on to the sink thread.
+///
+/// Transient delivery errors are retried (with backoff and jitter) for as
+/// long as the record's partition is still this worker's: giving up would
+/// hold the partition's commits back for good. A row the topics refuse for
+/// good (too large, invalid) becomes a dead letter (`output_rejected`); a
+/// dead letter the dead-letter topic refuses even when cut down to its
+/// headers is fatal (the topic is unusable).
 pub fn spawn(
     rx: flume::Receiver<Done>,
     tx: flume::Sender<SinkMsg>,
     outputs: Option<Arc<KafkaOutputs>>,
+    fatal: Arc<crate::batch::Fatal>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut tasks = tokio::task::JoinSet::new();
@@ -267,40 +424,9 @@ pub fn spawn(
                 }
                 continue;
             };
-            let tx = tx.clone();
+            let (tx, fatal) = (tx.clone(), Arc::clone(&fatal));
             tasks.spawn(async move {
-                let next = match done {
-                    Done::Row { row, ack, permit } if ack.is_current() => {
-                        match out.row(&row).await {
-                            Ok(()) => Done::Row { row, ack, permit },
-                            Err(reason) => Done::Failed {
-                                reason,
-                                ack,
-                                permit,
-                            },
-                        }
-                    }
-                    Done::Dead {
-                        letter,
-                        ack,
-                        permit,
-                    } if ack.is_current() && out.dead_letters.is_some() => {
-                        let topic = out.dead_letters.as_deref().unwrap_or_default();
-                        match out.dead_letter(topic, &letter).await {
-                            Ok(()) => Done::Dead {
-                                letter,
-                                ack,
-                                permit,
-                            },
-                            Err(reason) => Done::Failed {
-                                reason,
-                                ack,
-                                permit,
-                            },
-                        }
-                    }
-                    other => other,
-                };
+                let next = deliver(&out, done, &fatal).await;
                 let _ = tx.send_async(SinkMsg::Done(next)).await;
             });
         }
@@ -309,4 +435,248 @@ pub fn spawn(
             let _ = out.producer.flush(Duration::from_secs(10));
         }
     })
+}
+
+/// Sends one result to the topics it belongs on; returns what the sink
+/// thread gets.
+async fn deliver(out: &KafkaOutputs, done: Done, fatal: &crate::batch::Fatal) -> Done {
+    match done {
+        Done::Row {
+            row,
+            origin,
+            ack,
+            permit,
+        } if ack.is_current() => match retrying(&ack, || out.row(&row)).await {
+            Ok(()) => Done::Row {
+                row,
+                origin,
+                ack,
+                permit,
+            },
+            Err(DeliveryError::Permanent(why)) => {
+                tracing::warn!(id = %row.id, %why, "an output topic refused the record; dead-lettering it");
+                let letter =
+                    origin.dead_letter(Some(row.id), Stage::Output, Kind::OutputRejected, why);
+                Box::pin(deliver(
+                    out,
+                    Done::Dead {
+                        letter,
+                        ack,
+                        permit,
+                    },
+                    fatal,
+                ))
+                .await
+            }
+            Err(DeliveryError::Transient(reason)) => Done::Failed {
+                reason,
+                ack,
+                permit,
+            },
+        },
+        Done::Dead {
+            letter,
+            ack,
+            permit,
+        } if ack.is_current() => {
+            let Some(topic) = out.dead_letters.as_deref() else {
+                // Dead letters go to a file: the sink thread writes it.
+                return Done::Dead {
+                    letter,
+                    ack,
+                    permit,
+                };
+            };
+            match retrying(&ack, || out.dead_letter(topic, &letter)).await {
+                Ok(()) => Done::Dead {
+                    letter,
+                    ack,
+                    permit,
+                },
+                Err(e) => {
+                    if let DeliveryError::Permanent(why) = &e {
+                        fatal.set(format!(
+                            "the dead-letter topic {topic} refuses even a header-only dead letter: {why}"
+                        ));
+                    }
+                    Done::Failed {
+                        reason: e.to_string(),
+                        ack,
+                        permit,
+                    }
+                }
+            }
+        }
+        other => other,
+    }
+}
+
+/// Runs `attempt` until it succeeds, fails for good, or the record's
+/// partition is no longer this worker's.
+async fn retrying<F, Fut>(ack: &AckToken, mut attempt: F) -> Result<(), DeliveryError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), DeliveryError>>,
+{
+    let mut backoff =
+        crate::retry::Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+    loop {
+        match attempt().await {
+            Err(DeliveryError::Transient(why)) if ack.is_current() => {
+                let pause = backoff.next_delay();
+                tracing::warn!(%why, retry_in_ms = pause.as_millis() as u64, "delivery failed; retrying");
+                tokio::time::sleep(pause).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ack::{AckTracker, PartitionKey, Position};
+    use crate::record::Origin;
+
+    fn letter(raw: Vec<u8>, headers: Vec<(String, Option<Vec<u8>>)>) -> DeadLetter {
+        let partition = PartitionKey {
+            source: "events".into(),
+            partition: 3,
+        };
+        Origin {
+            partition,
+            position: Position { seq: 0, offset: 42 },
+            key: Some(Arc::from(&b"k"[..])),
+            headers: Arc::from(headers),
+            raw: Arc::from(raw),
+            event_time_ms: None,
+        }
+        .dead_letter(
+            Some("id-1".into()),
+            Stage::Output,
+            Kind::OutputRejected,
+            "too large".into(),
+        )
+    }
+
+    fn header<'a>(m: &'a DeadLetterMessage, name: &str) -> Option<&'a [u8]> {
+        m.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .and_then(|(_, v)| v.as_deref())
+    }
+
+    fn size(m: &DeadLetterMessage) -> usize {
+        m.value.len()
+            + 1
+            + m.headers
+                .iter()
+                .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len) + 8)
+                .sum::<usize>()
+    }
+
+    #[test]
+    fn a_small_dead_letter_is_sent_whole() {
+        let d = letter(
+            b"{\"id\": 1}".to_vec(),
+            vec![("trace".into(), Some(b"x".to_vec()))],
+        );
+        let m = DeadLetterMessage::fit(&d, 1_000_000);
+        assert_eq!(m.value, b"{\"id\": 1}");
+        assert_eq!(header(&m, "trace"), Some(&b"x"[..]));
+        assert_eq!(header(&m, "clipstream.kind"), Some(&b"output_rejected"[..]));
+        assert_eq!(header(&m, "clipstream.source.offset"), Some(&b"42"[..]));
+        assert_eq!(header(&m, "clipstream.original.truncated"), None);
+    }
+
+    /// Whatever the original's size and headers, the dead letter fits the
+    /// budget, and a truncated one says so with the original's size and
+    /// SHA-256.
+    #[test]
+    fn a_dead_letter_always_fits() {
+        let raw: Vec<u8> = (0..3_000_000u32).map(|i| i as u8).collect();
+        let many: Vec<(String, Option<Vec<u8>>)> = (0..20_000)
+            .map(|i| (format!("h{i}"), Some(vec![b'v'; 40])))
+            .collect();
+        for budget in [1_000_000usize, 100_000, 4_096] {
+            for headers in [vec![], many.clone()] {
+                let d = letter(raw.clone(), headers.clone());
+                let m = DeadLetterMessage::fit(&d, budget);
+                assert!(
+                    size(&m) + MESSAGE_OVERHEAD_BYTES <= budget,
+                    "{budget}: {}",
+                    size(&m)
+                );
+                assert_eq!(
+                    header(&m, "clipstream.original.truncated"),
+                    Some(&b"true"[..])
+                );
+                assert_eq!(
+                    header(&m, "clipstream.original.bytes"),
+                    Some(&b"3000000"[..])
+                );
+                assert_eq!(m.value[..], raw[..m.value.len()]);
+                let sha = header(&m, "clipstream.original.sha256").expect("sha");
+                assert_eq!(sha.len(), 64);
+                if !headers.is_empty() {
+                    assert_eq!(
+                        header(&m, "clipstream.original.headers_dropped"),
+                        Some(&b"20000"[..])
+                    );
+                }
+            }
+        }
+        // The SHA-256 of a known value.
+        let d = letter(b"abc".repeat(1000), vec![]);
+        let m = DeadLetterMessage::fit(&d, 2_000);
+        // hashlib.sha256(b"abc" * 1000).hexdigest()
+        assert_eq!(
+            header(&m, "clipstream.original.sha256"),
+            Some(&b"328de8f1895f8bb09f6e6b4c2012ef2b2a6f067cd002794b750aa040a6f6d8bd"[..])
+        );
+    }
+
+    #[tokio::test]
+    async fn transient_failures_are_retried_until_the_partition_is_gone() {
+        // Three retries: about 0.5 + 1 + 2 s of backoff.
+        let tracker = AckTracker::new();
+        let key = PartitionKey {
+            source: "t".into(),
+            partition: 0,
+        };
+        tracker.assign(&key, 0);
+        let ack = tracker.token(key.clone(), Position { seq: 0, offset: 0 });
+        let mut calls = 0;
+        let r = retrying(&ack, || {
+            calls += 1;
+            let n = calls;
+            async move {
+                if n < 4 {
+                    Err(DeliveryError::Transient("broker down".into()))
+                } else {
+                    Ok(())
+                }
+            }
+        })
+        .await;
+        assert_eq!((r, calls), (Ok(()), 4));
+        let mut calls = 0;
+        let r = retrying(&ack, || {
+            calls += 1;
+            async { Err(DeliveryError::Permanent("too large".into())) }
+        })
+        .await;
+        assert!(matches!(r, Err(DeliveryError::Permanent(_))));
+        assert_eq!(calls, 1, "permanent errors are not retried");
+        tracker.revoke(&key);
+        let r = retrying(&ack, || async {
+            Err(DeliveryError::Transient("broker down".into()))
+        })
+        .await;
+        assert!(
+            matches!(r, Err(DeliveryError::Transient(_))),
+            "revoked: give up"
+        );
+        ack.delivered();
+    }
 }

@@ -130,7 +130,9 @@ fn write_ready(
             .in_flight
             .set(Stats::get(&stats.read) as i64 - Stats::get(&stats.finished) as i64);
         match d {
-            Done::Row { row, ack, permit } => {
+            Done::Row {
+                row, ack, permit, ..
+            } => {
                 if ack.is_current() {
                     parquet.append(row, ack)?;
                 } else {
@@ -179,8 +181,8 @@ mod tests {
     use super::*;
     use crate::ack::{AckTracker, Position};
     use crate::config::ParquetConfig;
-    use crate::dead_letter::{DeadLetter, Kind, Stage};
-    use crate::record::OutputRow;
+    use crate::dead_letter::{Kind, Stage};
+    use crate::record::{Origin, OutputRow};
     use crate::sink::parquet::Destination;
 
     fn row(key: &PartitionKey, offset: i64) -> OutputRow {
@@ -253,25 +255,32 @@ mod tests {
                 },
             );
             let permit = Arc::clone(&sem).try_acquire_owned().expect("permit");
+            let origin = Origin {
+                partition: key.clone(),
+                position: Position {
+                    seq: i as u64,
+                    offset: offsets[i],
+                },
+                key: None,
+                headers: Arc::from([]),
+                raw: Arc::from(&b"{}"[..]),
+                event_time_ms: None,
+            };
             let done = if i == 2 {
                 Done::Dead {
-                    letter: DeadLetter {
-                        partition: key.clone(),
-                        offset: offsets[i],
-                        id: Some("bad".into()),
-                        key: None,
-                        headers: Arc::from([]),
-                        original: Arc::from(&b"{}"[..]),
-                        stage: Stage::Source,
-                        kind: Kind::EmptyEvent,
-                        reason: "r".into(),
-                    },
+                    letter: origin.dead_letter(
+                        Some("bad".into()),
+                        Stage::Source,
+                        Kind::EmptyEvent,
+                        "r".into(),
+                    ),
                     ack,
                     permit,
                 }
             } else {
                 Done::Row {
                     row: row(&key, offsets[i]),
+                    origin,
                     ack,
                     permit,
                 }

@@ -12,7 +12,7 @@ use tokio::io::AsyncBufReadExt;
 use super::SourceContext;
 use crate::ack::{PartitionKey, Position};
 use crate::config::FilesSourceConfig;
-use crate::record::{Received, parse_event};
+use crate::record::{Origin, Received, parse_event};
 use crate::sink::resume::DoneSet;
 use crate::stats::Stats;
 
@@ -174,12 +174,14 @@ impl FilesSource {
         Stats::add(&ctx.stats.read, 1);
         let raw: Arc<[u8]> = Arc::from(raw);
         let received = Received {
-            partition: key.clone(),
-            position,
-            key: None,
-            headers: Arc::from([]),
-            raw,
-            event_time_ms: None,
+            origin: Origin {
+                partition: key.clone(),
+                position,
+                key: None,
+                headers: Arc::from([]),
+                raw,
+                event_time_ms: None,
+            },
             ack,
             permit,
         };

@@ -29,14 +29,14 @@ use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaResult;
-use rdkafka::message::{Headers as _, Message};
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 use super::SourceContext;
 use crate::ack::{AckTracker, PartitionKey, Position};
 use crate::config::KafkaSourceConfig;
-use crate::record::{Received, parse_event};
+use crate::record::{Origin, Received, parse_event};
 use crate::sink::{Cleanup, SinkMsg};
 use crate::stats::Stats;
 
@@ -496,14 +496,7 @@ impl KafkaSource {
             Stats::add(&ctx.stats.read, 1);
             let raw: Arc<[u8]> = Arc::from(m.payload().unwrap_or_default());
             let msg_key: Option<Arc<[u8]>> = m.key().map(Arc::from);
-            let headers: crate::dead_letter::Headers = m
-                .headers()
-                .map(|h| {
-                    h.iter()
-                        .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
-                        .collect()
-                })
-                .unwrap_or_else(|| Arc::from([]));
+            let headers = read_headers(&m);
             let event_time_ms = m.timestamp().to_millis();
             let parsed = match m.payload() {
                 None => Err(crate::record::EventError {
@@ -514,12 +507,14 @@ impl KafkaSource {
                 Some(p) => parse_event(p, self.cfg.max_event_bytes),
             };
             let received = Received {
-                partition: key,
-                position,
-                key: msg_key,
-                headers,
-                raw,
-                event_time_ms,
+                origin: Origin {
+                    partition: key,
+                    position,
+                    key: msg_key,
+                    headers,
+                    raw,
+                    event_time_ms,
+                },
                 ack,
                 permit,
             };
@@ -563,5 +558,75 @@ impl KafkaSource {
             }
         }
         Ok(undrained)
+    }
+}
+
+/// A message's headers, read without trusting them. rdkafka's accessors
+/// unwrap the conversion of every header name to UTF-8, so one message with
+/// a name of other bytes would panic the poll thread (and every worker that
+/// takes the partition after it). Here names that are not UTF-8 are kept
+/// with the offending bytes escaped (`\xff`), so that a dead letter still
+/// shows them; nothing else reads header names.
+#[allow(unsafe_code)]
+fn read_headers(m: &BorrowedMessage<'_>) -> crate::dead_letter::Headers {
+    use rdkafka::bindings as rd;
+    use std::ffi::{CStr, c_char, c_void};
+    let ok = rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR;
+    let mut hdrs: *mut rd::rd_kafka_headers_t = std::ptr::null_mut();
+    // SAFETY: `m.ptr()` is the live message `m` borrows; the headers it
+    // returns are owned by the message and live as long as `m`.
+    if unsafe { rd::rd_kafka_message_headers(m.ptr(), &mut hdrs) } != ok || hdrs.is_null() {
+        return Arc::from([]);
+    }
+    // SAFETY: `hdrs` is valid (above).
+    let count = unsafe { rd::rd_kafka_header_cnt(hdrs) };
+    let mut out = Vec::with_capacity(count);
+    for idx in 0..count {
+        let mut name: *const c_char = std::ptr::null();
+        let mut value: *const c_void = std::ptr::null();
+        let mut size = 0usize;
+        // SAFETY: `hdrs` is valid and `idx` is below its count; the out
+        // pointers are valid for writes.
+        let err =
+            unsafe { rd::rd_kafka_header_get_all(hdrs, idx, &mut name, &mut value, &mut size) };
+        if err != ok || name.is_null() {
+            continue;
+        }
+        // SAFETY: librdkafka's header names are NUL-terminated and live as
+        // long as the headers; values are `size` bytes (or null: no value).
+        let (name, value) = unsafe {
+            (
+                CStr::from_ptr(name).to_bytes(),
+                (!value.is_null()).then(|| std::slice::from_raw_parts(value.cast::<u8>(), size)),
+            )
+        };
+        out.push((escape_name(name), value.map(<[u8]>::to_vec)));
+    }
+    Arc::from(out)
+}
+
+/// A header name as text: UTF-8 as is, other bytes as `\xNN`.
+fn escape_name(name: &[u8]) -> String {
+    match std::str::from_utf8(name) {
+        Ok(s) => s.to_string(),
+        Err(_) => name.utf8_chunks().fold(String::new(), |mut s, chunk| {
+            s.push_str(chunk.valid());
+            for b in chunk.invalid() {
+                s.push_str(&format!("\\x{b:02x}"));
+            }
+            s
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_names_that_are_not_utf8_are_escaped() {
+        assert_eq!(escape_name(b"trace-id"), "trace-id");
+        assert_eq!(escape_name(b"a\xffb\xc3"), "a\\xffb\\xc3");
+        assert_eq!(escape_name("é".as_bytes()), "é");
     }
 }
