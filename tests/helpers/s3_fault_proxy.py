@@ -4,6 +4,8 @@
     s3_fault_proxy.py --upstream 127.0.0.1:PORT [--listen 127.0.0.1:0]
                       [--slowdown-rate 0.2] [--timeout-rate 0.0] [--timeout-secs 30]
                       [--forbid KEY_SUBSTRING ...] [--delay-secs 0]
+                      [--hold-complete-secs 0] [--stall-body-secs 0]
+                      [--no-content-length] [--armed-file PATH]
                       [--seed N] [--stats-file PATH]
 
 Defaults: --slowdown-rate 0.2 (pass 0 for none), --timeout-rate 0,
@@ -31,12 +33,26 @@ bucket-level to the proxy and are never faulted. For an object request:
     S3; default 0).
 The draws follow arrival order, so a seed fixes which requests fail only when
 the client sends one request at a time.
+
+Three more faults, off by default:
+  - --hold-complete-secs N: a CompleteMultipartUpload (POST ...?uploadId=)
+    is read whole, held N seconds, then forwarded all the same (whether or
+    not the client still waits): an upload that completes late, after its
+    writer gave up on it;
+  - --stall-body-secs N: an object GET's response head and half its body
+    are relayed, then nothing for N seconds, then the connection closes;
+  - --no-content-length: an object GET's response is relayed chunked,
+    without its Content-Length.
+With --armed-file PATH, every fault but --no-content-length (a change of
+form, not an outage) applies only while PATH exists, so a test can switch
+them on and off.
 Injected replies do not reach the upstream. A faulted request's body is read
 and dropped first (so the connection stays usable); when the client waits on
 `Expect: 100-continue` the reply goes out at once with `Connection: close`.
 
 Counters (requests, forwarded, injected_503, injected_timeouts, injected_403,
-delayed, upstream_errors; requests counts everything but the stats path) are served as JSON at GET /__proxy_stats (never forwarded)
+delayed, held_completes, stalled_bodies, unsized_bodies, upstream_errors;
+requests counts everything but the stats path) are served as JSON at GET /__proxy_stats (never forwarded)
 and written to --stats-file (atomically) on every change and on SIGTERM.
 """
 
@@ -179,6 +195,10 @@ class Proxy:
         self.timeout_rate = args.timeout_rate
         self.timeout_secs = args.timeout_secs
         self.delay_secs = args.delay_secs
+        self.hold_complete_secs = args.hold_complete_secs
+        self.stall_body_secs = args.stall_body_secs
+        self.no_content_length = args.no_content_length
+        self.armed_file = args.armed_file
         self.forbid = list(args.forbid or [])
         self.rng = random.Random(args.seed)
         self.stats_file = args.stats_file
@@ -189,6 +209,9 @@ class Proxy:
             "injected_timeouts": 0,
             "injected_403": 0,
             "delayed": 0,
+            "held_completes": 0,
+            "stalled_bodies": 0,
+            "unsized_bodies": 0,
             "upstream_errors": 0,
         }
         self.request_ids = 0
@@ -210,8 +233,18 @@ class Proxy:
 
     # ------------------------------------------------------------ decisions
 
+    @staticmethod
+    def is_object(target: str) -> bool:
+        bucket, _, key = target.split("?", 1)[0].lstrip("/").partition("/")
+        return bool(bucket and key)
+
+    def armed(self) -> bool:
+        return self.armed_file is None or os.path.exists(self.armed_file)
+
     def decide(self, target: str) -> str:
         """'forward', 'forward_object', 'forbid', 'slowdown' or 'timeout' for a request target."""
+        if not self.armed():
+            return "forward"
         path = target.split("?", 1)[0]
         if path.startswith("http://") or path.startswith("https://"):  # absolute-form
             path = "/" + path.split("://", 1)[1].partition("/")[2]
@@ -317,12 +350,51 @@ class Proxy:
         if action == "forward_object" and self.delay_secs > 0 and method == "GET":
             self.bump("delayed")
             await asyncio.sleep(self.delay_secs)
-        return await self.forward(req, method, framing, expect_continue, client_close, creader, cwriter, upstream)
+        if action == "forward_object" and self.hold_complete_secs > 0 and method == "POST" and "uploadId=" in target:
+            return await self.hold_complete(req, framing, creader, cwriter)
+        body_fault = None
+        if method == "GET" and self.is_object(target):
+            if action == "forward_object" and self.stall_body_secs > 0:
+                body_fault = "stall"
+            elif self.no_content_length:
+                body_fault = "unsized"
+        return await self.forward(
+            req, method, framing, expect_continue, client_close, creader, cwriter, upstream, body_fault
+        )
+
+    async def hold_complete(self, req, framing, creader, cwriter):
+        """A late CompleteMultipartUpload: read it, hold it, forward it on its own connection."""
+        self.bump("held_completes")
+        if "100-continue" in req.tokens("expect"):
+            cwriter.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            await cwriter.drain()
+        body = Buffer()
+        await copy_body(creader, body, framing)
+        await asyncio.sleep(self.hold_complete_secs)
+        try:
+            ureader, uwriter = await self.connect_upstream()
+            uwriter.write(req.raw + bytes(body.data))
+            await uwriter.drain()
+            resp = await read_head(ureader)
+            if resp is None:
+                raise Closed("upstream closed before answering")
+            payload = Buffer()
+            if resp.tokens("transfer-encoding") or resp.get("content-length") is not None:
+                await copy_body(ureader, payload, resp.body_framing())
+            uwriter.close()
+            self.bump("forwarded")
+            cwriter.write(resp.raw + bytes(payload.data))
+            await cwriter.drain()
+        except (OSError, Closed, asyncio.IncompleteReadError):
+            pass
+        return False, None
 
     async def connect_upstream(self):
         return await asyncio.open_connection(self.upstream_host, self.upstream_port, limit=HEAD_LIMIT)
 
-    async def forward(self, req, method, framing, expect_continue, client_close, creader, cwriter, upstream):
+    async def forward(
+        self, req, method, framing, expect_continue, client_close, creader, cwriter, upstream, body_fault=None
+    ):
         # Reuse the upstream connection unless it has gone away.
         if upstream is not None and (upstream[0].at_eof() or upstream[1].is_closing()):
             upstream[1].close()
@@ -367,6 +439,10 @@ class Proxy:
                 if resp is None:
                     raise Closed("upstream closed before answering")
                 status = int(resp.start.split(" ", 2)[1])
+                if body_fault is not None and status == 200 and resp.get("content-length") is not None:
+                    await self.body_fault(body_fault, resp, ureader, cwriter)
+                    uwriter.close()
+                    return False, None
                 cwriter.write(resp.raw)
                 await cwriter.drain()
                 if 100 <= status < 200 and status != 101:
@@ -402,6 +478,46 @@ class Proxy:
             uwriter.close()
             upstream = None
         return keep, upstream
+
+
+class Buffer:
+    """A writer that keeps what it is given."""
+
+    def __init__(self):
+        self.data = bytearray()
+
+    def write(self, d: bytes) -> None:
+        self.data.extend(d)
+
+    async def drain(self) -> None:
+        pass
+
+
+async def _body_fault(self, kind: str, resp: Head, ureader, cwriter) -> None:
+    """Relays an object's response with a broken body: half of it then a
+    stall, or chunked without its length."""
+    n = int(resp.get("content-length"))
+    body = Buffer()
+    await copy_exact(ureader, body, n)
+    data = bytes(body.data)
+    if kind == "stall":
+        self.bump("stalled_bodies")
+        cwriter.write(resp.raw + data[: n // 2])
+        await cwriter.drain()
+        await asyncio.sleep(self.stall_body_secs)
+        return
+    self.bump("unsized_bodies")
+    lines = [l for l in resp.raw[:-4].split(b"\r\n") if not l.lower().startswith((b"content-length:", b"connection:"))]
+    head = b"\r\n".join(lines) + b"\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    cwriter.write(head)
+    for i in range(0, len(data), 8192):
+        chunk = data[i : i + 8192]
+        cwriter.write(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+    cwriter.write(b"0\r\n\r\n")
+    await cwriter.drain()
+
+
+Proxy.body_fault = _body_fault
 
 
 async def main_async(args) -> None:
@@ -445,6 +561,22 @@ def main() -> None:
     ap.add_argument(
         "--delay-secs", type=float, default=0.0, help="forwarded object GETs wait this long first (default 0)"
     )
+    ap.add_argument(
+        "--hold-complete-secs",
+        type=float,
+        default=0.0,
+        help="hold each CompleteMultipartUpload this long, then forward it anyway (default 0: off)",
+    )
+    ap.add_argument(
+        "--stall-body-secs",
+        type=float,
+        default=0.0,
+        help="object GETs: relay half the body, then stall this long (default 0: off)",
+    )
+    ap.add_argument(
+        "--no-content-length", action="store_true", help="object GETs: relay the body chunked, without its length"
+    )
+    ap.add_argument("--armed-file", default=None, help="faults apply only while this file exists")
     ap.add_argument("--seed", type=int, default=None, help="seed of the fault RNG")
     ap.add_argument("--stats-file", default=None, help="JSON counters, rewritten on every change")
     args = ap.parse_args()

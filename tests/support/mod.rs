@@ -5,12 +5,14 @@
 #![allow(dead_code)]
 
 pub mod stack;
+pub mod streaming;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use clipstream_pipeline::config::PipelineConfig;
 use serde_json::{Value, json};
 
 pub fn root() -> PathBuf {
@@ -29,8 +31,14 @@ pub fn model() -> PathBuf {
     fixtures().join("clip-tiny")
 }
 
+/// The binary under test: this build's, or `CLIPSTREAM_TEST_BIN` (another
+/// build — an older commit's, to see a test fail before its fix).
 pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_clipstream")
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        std::env::var("CLIPSTREAM_TEST_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_clipstream").into())
+    })
 }
 
 pub fn clipstream(args: &[&str]) -> Output {
@@ -137,6 +145,19 @@ const SHAPES: [&str; 4] = ["circle", "square", "triangle", "star"];
 
 /// PNG bytes that declare `w` x `h` pixels but hold almost no data.
 pub fn bomb_png(w: u32, h: u32) -> Vec<u8> {
+    png_of(w, h, &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01])
+}
+
+/// An RGB PNG of `w` x `h` from its filtered scanlines (a filter byte,
+/// then the row's bytes), deflated fast.
+pub fn png_with_pixels(w: u32, h: u32, raw: &[u8]) -> Vec<u8> {
+    let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
+    z.write_all(raw).expect("deflate");
+    png_of(w, h, &z.finish().expect("deflate"))
+}
+
+/// An RGB PNG of `w` x `h` with `idat` as its (zlib) image data.
+fn png_of(w: u32, h: u32, idat: &[u8]) -> Vec<u8> {
     fn crc32(data: &[u8]) -> u32 {
         let mut c = 0xFFFF_FFFFu32;
         for &b in data {
@@ -165,12 +186,38 @@ pub fn bomb_png(w: u32, h: u32) -> Vec<u8> {
     ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
     let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
     png.extend(chunk(b"IHDR", &ihdr));
-    png.extend(chunk(
-        b"IDAT",
-        &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01],
-    ));
+    png.extend(chunk(b"IDAT", idat));
     png.extend(chunk(b"IEND", &[]));
     png
+}
+
+/// A PNG of one colour.
+pub fn solid_png(w: u32, h: u32, rgb: [u8; 3]) -> Vec<u8> {
+    let row: Vec<u8> = std::iter::once(0)
+        .chain(rgb.iter().copied().cycle().take(3 * w as usize))
+        .collect();
+    let raw = row.repeat(h as usize);
+    let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+    z.write_all(&raw).expect("deflate");
+    png_of(w, h, &z.finish().expect("deflate"))
+}
+
+/// The bundled tiny CLIP with its vision tower replaced by `vision` (an
+/// ONNX file), in a new model directory under `dir`.
+pub fn model_with_vision(dir: &Path, vision: &Path) -> PathBuf {
+    let m = dir.join("model");
+    std::fs::create_dir_all(&m).expect("model dir");
+    for f in [
+        "config.json",
+        "preprocessor_config.json",
+        "text_model.onnx",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        std::fs::copy(model().join(f), m.join(f)).expect("copy model file");
+    }
+    std::fs::copy(vision, m.join("vision_model.onnx")).expect("copy vision tower");
+    m
 }
 
 /// Writes the bad-input files every test can reference.
@@ -295,8 +342,15 @@ pub fn model_section() -> String {
     )
 }
 
-/// A pipeline file for a local run of `manifest` into `out`.
-pub fn local_pipeline(dir: &Path, manifest: &Path, out: &Path, rows_per_file: usize) -> PathBuf {
+/// The pipeline of a local run of `manifest` into `out`, as config values
+/// (a test changes what it needs through the types, then
+/// [`write_pipeline`] writes it).
+pub fn local_config(
+    dir: &Path,
+    manifest: &Path,
+    out: &Path,
+    rows_per_file: usize,
+) -> PipelineConfig {
     let text = format!(
         r#"
 {model}
@@ -307,6 +361,8 @@ max_event_bytes = 4096
 
 [fetch]
 max_object_bytes = 300000
+# The scratch inputs and the fixtures: the repository.
+root = "{root}"
 
 [engine]
 max_in_flight = 128
@@ -324,10 +380,45 @@ drain_deadline_secs = 30
         model = model_section(),
         manifest = manifest.display(),
         out = out.display(),
+        root = root().display(),
     );
-    let p = dir.join("pipeline.toml");
+    PipelineConfig::from_toml(&text, dir, |_| None).unwrap_or_else(|p| {
+        panic!(
+            "the test pipeline is invalid: {}",
+            p.iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join("; ")
+        )
+    })
+}
+
+/// Writes `cfg` as `<name>.toml` in `dir`, checked by the same parser the
+/// worker uses.
+pub fn write_pipeline(dir: &Path, name: &str, cfg: &PipelineConfig) -> PathBuf {
+    let text = toml::to_string(cfg).expect("the pipeline serialises");
+    let back = PipelineConfig::from_toml(&text, dir, |_| None).unwrap_or_else(|p| {
+        panic!(
+            "the written pipeline is invalid: {}\n{text}",
+            p.iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join("; ")
+        )
+    });
+    assert_eq!(&back, cfg, "the pipeline does not survive its TOML");
+    let p = dir.join(format!("{name}.toml"));
     std::fs::write(&p, text).expect("pipeline");
     p
+}
+
+/// A pipeline file for a local run of `manifest` into `out`.
+pub fn local_pipeline(dir: &Path, manifest: &Path, out: &Path, rows_per_file: usize) -> PathBuf {
+    write_pipeline(
+        dir,
+        "pipeline",
+        &local_config(dir, manifest, out, rows_per_file),
+    )
 }
 
 /// Checks the outputs of a completed input: every good id exactly once in

@@ -60,11 +60,29 @@ pub fn log(dir: &Path, name: &str) -> Stdio {
 /// A child process killed when dropped.
 pub struct Proc(pub Child);
 
+impl Proc {
+    /// Its exit code if it has exited (on its own, or killed), else `None`.
+    pub fn exited(&mut self) -> Option<Option<i32>> {
+        self.0.try_wait().ok().flatten().map(|s| s.code())
+    }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// What Kafka clients talk to.
+#[derive(Debug, Clone, PartialEq)]
+enum Front {
+    /// The broker itself.
+    Plain,
+    /// A TLS-terminating proxy.
+    Tls,
+    /// A proxy that holds requests (its arguments).
+    Faults(Vec<String>),
 }
 
 /// The broker and the S3 server.
@@ -77,6 +95,8 @@ pub struct Stack {
     pub kafka_ca: Option<PathBuf>,
     _kafka: Option<Proc>,
     _tls: Option<Proc>,
+    /// `tests/helpers/kafka_fault_proxy.py`, when the test holds requests.
+    _kafka_faults: Option<Proc>,
     _s3: Proc,
 }
 
@@ -165,7 +185,7 @@ impl Stack {
     /// Starts both servers; `topics` are created with their partition
     /// counts, `buckets` as folders of the S3 server.
     pub fn start(dir: &Path, topics: &[(&str, u32)], buckets: &[&str]) -> Stack {
-        Stack::start_with(dir, topics, buckets, false)
+        Stack::start_with(dir, topics, buckets, Front::Plain)
     }
 
     /// The same, with Kafka reached over TLS only: the broker speaks
@@ -173,13 +193,29 @@ impl Stack {
     /// sits in front of it and the broker advertises the proxy. Clients made
     /// by these helpers for `brokers()` use TLS and trust `kafka_ca`.
     pub fn start_tls(dir: &Path, topics: &[(&str, u32)], buckets: &[&str]) -> Stack {
-        Stack::start_with(dir, topics, buckets, true)
+        Stack::start_with(dir, topics, buckets, Front::Tls)
     }
 
-    fn start_with(dir: &Path, topics: &[(&str, u32)], buckets: &[&str], tls: bool) -> Stack {
+    /// The same, with Kafka reached through `tests/helpers/kafka_fault_proxy.py`
+    /// (given `args`), which the broker advertises: requests of chosen kinds
+    /// can be held. Its counters are in `kafka-proxy-stats.json`.
+    pub fn start_with_kafka_faults(
+        dir: &Path,
+        topics: &[(&str, u32)],
+        buckets: &[&str],
+        args: &[&str],
+    ) -> Stack {
+        let args = args.iter().map(|a| a.to_string()).collect();
+        Stack::start_with(dir, topics, buckets, Front::Faults(args))
+    }
+
+    fn start_with(dir: &Path, topics: &[(&str, u32)], buckets: &[&str], front: Front) -> Stack {
         let (tansu, _) = tools();
         let kafka_port = free_port();
-        let client_port = if tls { free_port() } else { kafka_port };
+        let client_port = match front {
+            Front::Plain => kafka_port,
+            Front::Tls | Front::Faults(_) => free_port(),
+        };
         let url = format!("tcp://127.0.0.1:{kafka_port}");
         let advertised = format!("tcp://127.0.0.1:{client_port}");
         let kafka = Proc(
@@ -201,7 +237,23 @@ impl Stack {
         wait_port(kafka_port, "tansu");
         stack.kafka_port = client_port;
         stack._kafka = Some(kafka);
-        if tls {
+        if let Front::Faults(args) = &front {
+            stack._kafka_faults = Some(Proc(
+                Command::new(super::python())
+                    .arg(root().join("tests/helpers/kafka_fault_proxy.py"))
+                    .args(["--listen", &format!("127.0.0.1:{client_port}")])
+                    .args(["--upstream", &format!("127.0.0.1:{kafka_port}")])
+                    .arg("--stats-file")
+                    .arg(dir.join("kafka-proxy-stats.json"))
+                    .args(args)
+                    .stdout(log(dir, "kafka-proxy.log"))
+                    .stderr(log(dir, "kafka-proxy.err"))
+                    .spawn()
+                    .expect("kafka_fault_proxy.py starts"),
+            ));
+            wait_port(client_port, "the Kafka fault proxy");
+        }
+        if front == Front::Tls {
             let certs = dir.join("tls");
             std::fs::create_dir_all(&certs).expect("tls dir");
             let (ca, cert, key) = certificates(&certs);
@@ -277,8 +329,18 @@ impl Stack {
             kafka_ca: None,
             _kafka: None,
             _tls: None,
+            _kafka_faults: None,
             _s3: s3,
         }
+    }
+
+    /// The Kafka fault proxy's counters (`connections`, `frames`, `held`,
+    /// `held_by_client`).
+    pub fn kafka_proxy_stats(&self, dir: &Path) -> serde_json::Value {
+        std::fs::read(dir.join("kafka-proxy-stats.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
     }
 
     pub fn brokers(&self) -> String {
@@ -413,8 +475,17 @@ pub struct FaultProxy {
 
 impl FaultProxy {
     pub fn start(dir: &Path, upstream_port: u16, args: &[&str]) -> FaultProxy {
+        FaultProxy::start_named(dir, "proxy", upstream_port, args)
+    }
+
+    /// Another proxy in the same directory (`NAME-stats.json`, `NAME.err`).
+    pub fn start_named(dir: &Path, name: &str, upstream_port: u16, args: &[&str]) -> FaultProxy {
         use std::io::BufRead;
-        let stats = dir.join("proxy-stats.json");
+        let stats = if name == "proxy" {
+            dir.join("proxy-stats.json")
+        } else {
+            dir.join(format!("{name}-stats.json"))
+        };
         let mut child = Command::new(super::python())
             .arg(root().join("tests/helpers/s3_fault_proxy.py"))
             .args(["--upstream", &format!("127.0.0.1:{upstream_port}")])
@@ -422,7 +493,7 @@ impl FaultProxy {
             .arg(&stats)
             .args(args)
             .stdout(Stdio::piped())
-            .stderr(log(dir, "proxy.err"))
+            .stderr(log(dir, &format!("{name}.err")))
             .spawn()
             .expect("the fault proxy starts");
         let mut line = String::new();

@@ -209,8 +209,8 @@ impl AckTracker {
 
     /// Starts a new assignment of `partition` whose first record will have
     /// sequence number `next_seq`; tokens of earlier assignments no longer
-    /// count.
-    pub fn assign(&self, partition: &PartitionKey, next_seq: u64) {
+    /// count. Returns the assignment's epoch (epochs only grow).
+    pub fn assign(&self, partition: &PartitionKey, next_seq: u64) -> u64 {
         let epoch = 1 + self.epochs.fetch_add(1, Ordering::AcqRel);
         let mut parts = self.partitions.lock().unwrap_or_else(|e| e.into_inner());
         parts.insert(
@@ -221,6 +221,7 @@ impl AckTracker {
                 ..PartitionState::default()
             },
         );
+        epoch
     }
 
     /// The partition was taken away: its outstanding tokens no longer count.

@@ -5,13 +5,13 @@
 //! while the current one runs, and no more than one batch waits.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use clipstream_model::tokenize::TokenBatch;
 use clipstream_model::{EmbeddingBatch, ModelError, TextEncoder, VisionEncoder};
 
 use crate::config::BatchConfig;
+use crate::fatal::Fatal;
 use crate::prep::{Assembler, InFlight, Part, TextJob, VisionJob};
 use crate::stats::Stats;
 
@@ -43,65 +43,79 @@ pub fn batcher<J: Send + 'static>(
         .expect("spawning a batcher thread")
 }
 
-/// Set when a tower fails: the pipeline stops and reports it.
-#[derive(Debug, Default)]
-pub struct Fatal {
-    failed: AtomicBool,
-    message: std::sync::Mutex<Option<String>>,
-}
+/// What a tower made of a batch: one embedding per input, or for an input
+/// the tower fails on (while it still works on a neutral input) the reason.
+type Outcome = Vec<Result<Vec<f32>, String>>;
 
-impl Fatal {
-    /// Records the first fatal error.
-    pub fn set(&self, message: String) {
-        let mut m = self.message.lock().unwrap_or_else(|e| e.into_inner());
-        if m.is_none() {
-            tracing::error!(%message, "pipeline failed");
-            *m = Some(message);
+/// Runs `embed` on the whole batch; when that fails, finds out whether the
+/// inputs or the tower are at fault: each input is run alone, and when one
+/// fails alone, a neutral input (`embed(None)`, a probe) is run too. If the
+/// probe works, the tower is fine and the inputs that failed alone are at
+/// fault (their records become dead letters); if the probe fails, the tower
+/// is broken and the error is returned (fatal).
+fn encode_isolating<J>(
+    jobs: &[J],
+    mut embed: impl FnMut(Option<&[&J]>) -> Result<EmbeddingBatch, ModelError>,
+) -> Result<Outcome, ModelError> {
+    let all: Vec<&J> = jobs.iter().collect();
+    let first = match embed(Some(&all)) {
+        Ok(e) => return Ok(e.rows().map(<[f32]>::to_vec).map(Ok).collect()),
+        Err(e) => e,
+    };
+    let mut out = Vec::with_capacity(jobs.len());
+    let mut any_failed = false;
+    for j in jobs {
+        match embed(Some(&[j])) {
+            Ok(e) => out.push(Ok(e.row(0).to_vec())),
+            Err(e) => {
+                any_failed = true;
+                out.push(Err(e.to_string()));
+            }
         }
-        self.failed.store(true, Ordering::Release);
     }
-
-    /// True once a fatal error happened.
-    pub fn is_set(&self) -> bool {
-        self.failed.load(Ordering::Acquire)
+    if any_failed {
+        if let Err(e) = embed(None) {
+            tracing::error!(error = %e, batch_error = %first, "the tower fails on a neutral input too");
+            return Err(e);
+        }
+    } else {
+        tracing::warn!(error = %first, size = jobs.len(), "a batch failed but each of its inputs worked alone");
     }
-
-    /// The first fatal error.
-    pub fn message(&self) -> Option<String> {
-        self.message
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
+    Ok(out)
 }
 
-/// Counts a tower's batch and hands each embedding to the assembler; a
-/// failed batch is fatal. False when the encoder thread must stop.
+/// Counts a tower's batch and hands each result to the assembler; a broken
+/// tower is fatal. False when the encoder thread must stop.
 fn finish_batch<'a>(
     asm: &Assembler,
     fatal: &Fatal,
     part: Part,
     recs: impl ExactSizeIterator<Item = &'a Arc<InFlight>>,
-    result: Result<EmbeddingBatch, ModelError>,
+    result: Result<Outcome, ModelError>,
     started: Instant,
 ) -> bool {
     let (tower, encoded) = match part {
         Part::Image => ("vision", &asm.stats.images),
         Part::Text => ("text", &asm.stats.texts),
     };
-    let e = match result {
-        Ok(e) => e,
+    let rows = match result {
+        Ok(r) => r,
         Err(e) => {
-            fatal.set(format!("{tower} tower: {e}"));
+            fatal.set(format!("the {tower} tower failed: {e}"));
             return false;
         }
     };
     asm.stats.batch(tower, recs.len(), started.elapsed());
-    Stats::add(encoded, recs.len() as u64);
+    Stats::add(encoded, rows.iter().filter(|r| r.is_ok()).count() as u64);
     let wait = asm.stats.queue_wait_seconds.with_label_values(&[tower]);
     recs.inspect(|rec| wait.observe(started.saturating_duration_since(rec.queued).as_secs_f64()))
-        .zip(e.rows())
-        .all(|(rec, row)| asm.part_done(rec, part, row.to_vec()))
+        .zip(rows)
+        .all(|(rec, row)| match row {
+            Ok(row) => asm.part_done(rec, part, row),
+            Err(why) => {
+                asm.part_failed(rec, format!("the {tower} tower fails on this input: {why}"))
+            }
+        })
 }
 
 /// Runs the vision tower on batches until `rx` closes or the tower fails.
@@ -111,6 +125,7 @@ pub fn vision_encoder(
     rx: flume::Receiver<Vec<VisionJob>>,
     asm: Assembler,
     fatal: Arc<Fatal>,
+    budget: Arc<crate::budget::Budget>,
 ) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
         .name("encode-vision".into())
@@ -118,13 +133,22 @@ pub fn vision_encoder(
             let per = 3 * size.0 * size.1;
             let mut pixels = Vec::new();
             for batch in rx.iter() {
-                pixels.clear();
-                pixels.reserve(batch.len() * per);
-                for j in &batch {
-                    pixels.extend_from_slice(&j.pixels);
-                }
                 let started = Instant::now();
-                let result = encoder.embed(&pixels, batch.len(), size);
+                // The batch's input, and ONNX Runtime's copy of it.
+                let _input = budget.charge(2 * 4 * (batch.len() * per) as u64);
+                let result = encode_isolating(&batch, |jobs| {
+                    pixels.clear();
+                    let Some(jobs) = jobs else {
+                        // The probe: a neutral (mean-colour) image.
+                        pixels.resize(per, 0.0);
+                        return encoder.embed(&pixels, 1, size);
+                    };
+                    pixels.reserve(jobs.len() * per);
+                    for j in jobs {
+                        pixels.extend_from_slice(&j.pixels);
+                    }
+                    encoder.embed(&pixels, jobs.len(), size)
+                });
                 let recs = batch.iter().map(|j| &j.rec);
                 if !finish_batch(&asm, &fatal, Part::Image, recs, result, started) {
                     return;
@@ -146,14 +170,26 @@ pub fn text_encoder(
         .name("encode-text".into())
         .spawn(move || {
             for batch in rx.iter() {
-                let tokens = TokenBatch {
-                    len: batch.len(),
-                    max_len,
-                    input_ids: batch.iter().flat_map(|j| j.ids.iter().copied()).collect(),
-                    attention_mask: batch.iter().flat_map(|j| j.mask.iter().copied()).collect(),
-                };
                 let started = Instant::now();
-                let result = encoder.embed(&tokens);
+                let result = encode_isolating(&batch, |jobs| {
+                    let Some(jobs) = jobs else {
+                        // The probe: one token.
+                        let mut mask = vec![0; max_len];
+                        mask[0] = 1;
+                        return encoder.embed(&TokenBatch {
+                            len: 1,
+                            max_len,
+                            input_ids: vec![0; max_len],
+                            attention_mask: mask,
+                        });
+                    };
+                    encoder.embed(&TokenBatch {
+                        len: jobs.len(),
+                        max_len,
+                        input_ids: jobs.iter().flat_map(|j| j.ids.iter().copied()).collect(),
+                        attention_mask: jobs.iter().flat_map(|j| j.mask.iter().copied()).collect(),
+                    })
+                });
                 let recs = batch.iter().map(|j| &j.rec);
                 if !finish_batch(&asm, &fatal, Part::Text, recs, result, started) {
                     return;
@@ -167,6 +203,36 @@ pub fn text_encoder(
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    /// A fake tower over numbers: fails on any batch holding a "poison"
+    /// value (negative), or on everything when `broken`.
+    fn tower(broken: bool) -> impl FnMut(Option<&[&i32]>) -> Result<EmbeddingBatch, ModelError> {
+        move |jobs| {
+            let values: Vec<i32> = jobs.map_or(vec![0], |j| j.iter().map(|v| **v).collect());
+            if broken || values.iter().any(|v| *v < 0) {
+                return Err(ModelError::Ort("cannot reshape".into()));
+            }
+            Ok(EmbeddingBatch {
+                dim: 1,
+                data: values.iter().map(|v| *v as f32).collect(),
+            })
+        }
+    }
+
+    #[test]
+    fn an_input_the_tower_fails_on_is_isolated_and_the_rest_encoded() {
+        let out = encode_isolating(&[1, -2, 3], tower(false)).expect("tower works");
+        assert_eq!(out[0], Ok(vec![1.0]));
+        assert!(out[1].as_ref().is_err_and(|e| e.contains("cannot reshape")));
+        assert_eq!(out[2], Ok(vec![3.0]));
+        let out = encode_isolating(&[4, 5], tower(false)).expect("tower works");
+        assert_eq!(out, vec![Ok(vec![4.0]), Ok(vec![5.0])]);
+    }
+
+    #[test]
+    fn a_tower_that_fails_on_a_neutral_input_too_is_broken() {
+        assert!(encode_isolating(&[1, 2], tower(true)).is_err());
+    }
 
     #[test]
     fn batches_fill_up_or_time_out() {

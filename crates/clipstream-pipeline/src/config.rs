@@ -224,6 +224,11 @@ pub struct FetchConfig {
     /// Concurrent fetches. Default 16.
     #[serde(default = "default_fetch_concurrency")]
     pub concurrency: usize,
+    /// Local files (`file://` and bare paths) must lie under this directory
+    /// once `..` and symbolic links are resolved. Default: the manifest's
+    /// directory (or the images directory).
+    #[serde(default)]
+    pub root: Option<PathBuf>,
 }
 
 fn default_schemes() -> Vec<String> {
@@ -243,6 +248,7 @@ impl Default for FetchConfig {
             allowed_buckets: Vec::new(),
             max_object_bytes: default_max_object_bytes(),
             concurrency: default_fetch_concurrency(),
+            root: None,
         }
     }
 }
@@ -273,6 +279,12 @@ pub struct EngineConfig {
     /// Capacity of each queue between stages. Default 64.
     #[serde(default = "default_queue")]
     pub queue_capacity: usize,
+    /// The memory budget of the records in flight, in bytes: their events,
+    /// fetched objects, decoded images, model inputs, and rows until their
+    /// files are written. The source and the fetch stage wait while it is
+    /// spent. Default 1 GiB.
+    #[serde(default = "default_max_bytes_in_flight")]
+    pub max_bytes_in_flight: u64,
     /// Image tower batching.
     #[serde(default = "default_vision_batch")]
     pub vision_batch: BatchConfig,
@@ -286,6 +298,9 @@ fn default_max_in_flight() -> usize {
 }
 fn default_queue() -> usize {
     64
+}
+fn default_max_bytes_in_flight() -> u64 {
+    1 << 30
 }
 fn default_vision_batch() -> BatchConfig {
     BatchConfig {
@@ -306,6 +321,7 @@ impl Default for EngineConfig {
             max_in_flight: default_max_in_flight(),
             prep_threads: 0,
             queue_capacity: default_queue(),
+            max_bytes_in_flight: default_max_bytes_in_flight(),
             vision_batch: default_vision_batch(),
             text_batch: default_text_batch(),
         }
@@ -617,6 +633,9 @@ impl PipelineConfig {
         if let Some(d) = &mut self.sink.parquet.dir {
             abs(d);
         }
+        if let Some(r) = &mut self.fetch.root {
+            abs(r);
+        }
         if let Some(d) = &mut self.sink.parquet.spool_dir {
             abs(d);
         }
@@ -745,6 +764,12 @@ impl PipelineConfig {
         }
         if e.queue_capacity == 0 {
             bad("engine.queue_capacity", "must be at least 1".into());
+        }
+        if e.max_bytes_in_flight < 16 << 20 {
+            bad(
+                "engine.max_bytes_in_flight",
+                "must be at least 16 MiB (16777216)".into(),
+            );
         }
         for (name, b) in [
             ("engine.vision_batch", e.vision_batch),

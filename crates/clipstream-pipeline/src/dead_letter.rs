@@ -19,6 +19,8 @@ pub enum Stage {
     Decode,
     /// Tokenizing the text.
     Tokenize,
+    /// Running a tower of the model.
+    Encode,
     /// Writing the results to an output topic.
     Output,
 }
@@ -31,6 +33,7 @@ impl Stage {
             Stage::Fetch => "fetch",
             Stage::Decode => "decode",
             Stage::Tokenize => "tokenize",
+            Stage::Encode => "encode",
             Stage::Output => "output",
         }
     }
@@ -58,6 +61,8 @@ pub enum Kind {
     SchemeNotAllowed,
     /// The bucket is not in the allow-list.
     BucketNotAllowed,
+    /// A local path outside the allowed root (`fetch.root`).
+    PathNotAllowed,
     /// The object does not exist.
     ObjectNotFound,
     /// Access to the object is denied.
@@ -80,6 +85,8 @@ pub enum Kind {
     EmptyImage,
     /// The tokenizer rejected the text.
     InvalidText,
+    /// The model fails on this input (and works on others).
+    EncodeFailed,
     /// An output topic refused the record's results for good (larger than
     /// the broker accepts, an invalid record): retrying cannot help.
     OutputRejected,
@@ -97,6 +104,7 @@ impl Kind {
             Kind::InvalidUri => "invalid_uri",
             Kind::SchemeNotAllowed => "scheme_not_allowed",
             Kind::BucketNotAllowed => "bucket_not_allowed",
+            Kind::PathNotAllowed => "path_not_allowed",
             Kind::ObjectNotFound => "object_not_found",
             Kind::ObjectForbidden => "object_forbidden",
             Kind::ObjectTooLarge => "object_too_large",
@@ -108,12 +116,13 @@ impl Kind {
             Kind::ImageTooLarge => "image_too_large",
             Kind::EmptyImage => "empty_image",
             Kind::InvalidText => "invalid_text",
+            Kind::EncodeFailed => "encode_failed",
             Kind::OutputRejected => "output_rejected",
         }
     }
 
     /// Every kind, for documentation and metric initialisation.
-    pub const ALL: [Kind; 20] = [
+    pub const ALL: [Kind; 22] = [
         Kind::InvalidJson,
         Kind::InvalidUtf8,
         Kind::InvalidEvent,
@@ -122,6 +131,7 @@ impl Kind {
         Kind::InvalidUri,
         Kind::SchemeNotAllowed,
         Kind::BucketNotAllowed,
+        Kind::PathNotAllowed,
         Kind::ObjectNotFound,
         Kind::ObjectForbidden,
         Kind::ObjectTooLarge,
@@ -133,6 +143,7 @@ impl Kind {
         Kind::ImageTooLarge,
         Kind::EmptyImage,
         Kind::InvalidText,
+        Kind::EncodeFailed,
         Kind::OutputRejected,
     ];
 

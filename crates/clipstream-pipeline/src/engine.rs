@@ -18,17 +18,20 @@ use clipstream_model::{
 use tokio::sync::{Semaphore, watch};
 
 use crate::ack::{AckTracker, PartitionKey, Watermark};
-use crate::batch::{self, Fatal};
+use crate::batch;
+use crate::budget::Budget;
 use crate::config::{PipelineConfig, SourceConfig};
-use crate::prep::{self, Assembler, PrepContext};
-use crate::sink::Cleanup;
+use crate::fetch::Fetched;
+use crate::prep::{self, Assembler, PrepContext, TextJob, VisionJob};
+use crate::record::{Done, Record};
 use crate::sink::dead_letter_file::DeadLetterFile;
 use crate::sink::kafka::KafkaOutputs;
 use crate::sink::parquet::{Destination, ParquetWriter};
-use crate::sink::resume::DoneSet;
-use crate::source::SourceContext;
+use crate::sink::{Control, SinkThread};
 use crate::source::files::FilesSource;
+use crate::source::files::resume::{DoneSet, InputIdentity};
 use crate::source::kafka::KafkaSource;
+use crate::source::{Cleanup, SourceContext};
 use crate::stats::{Snapshot, Stats};
 
 /// The model parts a pipeline runs on (loaded by the caller, so that a
@@ -82,49 +85,212 @@ pub struct RunReport {
     pub dead_letters_to: String,
     /// True when the run stopped before the end of its input.
     pub stopped_early: bool,
+    /// The most bytes charged to the memory budget at once, and the budget.
+    pub memory_peak: (u64, u64),
 }
 
-/// Runs `cfg` on `parts` until the input ends or `stop` turns true.
+/// Runs `cfg` on `parts` until the input ends or `stop` turns true; a stage
+/// that fails for good ends the run too, with its error.
 pub async fn run(
     cfg: &PipelineConfig,
     parts: Components,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
     stats: Arc<Stats>,
 ) -> anyhow::Result<RunReport> {
     let started = Instant::now();
-    let kafka_source = matches!(cfg.source, SourceConfig::Kafka(_));
-    let dead_path = cfg.dead_letter_path();
-    let pq = &cfg.sink.parquet;
-
-    // Resume state of local runs: ids already written (Kafka resumes from
-    // its committed offsets instead).
-    let done_set = match (&cfg.source, &pq.dir, &dead_path) {
-        (SourceConfig::Files(_), Some(dir), Some(dead)) => {
-            let (o, d) = (dir.clone(), dead.clone());
-            tokio::task::spawn_blocking(move || DoneSet::load(&o, &d)).await??
-        }
-        _ => DoneSet::default(),
+    let source = Source::prepare(cfg).await?;
+    let s3 = connect_s3(cfg, &stats).await;
+    let dest = destination(cfg, s3.as_ref()).await?;
+    let outputs = connect_outputs(cfg, &parts.model_id, &stats).await?;
+    let budget = Budget::new(cfg.engine.max_bytes_in_flight);
+    let q = Queues::new(&cfg.engine);
+    let queue_watch = q.watch(Arc::clone(&stats), cfg.engine.queue_capacity, &budget);
+    let sink = spawn_sink(cfg, &parts, dest.clone(), &q, &stats, &budget)?;
+    let outputs = crate::sink::kafka::spawn(
+        q.done.1.clone(),
+        q.sink.0.clone(),
+        outputs,
+        Arc::clone(&stats.fatal),
+    );
+    let threads = spawn_model_stages(cfg, parts, &q, &stats, &budget);
+    let fetchers = crate::fetch::spawn_workers(
+        q.records.1.clone(),
+        q.fetched.0.clone(),
+        q.done.0.clone(),
+        crate::fetch::Fetcher {
+            cfg: cfg.fetch.clone(),
+            root: fetch_root(cfg, &source)?,
+            base: source.base_dir(),
+            s3,
+            budget: Arc::clone(&budget),
+            persistent: source.retries_forever(),
+        },
+        Arc::clone(&stats),
+    );
+    let (inner_stop, watcher) = watch_stop(stop, Arc::clone(&stats.fatal));
+    let ctx = SourceContext {
+        records: q.records.0.clone(),
+        done: q.done.0.clone(),
+        tracker: AckTracker::new(),
+        in_flight: Arc::new(Semaphore::new(cfg.engine.max_in_flight)),
+        budget: Arc::clone(&budget),
+        stop: inner_stop.clone(),
+        stats: Arc::clone(&stats),
     };
-    if !done_set.is_empty() {
-        tracing::info!(
-            done = done_set.len(),
-            files = done_set.files,
-            "resuming: records already written are skipped"
-        );
+    let tracker = Arc::clone(&ctx.tracker);
+    let ends_with_input = source.ends_with_input();
+    let control = q.control.0.clone();
+    drop(q);
+    let undrained = source.run(cfg, ctx, control, Arc::new(dest)).await;
+    let stopped_early = *inner_stop.borrow() && ends_with_input;
+    for f in fetchers {
+        f.await?;
+    }
+    outputs.await?;
+    queue_watch.abort();
+    let joined = join_threads(threads, sink).await;
+    watcher.abort();
+    if let Some(message) = stats.fatal.message() {
+        anyhow::bail!("{message}");
+    }
+    let undrained = undrained?;
+    joined?;
+    let mut report = report(
+        cfg,
+        &stats,
+        &tracker,
+        started,
+        ends_with_input,
+        undrained,
+        stopped_early,
+    );
+    report.memory_peak = (budget.peak(), budget.limit());
+    Ok(report)
+}
+
+/// The source of a run, and what it decides about the rest.
+#[derive(Debug)]
+enum Source {
+    Files(FilesSource),
+    Kafka(Box<crate::config::KafkaSourceConfig>),
+}
+
+impl Source {
+    /// The files source loads what an earlier run already wrote (it resumes
+    /// by skipping it); Kafka resumes from committed offsets.
+    async fn prepare(cfg: &PipelineConfig) -> anyhow::Result<Source> {
+        match &cfg.source {
+            SourceConfig::Kafka(k) => Ok(Source::Kafka(Box::new(k.clone()))),
+            SourceConfig::Files(f) => {
+                let mut source = FilesSource::new(f.clone(), DoneSet::default());
+                if let (Some(dir), Some(dead)) = (&cfg.sink.parquet.dir, cfg.dead_letter_path()) {
+                    let (dir, input_cfg) = (dir.clone(), f.clone());
+                    let stem = crate::sink::parquet::destination::stem(&source.key());
+                    let done = tokio::task::spawn_blocking(move || -> anyhow::Result<DoneSet> {
+                        let input = match (&input_cfg.manifest, &input_cfg.dir) {
+                            (Some(m), _) => InputIdentity::manifest(m)?,
+                            (None, Some(d)) => InputIdentity::dir(d)?,
+                            (None, None) => anyhow::bail!("the files source names no input"),
+                        };
+                        DoneSet::load(&dir, &dead, &input, &stem)
+                    })
+                    .await??;
+                    if !done.is_empty() {
+                        tracing::info!(
+                            done = done.len(),
+                            files = done.files,
+                            "resuming: records already written are skipped"
+                        );
+                    }
+                    source = FilesSource::new(f.clone(), done);
+                }
+                Ok(Source::Files(source))
+            }
+        }
     }
 
-    // S3, when images or the output live there.
-    let needs_s3 = cfg.fetch.allowed_schemes.iter().any(|s| s == "s3") || pq.url.is_some();
-    let s3 = if needs_s3 {
-        Some(crate::s3::S3::connect(&cfg.s3, Arc::clone(&stats)).await)
+    /// Whether transient fetch failures are retried until they succeed
+    /// (streaming: a failed record would hold its partition back) rather
+    /// than failing the record (local runs: a rerun retries it).
+    fn retries_forever(&self) -> bool {
+        matches!(self, Source::Kafka(_))
+    }
+
+    /// Whether the run ends when the input does (a stop before that is
+    /// "stopped early"); a Kafka source runs until stopped.
+    fn ends_with_input(&self) -> bool {
+        matches!(self, Source::Files(_))
+    }
+
+    /// Base of relative file paths in events.
+    fn base_dir(&self) -> PathBuf {
+        match self {
+            Source::Files(f) => f.base_dir(),
+            Source::Kafka(_) => PathBuf::new(),
+        }
+    }
+
+    /// Reads until the input ends or `ctx.stop`; returns the records left
+    /// unfinished by a stop (Kafka: they are read again on restart).
+    async fn run(
+        self,
+        cfg: &PipelineConfig,
+        ctx: SourceContext,
+        control: flume::Sender<Control>,
+        dest: Arc<Destination>,
+    ) -> anyhow::Result<u64> {
+        match self {
+            Source::Files(f) => {
+                drop(control);
+                ctx.stats.ready.store(true, Ordering::Relaxed);
+                f.run(ctx).await.map(|()| 0)
+            }
+            Source::Kafka(k) => {
+                // Leave time for the last commit within the shutdown deadline.
+                let drain = Duration::from_secs_f64(cfg.shutdown.drain_deadline_secs * 0.8);
+                let cleanup: Arc<dyn Cleanup> = dest;
+                KafkaSource::new(*k, control, Some(cleanup), drain)
+                    .run(ctx)
+                    .await
+            }
+        }
+    }
+}
+
+/// The directory local files must lie under (canonical): `fetch.root`, or
+/// the source's own directory.
+fn fetch_root(cfg: &PipelineConfig, source: &Source) -> anyhow::Result<PathBuf> {
+    let root = cfg.fetch.root.clone().unwrap_or_else(|| source.base_dir());
+    if !cfg.fetch.allowed_schemes.iter().any(|s| s == "file") {
+        return Ok(root);
+    }
+    std::fs::canonicalize(&root).map_err(|e| {
+        anyhow::anyhow!(
+            "fetch.root {}: {e} (local images must lie under an existing directory)",
+            root.display()
+        )
+    })
+}
+
+/// The S3 client, when images or the output live there.
+async fn connect_s3(cfg: &PipelineConfig, stats: &Arc<Stats>) -> Option<crate::s3::S3> {
+    let needs =
+        cfg.fetch.allowed_schemes.iter().any(|s| s == "s3") || cfg.sink.parquet.url.is_some();
+    if needs {
+        Some(crate::s3::S3::connect(&cfg.s3, Arc::clone(stats)).await)
     } else {
         None
-    };
-    let dest = match (&pq.dir, &pq.url, &s3) {
-        (Some(dir), _, _) => Destination::Local {
-            dir: dir.clone(),
-            overwrite: kafka_source,
-        },
+    }
+}
+
+/// Where Parquet files go; an S3 bucket must answer first.
+async fn destination(
+    cfg: &PipelineConfig,
+    s3: Option<&crate::s3::S3>,
+) -> anyhow::Result<Destination> {
+    let pq = &cfg.sink.parquet;
+    match (&pq.dir, &pq.url, s3) {
+        (Some(dir), _, _) => Ok(Destination::Local { dir: dir.clone() }),
         (None, Some(url), Some(s3)) => {
             let (bucket, prefix) =
                 crate::config::parse_s3_url(url).map_err(|m| anyhow::anyhow!(m))?;
@@ -134,102 +300,169 @@ pub async fn run(
             let spool = pq.spool_dir.clone().unwrap_or_else(|| {
                 std::env::temp_dir().join(format!("clipstream-spool-{}", std::process::id()))
             });
-            Destination::S3 {
+            Ok(Destination::S3 {
                 s3: s3.clone(),
                 bucket,
                 prefix,
                 spool,
                 part_bytes: pq.part_bytes,
                 handle: tokio::runtime::Handle::current(),
-            }
+            })
         }
         _ => anyhow::bail!("sink.parquet needs `dir` or `url`"),
-    };
+    }
+}
 
-    // Kafka outputs: the embeddings and labels topics, the dead-letter topic.
-    let kafka_out = match cfg.kafka_sink_brokers() {
-        Some(brokers) if cfg.sink.kafka.is_some() || cfg.dead_letter.topic.is_some() => {
-            let k = cfg.sink.kafka.clone();
-            let options = k.as_ref().map(|k| k.options.clone()).unwrap_or_default();
-            let (model_id, out_stats) = (parts.model_id.clone(), Arc::clone(&stats));
-            let (emb, lab) = (
-                k.as_ref().and_then(|k| k.embeddings_topic.clone()),
-                k.as_ref().and_then(|k| k.labels_topic.clone()),
-            );
-            let dlq = cfg.dead_letter.topic.clone();
-            Some(Arc::new(
-                tokio::task::spawn_blocking(move || {
-                    KafkaOutputs::connect(&brokers, &options, emb, lab, dlq, model_id, out_stats)
-                })
-                .await??,
-            ))
-        }
-        _ => None,
+/// The Kafka outputs (embeddings, labels and dead-letter topics), when any
+/// is configured; the brokers must answer first.
+async fn connect_outputs(
+    cfg: &PipelineConfig,
+    model_id: &str,
+    stats: &Arc<Stats>,
+) -> anyhow::Result<Option<Arc<KafkaOutputs>>> {
+    let Some(brokers) = cfg.kafka_sink_brokers() else {
+        return Ok(None);
     };
-
-    let q = cfg.engine.queue_capacity;
-    let (records_tx, records_rx) = flume::bounded(q);
-    let (fetched_tx, fetched_rx) = flume::bounded(q);
-    let (vision_tx, vision_rx) = flume::bounded(q);
-    let (text_tx, text_rx) = flume::bounded(q);
-    let (vbatch_tx, vbatch_rx) = flume::bounded(1);
-    let (tbatch_tx, tbatch_rx) = flume::bounded(1);
-    let (done_tx, done_rx) = flume::bounded(q);
-    let (sink_tx, sink_rx) = flume::bounded(q);
-    let queue_watch = watch_queues(
-        Arc::clone(&stats),
-        vec![
-            ("records", records_rx.clone().into()),
-            ("fetched", fetched_rx.clone().into()),
-            ("vision", vision_rx.clone().into()),
-            ("text", text_rx.clone().into()),
-            ("done", done_rx.clone().into()),
-        ],
-        q,
+    if cfg.sink.kafka.is_none() && cfg.dead_letter.topic.is_none() {
+        return Ok(None);
+    }
+    let k = cfg.sink.kafka.clone();
+    let options = k.as_ref().map(|k| k.options.clone()).unwrap_or_default();
+    let (model_id, stats) = (model_id.to_string(), Arc::clone(stats));
+    let (emb, lab) = (
+        k.as_ref().and_then(|k| k.embeddings_topic.clone()),
+        k.as_ref().and_then(|k| k.labels_topic.clone()),
     );
+    let dlq = cfg.dead_letter.topic.clone();
+    let outputs = tokio::task::spawn_blocking(move || {
+        KafkaOutputs::connect(&brokers, &options, emb, lab, dlq, model_id, stats)
+    })
+    .await??;
+    Ok(Some(Arc::new(outputs)))
+}
 
-    let tracker = AckTracker::new();
-    let fatal = Arc::new(Fatal::default());
+/// The channels between the stages: (sender, receiver) pairs.
+struct Queues {
+    records: (flume::Sender<Record>, flume::Receiver<Record>),
+    fetched: (flume::Sender<Fetched>, flume::Receiver<Fetched>),
+    vision: (flume::Sender<VisionJob>, flume::Receiver<VisionJob>),
+    text: (flume::Sender<TextJob>, flume::Receiver<TextJob>),
+    done: (flume::Sender<Done>, flume::Receiver<Done>),
+    sink: (flume::Sender<Done>, flume::Receiver<Done>),
+    control: (flume::Sender<Control>, flume::Receiver<Control>),
+}
 
-    // Sinks, last stage first.
-    let cleanup: Arc<dyn Cleanup> = Arc::new(dest.clone());
+impl Queues {
+    fn new(e: &crate::config::EngineConfig) -> Queues {
+        let q = e.queue_capacity;
+        Queues {
+            // The source sends into these from the Kafka poll thread, which
+            // must never wait: every item holds an in-flight slot, so room
+            // for every slot means a send never blocks.
+            records: flume::bounded(e.max_in_flight),
+            done: flume::bounded(e.max_in_flight),
+            fetched: flume::bounded(q),
+            vision: flume::bounded(q),
+            text: flume::bounded(q),
+            sink: flume::bounded(q),
+            control: flume::unbounded(),
+        }
+    }
+
+    /// Samples queue lengths into `clipstream_queue_items`, and the
+    /// budget's use.
+    fn watch(
+        &self,
+        stats: Arc<Stats>,
+        capacity: usize,
+        budget: &Arc<Budget>,
+    ) -> tokio::task::JoinHandle<()> {
+        watch_queues(
+            stats,
+            Arc::clone(budget),
+            vec![
+                ("records", (&self.records.0).into()),
+                ("fetched", (&self.fetched.0).into()),
+                ("vision", (&self.vision.0).into()),
+                ("text", (&self.text.0).into()),
+                ("done", (&self.done.0).into()),
+            ],
+            capacity,
+        )
+    }
+}
+
+/// The sink thread, last stage first.
+fn spawn_sink(
+    cfg: &PipelineConfig,
+    parts: &Components,
+    dest: Destination,
+    q: &Queues,
+    stats: &Arc<Stats>,
+    budget: &Arc<Budget>,
+) -> anyhow::Result<std::thread::JoinHandle<Result<(), crate::sink::parquet::SinkError>>> {
     let parquet = ParquetWriter::new(
-        pq.clone(),
+        cfg.sink.parquet.clone(),
         dest,
         parts.dim,
         parts.model_id.clone(),
-        Arc::clone(&stats),
+        Arc::clone(stats),
     )?;
-    let dead_file = match &dead_path {
+    let dead_letters = match &cfg.dead_letter_path() {
         Some(p) => Some(DeadLetterFile::open(p)?),
         None => None,
     };
-    let sink_stats = Arc::clone(&stats);
-    let sink = std::thread::Builder::new()
+    let sink = SinkThread {
+        results: q.sink.1.clone(),
+        control: q.control.1.clone(),
+        parquet,
+        dead_letters,
+        budget: Arc::clone(budget),
+        stats: Arc::clone(stats),
+        fatal: Arc::clone(&stats.fatal),
+    };
+    Ok(std::thread::Builder::new()
         .name("sink".into())
-        .spawn(move || crate::sink::run_sink(sink_rx, parquet, dead_file, sink_stats))?;
-    let outputs =
-        crate::sink::kafka::spawn(done_rx, sink_tx.clone(), kafka_out, Arc::clone(&fatal));
+        .spawn(move || sink.run())?)
+}
 
+/// The CPU and model stages: prep threads, batchers, one encoder per tower.
+fn spawn_model_stages(
+    cfg: &PipelineConfig,
+    parts: Components,
+    q: &Queues,
+    stats: &Arc<Stats>,
+    budget: &Arc<Budget>,
+) -> Vec<std::thread::JoinHandle<()>> {
+    let (vbatch_tx, vbatch_rx) = flume::bounded(1);
+    let (tbatch_tx, tbatch_rx) = flume::bounded(1);
     let asm = Assembler {
         head: parts.head.map(Arc::new),
         top_k: cfg.model.top_k,
-        done: done_tx.clone(),
-        stats: Arc::clone(&stats),
+        dim: parts.dim,
+        done: q.done.0.clone(),
+        stats: Arc::clone(stats),
     };
     let size = parts.preprocessor.config.output_size();
     let max_len = parts.tokenizer.max_len();
+    let fatal = &stats.fatal;
     let mut threads = vec![
         batch::vision_encoder(
             parts.vision,
             size,
             vbatch_rx,
             asm.clone(),
-            Arc::clone(&fatal),
+            Arc::clone(fatal),
+            Arc::clone(budget),
         ),
-        batch::text_encoder(parts.text, max_len, tbatch_rx, asm, Arc::clone(&fatal)),
-        batch::batcher("vision", vision_rx, vbatch_tx, cfg.engine.vision_batch),
-        batch::batcher("text", text_rx, tbatch_tx, cfg.engine.text_batch),
+        batch::text_encoder(parts.text, max_len, tbatch_rx, asm, Arc::clone(fatal)),
+        batch::batcher(
+            "vision",
+            q.vision.1.clone(),
+            vbatch_tx,
+            cfg.engine.vision_batch,
+        ),
+        batch::batcher("text", q.text.1.clone(), tbatch_tx, cfg.engine.text_batch),
     ];
     let prep_threads = match cfg.engine.prep_threads {
         0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
@@ -237,51 +470,26 @@ pub async fn run(
     };
     threads.extend(prep::spawn_threads(
         prep_threads,
-        fetched_rx,
+        q.fetched.1.clone(),
         PrepContext {
             preprocessor: parts.preprocessor,
             tokenizer: parts.tokenizer,
-            vision: vision_tx,
-            text: text_tx,
-            done: done_tx.clone(),
-            stats: Arc::clone(&stats),
+            vision: q.vision.0.clone(),
+            text: q.text.0.clone(),
+            done: q.done.0.clone(),
+            stats: Arc::clone(stats),
+            budget: Arc::clone(budget),
         },
     ));
+    threads
+}
 
-    // A files source ends with its input; the Kafka source runs until
-    // stopped and asks the sink to close files (it holds a sink sender).
-    let source = match &cfg.source {
-        SourceConfig::Files(f) => {
-            drop(sink_tx);
-            Source::Files(FilesSource::new(f.clone(), done_set))
-        }
-        SourceConfig::Kafka(k) => {
-            // Leave time for the last commit within the shutdown deadline.
-            let drain = Duration::from_secs_f64(cfg.shutdown.drain_deadline_secs * 0.8);
-            Source::Kafka(KafkaSource::new(k.clone(), sink_tx, Some(cleanup), drain))
-        }
-    };
-    let base_dir = match &source {
-        Source::Files(f) => f.base_dir(),
-        Source::Kafka(_) => PathBuf::new(),
-    };
-    let fetchers = crate::fetch::spawn_workers(
-        records_rx,
-        fetched_tx,
-        done_tx.clone(),
-        crate::fetch::Fetcher {
-            cfg: cfg.fetch.clone(),
-            base: base_dir,
-            s3,
-            persistent: kafka_source,
-        },
-        Arc::clone(&stats),
-    );
-
-    // The source reads until the input ends or the internal stop turns on
-    // (an external stop, or a failed tower).
-    let (inner_stop_tx, inner_stop_rx) = watch::channel(false);
-    let watcher_fatal = Arc::clone(&fatal);
+/// The source's stop: an external stop, or a stage that failed for good.
+fn watch_stop(
+    mut stop: watch::Receiver<bool>,
+    fatal: Arc<crate::fatal::Fatal>,
+) -> (watch::Receiver<bool>, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = watch::channel(false);
     let watcher = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         let mut external = true;
@@ -292,56 +500,48 @@ pub async fn run(
                     Ok(()) => {}
                     Err(_) => external = false,
                 },
-                _ = tick.tick() => if watcher_fatal.is_set() { break },
+                _ = tick.tick() => if fatal.is_set() { break },
             }
         }
-        let _ = inner_stop_tx.send(true);
+        let _ = tx.send(true);
     });
-    let ctx = SourceContext {
-        records: records_tx,
-        done: done_tx,
-        tracker: Arc::clone(&tracker),
-        in_flight: Arc::new(Semaphore::new(cfg.engine.max_in_flight)),
-        stop: inner_stop_rx.clone(),
-        stats: Arc::clone(&stats),
-    };
-    // Ok(records left unfinished by a stop).
-    let source_result = match source {
-        Source::Files(f) => {
-            stats.ready.store(true, Ordering::Relaxed);
-            f.run(ctx).await.map(|()| 0)
-        }
-        Source::Kafka(k) => k.run(ctx).await,
-    };
-    let stopped_early = *inner_stop_rx.borrow() && !kafka_source;
-    for f in fetchers {
-        f.await?;
-    }
-    outputs.await?;
-    queue_watch.abort();
-    let joined = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+    (rx, watcher)
+}
+
+/// Waits for the stage threads and the sink.
+async fn join_threads(
+    threads: Vec<std::thread::JoinHandle<()>>,
+    sink: std::thread::JoinHandle<Result<(), crate::sink::parquet::SinkError>>,
+) -> anyhow::Result<()> {
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
         for t in threads {
             t.join()
                 .map_err(|_| anyhow::anyhow!("a pipeline thread panicked"))?;
         }
         sink.join()
             .map_err(|_| anyhow::anyhow!("the sink thread panicked"))?
+            .map_err(|e| anyhow::anyhow!("the sink failed: {e}"))
     })
-    .await?;
-    watcher.abort();
-    let undrained = source_result?;
-    joined?;
-    if let Some(message) = fatal.message() {
-        anyhow::bail!("{message}");
-    }
+    .await?
+}
 
+/// What the run did.
+fn report(
+    cfg: &PipelineConfig,
+    stats: &Stats,
+    tracker: &AckTracker,
+    started: Instant,
+    ends_with_input: bool,
+    undrained: u64,
+    stopped_early: bool,
+) -> RunReport {
     let watermarks = tracker.watermarks();
     let resolved: u64 = watermarks
         .iter()
         .map(|(_, w)| w.delivered + w.dead_lettered)
         .sum();
     let read = Stats::get(&stats.read);
-    Ok(RunReport {
+    RunReport {
         elapsed: started.elapsed(),
         read,
         skipped: Stats::get(&stats.skipped),
@@ -354,35 +554,31 @@ pub async fn run(
         watermarks,
         // Kafka: partitions come and go, so count what the final drain
         // left (the tracker forgets revoked partitions).
-        unacknowledged: if kafka_source {
-            undrained
-        } else {
+        unacknowledged: if ends_with_input {
             read.saturating_sub(resolved)
+        } else {
+            undrained
         },
         output: cfg.output_location(),
-        dead_letters_to: match (&dead_path, &cfg.dead_letter.topic) {
+        dead_letters_to: match (&cfg.dead_letter_path(), &cfg.dead_letter.topic) {
             (Some(p), _) => p.display().to_string(),
             (None, Some(t)) => format!("topic {t}"),
             (None, None) => "-".into(),
         },
         stopped_early,
-    })
+        memory_peak: (0, 0),
+    }
 }
 
-/// The source of a run.
-#[derive(Debug)]
-enum Source {
-    Files(FilesSource),
-    Kafka(KafkaSource),
-}
-
-/// A queue's receiving end, type-erased for sampling its length (holding a
-/// receiver does not keep a channel from closing when its senders go).
+/// A queue's length, sampled through a weak handle: holding it keeps the
+/// channel open for neither side (a probe that held a receiver kept a
+/// channel "open" after its consumer died, and its producers blocked).
 struct QueueProbe(Box<dyn Fn() -> usize + Send + Sync>);
 
-impl<T: Send + 'static> From<flume::Receiver<T>> for QueueProbe {
-    fn from(rx: flume::Receiver<T>) -> Self {
-        QueueProbe(Box::new(move || rx.len()))
+impl<T: Send + 'static> From<&flume::Sender<T>> for QueueProbe {
+    fn from(tx: &flume::Sender<T>) -> Self {
+        let weak = tx.downgrade();
+        QueueProbe(Box::new(move || weak.upgrade().map_or(0, |tx| tx.len())))
     }
 }
 
@@ -392,9 +588,11 @@ impl std::fmt::Debug for QueueProbe {
     }
 }
 
-/// Samples queue lengths into the `clipstream_queue_items` gauge.
+/// Samples queue lengths into the `clipstream_queue_items` gauge, and the
+/// budget's use into `clipstream_memory_in_flight_bytes`.
 fn watch_queues(
     stats: Arc<Stats>,
+    budget: Arc<Budget>,
     queues: Vec<(&'static str, QueueProbe)>,
     capacity: usize,
 ) -> tokio::task::JoinHandle<()> {
@@ -404,10 +602,12 @@ fn watch_queues(
             .with_label_values(&[name])
             .set(capacity as i64);
     }
+    stats.memory_budget.set(budget.limit() as i64);
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         loop {
             tick.tick().await;
+            stats.memory_in_flight.set(budget.used() as i64);
             for (name, probe) in &queues {
                 stats
                     .queue_items

@@ -22,6 +22,8 @@ pub struct Fetched {
     pub bytes: Option<Vec<u8>>,
     /// The object's ETag, when the store has one.
     pub etag: Option<String>,
+    /// The bytes' charge against the memory budget (given back with them).
+    pub memory: crate::budget::Charge,
 }
 
 /// Where an image URI points.
@@ -89,6 +91,10 @@ pub fn resolve(uri: &str, allowed: &[String], base: &Path) -> Result<Location, F
             }))
         }
         "s3" => match rest.split_once('/') {
+            Some((_, key)) if key.split('/').any(|seg| seg == ".." || seg == ".") => perm(
+                Kind::InvalidUri,
+                format!("`{uri}` has a `.` or `..` segment in its key"),
+            ),
             Some((bucket, key)) if !bucket.is_empty() && !key.is_empty() => Ok(Location::S3 {
                 bucket: bucket.to_string(),
                 key: key.to_string(),
@@ -102,8 +108,21 @@ pub fn resolve(uri: &str, allowed: &[String], base: &Path) -> Result<Location, F
     }
 }
 
-async fn read_file(path: &Path, max_bytes: u64) -> Result<Vec<u8>, FetchError> {
+/// Reads a local file: only a regular file, only under `root` once `..`
+/// and symbolic links are resolved, and at most `max_bytes` of it (counted
+/// as read, so a file that grows meanwhile cannot go past it). Devices,
+/// FIFOs and sockets are refused without being opened for a blocking read.
+async fn read_file(path: &Path, root: &Path, max_bytes: u64) -> Result<Vec<u8>, FetchError> {
+    let (path, root) = (path.to_path_buf(), root.to_path_buf());
+    tokio::task::spawn_blocking(move || read_file_blocking(&path, &root, max_bytes))
+        .await
+        .map_err(|e| FetchError::Transient(format!("reading a file: {e}")))?
+}
+
+fn read_file_blocking(path: &Path, root: &Path, max_bytes: u64) -> Result<Vec<u8>, FetchError> {
     use std::io::ErrorKind as E;
+    use std::io::Read;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
     let classify = |e: std::io::Error| match e.kind() {
         E::NotFound => FetchError::Permanent(
             Kind::ObjectNotFound,
@@ -115,12 +134,53 @@ async fn read_file(path: &Path, max_bytes: u64) -> Result<Vec<u8>, FetchError> {
         ),
         _ => FetchError::Transient(format!("{}: {e}", path.display())),
     };
-    let meta = tokio::fs::metadata(path).await.map_err(classify)?;
-    if meta.is_dir() {
+    let real = std::fs::canonicalize(path).map_err(classify)?;
+    if !real.starts_with(root) {
         return Err(FetchError::Permanent(
-            Kind::InvalidUri,
-            format!("{} is a directory", path.display()),
+            Kind::PathNotAllowed,
+            format!(
+                "{} is outside the allowed root {} (fetch.root)",
+                path.display(),
+                root.display()
+            ),
         ));
+    }
+    let not_a_file = |what: &str| {
+        Err(FetchError::Permanent(
+            Kind::InvalidUri,
+            format!("{} is {what}, not a regular file", path.display()),
+        ))
+    };
+    let kind = |t: std::fs::FileType| {
+        if t.is_dir() {
+            Some("a directory")
+        } else if t.is_fifo() {
+            Some("a FIFO")
+        } else if t.is_char_device() || t.is_block_device() {
+            Some("a device")
+        } else if t.is_socket() {
+            Some("a socket")
+        } else if !t.is_file() {
+            Some("not a file")
+        } else {
+            None
+        }
+    };
+    let meta = std::fs::metadata(&real).map_err(classify)?;
+    if let Some(what) = kind(meta.file_type()) {
+        return not_a_file(what);
+    }
+    // Non-blocking open: should the path have become a FIFO since, the
+    // open does not wait for a writer; the type is checked again on the
+    // open file.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(O_NONBLOCK)
+        .open(&real)
+        .map_err(classify)?;
+    let meta = file.metadata().map_err(classify)?;
+    if let Some(what) = kind(meta.file_type()) {
+        return not_a_file(what);
     }
     if meta.len() > max_bytes {
         return Err(FetchError::Permanent(
@@ -132,8 +192,21 @@ async fn read_file(path: &Path, max_bytes: u64) -> Result<Vec<u8>, FetchError> {
             ),
         ));
     }
-    tokio::fs::read(path).await.map_err(classify)
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(max_bytes + 1)
+        .read_to_end(&mut bytes)
+        .map_err(classify)?;
+    if bytes.len() as u64 > max_bytes {
+        return Err(FetchError::Permanent(
+            Kind::ObjectTooLarge,
+            format!("{} is over the limit of {max_bytes} bytes", path.display()),
+        ));
+    }
+    Ok(bytes)
 }
+
+/// `O_NONBLOCK` on Linux (x86-64 and aarch64).
+const O_NONBLOCK: i32 = 0o4000;
 
 /// Retries `attempt` on transient errors: up to `tries` attempts, backoff
 /// doubling from `base` (at most 20 s) with ±50% jitter.
@@ -170,8 +243,12 @@ pub struct Fetcher {
     pub cfg: FetchConfig,
     /// Base of relative file paths.
     pub base: PathBuf,
+    /// Local files must lie under this directory (canonical).
+    pub root: PathBuf,
     /// The S3 client, when `s3` is an allowed scheme.
     pub s3: Option<crate::s3::S3>,
+    /// The memory budget: objects wait for room before they are read.
+    pub budget: Arc<crate::budget::Budget>,
     /// Retry transient S3 failures until they succeed (streaming: a failed
     /// record would hold its partition's commits back), instead of failing
     /// the record when the attempts run out (local runs: a rerun retries).
@@ -186,19 +263,34 @@ pub async fn fetch(record: Record, f: &Fetcher) -> Result<Fetched, Done> {
             record,
             bytes: None,
             etag: None,
+            memory: f.budget.empty(),
         });
     };
+    let memory = tokio::sync::Mutex::new(f.budget.empty());
     let location = match resolve(&uri, &cfg.allowed_schemes, base) {
         Ok(l) => l,
         Err(FetchError::Permanent(kind, why)) => return Err(record.dead(Stage::Fetch, kind, why)),
         Err(FetchError::Transient(why)) => return Err(record.failed(why)),
     };
     let result = match &location {
-        Location::File(path) => with_retries(3, Duration::from_millis(100), || {
-            read_file(path, cfg.max_object_bytes)
-        })
-        .await
-        .map(|b| (b, None)),
+        Location::File(path) => {
+            // Room in the memory budget before the file is read.
+            if let Ok(meta) = tokio::fs::metadata(path).await
+                && meta.is_file()
+            {
+                let len = meta.len().min(cfg.max_object_bytes);
+                memory
+                    .lock()
+                    .await
+                    .reserve(len, crate::budget::MAX_WAIT)
+                    .await;
+            }
+            with_retries(3, Duration::from_millis(100), || {
+                read_file(path, &f.root, cfg.max_object_bytes)
+            })
+            .await
+            .map(|b| (b, None))
+        }
         Location::S3 { bucket, .. } if !cfg.allowed_buckets.contains(bucket) => {
             Err(FetchError::Permanent(
                 Kind::BucketNotAllowed,
@@ -212,8 +304,12 @@ pub async fn fetch(record: Record, f: &Fetcher) -> Result<Fetched, Done> {
             Some(s3) => {
                 let mut pause = Duration::from_secs(1);
                 loop {
-                    match s3.get(bucket, key, cfg.max_object_bytes).await {
-                        Err(FetchError::Transient(why)) if f.persistent => {
+                    match s3.get(bucket, key, cfg.max_object_bytes, &memory).await {
+                        // Only while the partition is still ours: a revoked
+                        // record's next owner fetches it.
+                        Err(FetchError::Transient(why))
+                            if f.persistent && record.ack.is_current() =>
+                        {
                             tracing::warn!(%why, "S3 still failing after retries; waiting before trying again");
                             tokio::time::sleep(pause).await;
                             pause = (pause * 2).min(Duration::from_secs(30));
@@ -229,11 +325,16 @@ pub async fn fetch(record: Record, f: &Fetcher) -> Result<Fetched, Done> {
         },
     };
     match result {
-        Ok((bytes, etag)) => Ok(Fetched {
-            record,
-            bytes: Some(bytes),
-            etag,
-        }),
+        Ok((bytes, etag)) => {
+            let mut memory = memory.into_inner();
+            memory.reserve(bytes.len() as u64, Duration::ZERO).await;
+            Ok(Fetched {
+                record,
+                bytes: Some(bytes),
+                etag,
+                memory,
+            })
+        }
         Err(FetchError::Permanent(kind, why)) => Err(record.dead(Stage::Fetch, kind, why)),
         Err(FetchError::Transient(why)) => {
             Err(record.failed(format!("fetch retries exhausted: {why}")))
@@ -328,6 +429,92 @@ mod tests {
             resolve("http://x/y", &schemes(&["file", "s3"]), base),
             Err(FetchError::Permanent(Kind::SchemeNotAllowed, _))
         ));
+    }
+
+    #[test]
+    fn s3_keys_with_dot_segments_are_refused() {
+        let s3 = schemes(&["s3"]);
+        let base = Path::new("/");
+        for uri in [
+            "s3://b/../x.jpg",
+            "s3://b/a/../../x",
+            "s3://b/./x",
+            "s3://b/a/..",
+        ] {
+            assert!(
+                matches!(
+                    resolve(uri, &s3, base),
+                    Err(FetchError::Permanent(Kind::InvalidUri, _))
+                ),
+                "{uri}"
+            );
+        }
+        assert!(resolve("s3://b/a..b/x..jpg", &s3, base).is_ok());
+    }
+
+    /// Only regular files under the root: `..` and links that leave it,
+    /// devices and FIFOs are refused, a FIFO without blocking.
+    #[tokio::test]
+    async fn local_reads_are_confined_to_regular_files_under_the_root() {
+        let dir = std::env::temp_dir().join(format!("clipstream-root-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let root = dir.join("root");
+        std::fs::create_dir_all(root.join("sub")).expect("dir");
+        std::fs::write(root.join("sub/ok.png"), b"png").expect("file");
+        std::fs::write(dir.join("secret.png"), b"secret").expect("file");
+        std::os::unix::fs::symlink(dir.join("secret.png"), root.join("link.png")).expect("link");
+        std::os::unix::fs::symlink(root.join("sub/ok.png"), root.join("inner.png")).expect("link");
+        let fifo = root.join("fifo.png");
+        assert!(
+            std::process::Command::new("mkfifo")
+                .arg(&fifo)
+                .status()
+                .expect("mkfifo")
+                .success()
+        );
+        let root = std::fs::canonicalize(&root).expect("root");
+        let read = |p: PathBuf| {
+            let root = root.clone();
+            async move { read_file(&p, &root, 1 << 20).await }
+        };
+        assert_eq!(read(root.join("sub/ok.png")).await, Ok(b"png".to_vec()));
+        assert_eq!(read(root.join("inner.png")).await, Ok(b"png".to_vec()));
+        for p in [
+            root.join("sub/../../secret.png"),
+            root.join("link.png"),
+            PathBuf::from("/etc/hostname"),
+        ] {
+            assert!(
+                matches!(
+                    read(p.clone()).await,
+                    Err(FetchError::Permanent(Kind::PathNotAllowed, _))
+                ),
+                "{}",
+                p.display()
+            );
+        }
+        let started = std::time::Instant::now();
+        assert!(matches!(
+            read(fifo).await,
+            Err(FetchError::Permanent(Kind::InvalidUri, _))
+        ));
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "a FIFO blocked the read"
+        );
+        assert!(matches!(
+            read_file(Path::new("/dev/zero"), Path::new("/"), 1 << 20).await,
+            Err(FetchError::Permanent(Kind::InvalidUri, _))
+        ));
+        assert!(matches!(
+            read(root.join("sub")).await,
+            Err(FetchError::Permanent(Kind::InvalidUri, _))
+        ));
+        assert!(matches!(
+            read_file(&root.join("sub/ok.png"), &root, 2).await,
+            Err(FetchError::Permanent(Kind::ObjectTooLarge, _))
+        ));
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[tokio::test]

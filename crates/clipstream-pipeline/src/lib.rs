@@ -25,9 +25,11 @@
 
 pub mod ack;
 pub mod batch;
+pub mod budget;
 pub mod config;
 pub mod dead_letter;
 pub mod engine;
+pub mod fatal;
 pub mod fetch;
 pub mod prep;
 pub mod record;

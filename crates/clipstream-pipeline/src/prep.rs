@@ -46,6 +46,8 @@ pub struct VisionJob {
     pub rec: Arc<InFlight>,
     /// `[3, H, W]` pixel values.
     pub pixels: Vec<f32>,
+    /// The pixels' charge against the memory budget.
+    pub memory: crate::budget::Charge,
 }
 
 /// A text waiting for the text tower.
@@ -66,6 +68,8 @@ pub struct Assembler {
     pub head: Option<Arc<ZeroShotHead>>,
     /// Labels per image.
     pub top_k: usize,
+    /// Embedding width (for a row's size).
+    pub dim: usize,
     /// The sinks.
     pub done: flume::Sender<Done>,
     /// Counters.
@@ -104,19 +108,20 @@ impl Assembler {
             (Some(i), Some(t)) => Some(dot(i, t)),
             _ => None,
         };
+        // The event's strings move into the row (the original bytes stay
+        // in the origin, for a dead letter).
+        let event = record.event;
         let row = OutputRow {
-            id: record.event.id.clone(),
+            id: event.id,
             source: Arc::clone(&record.origin.partition.source),
             partition: record.origin.partition.partition,
             offset: record.origin.position.offset,
-            image_uri: record.event.image.clone(),
+            image_uri: event.image,
             image_etag: etag,
-            text: record.event.text.clone(),
-            attributes: record
-                .event
+            text: event.text,
+            attributes: event
                 .attributes
-                .as_ref()
-                .map(|a| serde_json::Value::Object(a.clone()).to_string()),
+                .map(|a| serde_json::Value::Object(a).to_string()),
             image_embedding: image,
             text_embedding: text,
             labels,
@@ -124,13 +129,35 @@ impl Assembler {
             event_time_ms: record.origin.event_time_ms,
             processed_at_ms: now_ms(),
         };
+        // The event's share of the charge moves to the row.
+        let mut permit = record.permit;
+        permit.memory.shrink(record.origin.raw.len() as u64);
+        permit
+            .memory
+            .grow(crate::sink::parquet::estimated_bytes(&row, self.dim));
         self.done
             .send(Done::Row {
                 row,
                 origin: record.origin,
                 ack: record.ack,
-                permit: record.permit,
+                permit,
             })
+            .is_ok()
+    }
+}
+
+impl Assembler {
+    /// The tower failed on this record's input (and works on others): the
+    /// record becomes a dead letter, whatever its other tower does. False
+    /// when the sinks are gone.
+    pub fn part_failed(&self, rec: &InFlight, reason: String) -> bool {
+        let mut st = rec.state.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(record) = st.record.take() else {
+            return true;
+        };
+        drop(st);
+        self.done
+            .send(record.dead(Stage::Encode, Kind::EncodeFailed, reason))
             .is_ok()
     }
 }
@@ -156,6 +183,8 @@ pub struct PrepContext {
     pub done: flume::Sender<Done>,
     /// Counters.
     pub stats: Arc<Stats>,
+    /// The memory budget (decoded images and model inputs are charged).
+    pub budget: Arc<crate::budget::Budget>,
 }
 
 /// Runs `threads` prep threads until `rx` closes.
@@ -187,8 +216,19 @@ fn prepare(f: Fetched, ctx: &PrepContext) -> bool {
         record,
         bytes,
         etag,
+        memory,
     } = f;
     let started = std::time::Instant::now();
+    // The decoded image, while it exists (RGB plus the resize's rows; a
+    // header that cannot be read costs nothing here: the decoder refuses
+    // the image).
+    let decoding = bytes
+        .as_deref()
+        .and_then(clipstream_model::preprocess::decode::dimensions)
+        .map(|(w, h)| {
+            let pixels = (u64::from(w) * u64::from(h)).min(ctx.preprocessor.limits.max_pixels);
+            ctx.budget.charge(pixels * 4)
+        });
     let pixels = match &bytes {
         Some(b) => match ctx.preprocessor.preprocess(b).inspect(|_| {
             ctx.stats
@@ -206,10 +246,20 @@ fn prepare(f: Fetched, ctx: &PrepContext) -> bool {
         },
         None => None,
     };
-    drop(bytes);
+    drop((bytes, memory, decoding));
     let tokenize_started = std::time::Instant::now();
     let tokens = match &record.event.text {
-        Some(t) => match ctx.tokenizer.encode_batch(&[t.as_str()]) {
+        // A panic in the tokenizer is this text's fault as far as the
+        // pipeline is concerned: a dead letter, and the thread goes on.
+        Some(t) => match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            ctx.tokenizer.encode_batch(&[t.as_str()])
+        }))
+        .unwrap_or_else(|p| {
+            Err(clipstream_model::ModelError::Tokenizer(format!(
+                "the tokenizer failed: {}",
+                clipstream_model::preprocess::decode::panic_message(p.as_ref())
+            )))
+        }) {
             Ok(b) => {
                 ctx.stats
                     .tokenize_seconds
@@ -241,6 +291,7 @@ fn prepare(f: Fetched, ctx: &PrepContext) -> bool {
             .vision
             .send(VisionJob {
                 rec: Arc::clone(&rec),
+                memory: ctx.budget.charge(4 * pixels.len() as u64),
                 pixels,
             })
             .is_err()

@@ -126,9 +126,27 @@ fn type_name(v: &Value) -> &'static str {
     }
 }
 
-/// A slot in the bounded set of records being processed; released when the
-/// record's result has been handed to the file writer (or dead-lettered).
-pub type Permit = OwnedSemaphorePermit;
+/// A record's place in the pipeline: one of the `max_in_flight` slots, and
+/// its charge against the memory budget (its event, then its row; objects,
+/// images and model inputs are charged where they live). Both are given back
+/// when the record's result reaches the file writer, or its dead letter is
+/// written.
+#[derive(Debug)]
+pub struct Permit {
+    _slot: OwnedSemaphorePermit,
+    /// The record's bytes charged to the budget.
+    pub memory: crate::budget::Charge,
+}
+
+impl Permit {
+    /// A permit of `slot`, charging `memory`.
+    pub fn new(slot: OwnedSemaphorePermit, memory: crate::budget::Charge) -> Permit {
+        Permit {
+            _slot: slot,
+            memory,
+        }
+    }
+}
 
 /// Where a record came from, with the bytes a dead letter must carry. Every
 /// field is cheap to clone (shared bytes).
@@ -149,6 +167,17 @@ pub struct Origin {
 }
 
 impl Origin {
+    /// The same origin without its original bytes and headers (once no dead
+    /// letter can need them).
+    pub fn without_bytes(self) -> Origin {
+        Origin {
+            key: None,
+            headers: Arc::from([]),
+            raw: Arc::from([]),
+            ..self
+        }
+    }
+
     /// A dead letter for this input.
     pub fn dead_letter(
         self,

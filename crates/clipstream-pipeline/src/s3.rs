@@ -158,14 +158,19 @@ impl S3 {
     }
 
     /// Reads an object: its bytes and ETag. Objects over `max_bytes` are
-    /// refused before their body is read.
+    /// refused before their body is read when the response says their size,
+    /// and as soon as the bytes read pass it when it does not. A body that
+    /// stops arriving for `request_timeout_ms` (or takes more than ten times
+    /// that in all) is a transient failure, retried like the others.
     pub async fn get(
         &self,
         bucket: &str,
         key: &str,
         max_bytes: u64,
+        memory: &tokio::sync::Mutex<crate::budget::Charge>,
     ) -> Result<(Vec<u8>, Option<String>), FetchError> {
         let what = format!("s3://{bucket}/{key}");
+        let idle = Duration::from_millis(self.cfg.request_timeout_ms);
         let r = self
             .call("get_object", || async {
                 let resp = self
@@ -176,18 +181,29 @@ impl S3 {
                     .send()
                     .await
                     .map_err(|e| classify(&e, &what))?;
-                let len = resp.content_length().unwrap_or(0).max(0) as u64;
-                if len > max_bytes {
+                let declared = resp.content_length().map(|l| l.max(0) as u64);
+                if let Some(len) = declared.filter(|&l| l > max_bytes) {
                     return Err(FetchError::Permanent(
                         Kind::ObjectTooLarge,
                         format!("{what} is {len} bytes, over the limit of {max_bytes}"),
                     ));
                 }
                 let etag = resp.e_tag().map(|t| t.trim_matches('"').to_string());
-                let body = resp.body.collect().await.map_err(|e| {
-                    FetchError::Transient(format!("{what}: reading the body failed: {e}"))
-                })?;
-                Ok((body.into_bytes().to_vec(), etag))
+                // Room in the memory budget before the body is read.
+                if let Some(len) = declared {
+                    memory
+                        .lock()
+                        .await
+                        .reserve(len, crate::budget::MAX_WAIT)
+                        .await;
+                }
+                let body = read_body(resp.body, declared, max_bytes, idle, &what).await?;
+                memory
+                    .lock()
+                    .await
+                    .reserve(body.len() as u64, std::time::Duration::ZERO)
+                    .await;
+                Ok((body, etag))
             })
             .await?;
         self.stats
@@ -197,19 +213,28 @@ impl S3 {
         Ok(r)
     }
 
-    /// Uploads a local file with a multipart upload (parts of `part_bytes`);
-    /// the object appears only when the upload completes. Returns its size.
-    pub async fn upload_file(
+    /// Uploads `path` as a new object at `key`: a multipart upload tagged
+    /// with `tag` (user metadata `clipstream-writer`) and completed with
+    /// `If-None-Match: *`, once `owned` still holds. The object appears only
+    /// when complete and never replaces one: when `key` is taken by another
+    /// writer's object the answer is [`PutError::Exists`]; when it holds
+    /// our own (a completion retried after a lost response), success.
+    pub async fn put_new_file(
         &self,
         path: &Path,
         bucket: &str,
         key: &str,
         part_bytes: usize,
-    ) -> Result<u64, FetchError> {
+        tag: &str,
+        owned: &(dyn Fn() -> bool + Sync),
+    ) -> Result<(), PutError> {
         let what = format!("s3://{bucket}/{key}");
-        let data = tokio::fs::read(path)
-            .await
-            .map_err(|e| FetchError::Transient(format!("cannot read {}: {e}", path.display())))?;
+        let data = tokio::fs::read(path).await.map_err(|e| {
+            PutError::Failed(FetchError::Transient(format!(
+                "cannot read {}: {e}",
+                path.display()
+            )))
+        })?;
         let upload_id = self
             .call("create_multipart_upload", || async {
                 self.client
@@ -217,18 +242,35 @@ impl S3 {
                     .bucket(bucket)
                     .key(key)
                     .content_type("application/vnd.apache.parquet")
+                    .metadata(WRITER_TAG, tag)
                     .send()
                     .await
                     .map_err(|e| classify(&e, &what))
             })
-            .await?
+            .await
+            .map_err(PutError::Failed)?
             .upload_id
-            .ok_or_else(|| FetchError::Transient(format!("{what}: no upload id returned")))?;
+            .ok_or_else(|| {
+                PutError::Failed(FetchError::Transient(format!(
+                    "{what}: no upload id returned"
+                )))
+            })?;
         let result = self
-            .upload_parts(&data, bucket, key, &upload_id, part_bytes, &what)
+            .upload_parts(&data, bucket, key, &upload_id, part_bytes, &what, owned)
             .await;
-        if let Err(e) = &result {
-            tracing::warn!(object = %what, error = %e, "multipart upload failed; aborting it");
+        let result = match result {
+            Ok(()) => Ok(()),
+            // The completion failed or was refused: the object may be ours
+            // (an earlier attempt that succeeded), another writer's, or
+            // absent.
+            Err(PutError::Failed(e)) => match self.writer_of(bucket, key).await {
+                Ok(Some(t)) if t == tag => Ok(()),
+                Ok(Some(_)) => Err(PutError::Exists),
+                Ok(None) | Err(_) => Err(PutError::Failed(e)),
+            },
+            Err(other) => Err(other),
+        };
+        if result.is_err() {
             let _ = self
                 .client
                 .abort_multipart_upload()
@@ -243,9 +285,38 @@ impl S3 {
             .s3_bytes
             .with_label_values(&["written"])
             .inc_by(data.len() as u64);
-        Ok(data.len() as u64)
+        Ok(())
     }
 
+    /// The writer tag of an object; `None` when there is no such object.
+    async fn writer_of(&self, bucket: &str, key: &str) -> Result<Option<String>, FetchError> {
+        let what = format!("s3://{bucket}/{key}");
+        let r = self
+            .call("head_object", || async {
+                match self
+                    .client
+                    .head_object()
+                    .bucket(bucket)
+                    .key(key)
+                    .send()
+                    .await
+                {
+                    Ok(h) => Ok(Some(
+                        h.metadata()
+                            .and_then(|m| m.get(WRITER_TAG).cloned())
+                            .unwrap_or_default(),
+                    )),
+                    Err(e) => match classify(&e, &what) {
+                        FetchError::Permanent(Kind::ObjectNotFound, _) => Ok(None),
+                        other => Err(other),
+                    },
+                }
+            })
+            .await?;
+        Ok(r)
+    }
+
+    #[allow(clippy::too_many_arguments)]
     async fn upload_parts(
         &self,
         data: &[u8],
@@ -254,7 +325,8 @@ impl S3 {
         upload_id: &str,
         part_bytes: usize,
         what: &str,
-    ) -> Result<(), FetchError> {
+        owned: &(dyn Fn() -> bool + Sync),
+    ) -> Result<(), PutError> {
         let mut parts = Vec::new();
         let chunks: Vec<&[u8]> = if data.is_empty() {
             vec![data]
@@ -277,7 +349,8 @@ impl S3 {
                         .await
                         .map_err(|e| classify(&e, what))
                 })
-                .await?
+                .await
+                .map_err(PutError::Failed)?
                 .e_tag;
             parts.push(
                 CompletedPart::builder()
@@ -289,23 +362,43 @@ impl S3 {
         let done = CompletedMultipartUpload::builder()
             .set_parts(Some(parts))
             .build();
-        self.call("complete_multipart_upload", || async {
-            self.client
-                .complete_multipart_upload()
-                .bucket(bucket)
-                .key(key)
-                .upload_id(upload_id)
-                .multipart_upload(done.clone())
-                .send()
-                .await
-                .map_err(|e| classify(&e, what))
-        })
-        .await?;
-        Ok(())
+        // The last moment to find out that the partition moved on: after
+        // this the object is visible. Checked before every attempt (a
+        // retried completion may come seconds later).
+        let result = self
+            .call("complete_multipart_upload", || async {
+                if !owned() {
+                    return Err(FetchError::Permanent(
+                        Kind::FetchFailed,
+                        format!("{what}: the partition moved on before the upload completed"),
+                    ));
+                }
+                self.client
+                    .complete_multipart_upload()
+                    .bucket(bucket)
+                    .key(key)
+                    .upload_id(upload_id)
+                    .multipart_upload(done.clone())
+                    .if_none_match("*")
+                    .send()
+                    .await
+                    .map_err(|e| classify(&e, what))
+            })
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(_) if !owned() => Err(PutError::NotOwned),
+            Err(e) => Err(PutError::Failed(e)),
+        }
     }
 
-    /// Keys under `prefix`, all pages.
-    pub async fn list(&self, bucket: &str, prefix: &str) -> Result<Vec<String>, FetchError> {
+    /// Keys under `prefix` (after `start_after`, when given), all pages.
+    pub async fn list(
+        &self,
+        bucket: &str,
+        prefix: &str,
+        start_after: Option<&str>,
+    ) -> Result<Vec<String>, FetchError> {
         let what = format!("s3://{bucket}/{prefix}");
         let mut keys = Vec::new();
         let mut token: Option<String> = None;
@@ -316,6 +409,7 @@ impl S3 {
                         .list_objects_v2()
                         .bucket(bucket)
                         .prefix(prefix)
+                        .set_start_after(start_after.map(String::from))
                         .set_continuation_token(token.clone())
                         .send()
                         .await
@@ -330,6 +424,41 @@ impl S3 {
             match page.next_continuation_token() {
                 Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_string()),
                 _ => return Ok(keys),
+            }
+        }
+    }
+
+    /// The "folders" directly under `prefix` (common prefixes with `/`).
+    pub async fn list_folders(
+        &self,
+        bucket: &str,
+        prefix: &str,
+    ) -> Result<Vec<String>, FetchError> {
+        let what = format!("s3://{bucket}/{prefix}");
+        let mut folders = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let page = self
+                .call("list_objects", || async {
+                    self.client
+                        .list_objects_v2()
+                        .bucket(bucket)
+                        .prefix(prefix)
+                        .delimiter("/")
+                        .set_continuation_token(token.clone())
+                        .send()
+                        .await
+                        .map_err(|e| classify(&e, &what))
+                })
+                .await?;
+            folders.extend(
+                page.common_prefixes()
+                    .iter()
+                    .filter_map(|p| p.prefix().map(String::from)),
+            );
+            match page.next_continuation_token() {
+                Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_string()),
+                _ => return Ok(folders),
             }
         }
     }
@@ -361,4 +490,68 @@ impl S3 {
             .map_err(|e| classify(&e, &what))?;
         Ok(())
     }
+}
+
+/// The user metadata key that names an object's writer.
+const WRITER_TAG: &str = "clipstream-writer";
+
+/// Why [`S3::put_new_file`] did not put the object.
+#[derive(Debug)]
+pub enum PutError {
+    /// The key holds another writer's object.
+    Exists,
+    /// The partition moved on before the object became visible.
+    NotOwned,
+    /// The store failed (transient: retry; permanent: give up).
+    Failed(FetchError),
+}
+
+/// Reads a body to the end: at most `max_bytes`, each chunk within `idle`,
+/// the whole within ten times that.
+async fn read_body(
+    mut body: ByteStream,
+    declared: Option<u64>,
+    max_bytes: u64,
+    idle: Duration,
+    what: &str,
+) -> Result<Vec<u8>, FetchError> {
+    let deadline = tokio::time::Instant::now() + idle * 10;
+    let mut out = Vec::with_capacity(declared.unwrap_or(0).min(max_bytes) as usize);
+    loop {
+        let wait = idle.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+        let chunk = match tokio::time::timeout(wait, body.next()).await {
+            Err(_) => {
+                return Err(FetchError::Transient(format!(
+                    "{what}: the body stalled ({} of {} bytes read)",
+                    out.len(),
+                    declared.map_or("?".to_string(), |d| d.to_string())
+                )));
+            }
+            Ok(None) => break,
+            Ok(Some(Err(e))) => {
+                return Err(FetchError::Transient(format!(
+                    "{what}: reading the body failed: {e}"
+                )));
+            }
+            Ok(Some(Ok(c))) => c,
+        };
+        if (out.len() + chunk.len()) as u64 > max_bytes {
+            return Err(FetchError::Permanent(
+                Kind::ObjectTooLarge,
+                format!(
+                    "{what} is over the limit of {max_bytes} bytes (its size was not declared)"
+                ),
+            ));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    if let Some(d) = declared
+        && d != out.len() as u64
+    {
+        return Err(FetchError::Transient(format!(
+            "{what}: the body ended after {} of {d} bytes",
+            out.len()
+        )));
+    }
+    Ok(out)
 }

@@ -89,11 +89,23 @@ pub struct Stats {
     pub kafka_paused: IntGauge,
     /// Times the source paused its partitions for backpressure.
     pub kafka_pauses: IntCounter,
+    /// Assigned partitions still paused while their committed offset is
+    /// read and their leftover files removed.
+    pub kafka_starting: IntGauge,
+    /// Failed attempts to start a partition (offset lookup, listing,
+    /// deletion), each retried.
+    pub kafka_start_retries: IntCounter,
+    /// Bytes charged to the memory budget (sampled).
+    pub memory_in_flight: IntGauge,
+    /// The memory budget.
+    pub memory_budget: IntGauge,
     /// Messages delivered to output topics, by output.
     pub kafka_produced: IntCounterVec,
     /// Readiness: the source is assigned (or needs no assignment) and the
     /// sinks answered.
     pub ready: std::sync::atomic::AtomicBool,
+    /// Health: set when a stage failed for good (`/healthz` turns red).
+    pub fatal: std::sync::Arc<crate::fatal::Fatal>,
     detail: Mutex<Detail>,
 }
 
@@ -282,6 +294,26 @@ impl Default for Stats {
             "clipstream_kafka_source_paused",
             "1 while the Kafka source has paused its partitions because the pipeline stayed full (backpressure), else 0.",
         );
+        let kafka_starting = gauge(
+            &r,
+            "clipstream_kafka_partitions_starting",
+            "Assigned partitions still paused while their committed offset is read and leftover output files are removed.",
+        );
+        let kafka_start_retries = counter(
+            &r,
+            "clipstream_kafka_partition_start_retries_total",
+            "Failed attempts to start an assigned partition (committed-offset lookup, listing or deleting leftover files); each is retried.",
+        );
+        let memory_in_flight = gauge(
+            &r,
+            "clipstream_memory_in_flight_bytes",
+            "Bytes of records in flight charged to the memory budget (events, objects, images, model inputs, rows).",
+        );
+        let memory_budget = gauge(
+            &r,
+            "clipstream_memory_budget_bytes",
+            "The memory budget of records in flight (engine.max_bytes_in_flight).",
+        );
         let kafka_pauses = counter(
             &r,
             "clipstream_kafka_source_pauses_total",
@@ -308,8 +340,13 @@ impl Default for Stats {
             kafka_assigned,
             kafka_paused,
             kafka_pauses,
+            kafka_starting,
+            kafka_start_retries,
+            memory_in_flight,
+            memory_budget,
             kafka_produced,
             ready: std::sync::atomic::AtomicBool::new(false),
+            fatal: std::sync::Arc::new(crate::fatal::Fatal::default()),
             read: counter(
                 &r,
                 "clipstream_records_read_total",

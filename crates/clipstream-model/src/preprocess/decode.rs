@@ -124,6 +124,49 @@ pub fn decode(
     Ok(decoded)
 }
 
+/// An image's width and height read from its header, without decoding it
+/// (`None` when the header cannot be read: the decoder will say why).
+pub fn dimensions(bytes: &[u8]) -> Option<(u32, u32)> {
+    match image::guess_format(bytes).ok()? {
+        ImageFormat::Jpeg => jpeg_dimensions(bytes),
+        f @ (ImageFormat::Png
+        | ImageFormat::WebP
+        | ImageFormat::Gif
+        | ImageFormat::Bmp
+        | ImageFormat::Tiff) => image::ImageReader::with_format(Cursor::new(bytes), f)
+            .into_dimensions()
+            .ok(),
+        _ => None,
+    }
+}
+
+/// The size in a JPEG's start-of-frame marker.
+fn jpeg_dimensions(b: &[u8]) -> Option<(u32, u32)> {
+    let mut i = 2;
+    while i + 4 <= b.len() {
+        if b[i] != 0xFF {
+            return None;
+        }
+        let marker = b[i + 1];
+        if marker == 0xFF {
+            i += 1;
+            continue;
+        }
+        if matches!(marker, 0x01 | 0xD0..=0xD9) {
+            i += 2;
+            continue;
+        }
+        let len = usize::from(u16::from_be_bytes([b[i + 2], b[i + 3]]));
+        if (0xC0..=0xCF).contains(&marker) && !matches!(marker, 0xC4 | 0xC8 | 0xCC) {
+            let h = u16::from_be_bytes([*b.get(i + 5)?, *b.get(i + 6)?]);
+            let w = u16::from_be_bytes([*b.get(i + 7)?, *b.get(i + 8)?]);
+            return Some((u32::from(w), u32::from(h)));
+        }
+        i += 2 + len;
+    }
+    None
+}
+
 pub(crate) fn format_name(format: ImageFormat) -> &'static str {
     match format {
         ImageFormat::Jpeg => "JPEG",
@@ -425,6 +468,28 @@ mod tests {
         assert_eq!(r180, img);
         // Clockwise: the bottom-left source pixel lands top-left.
         assert_eq!(&r90.data[0..3], &img.data[9..12]);
+    }
+
+    #[test]
+    fn dimensions_come_from_the_header() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/images");
+        for (file, size) in [
+            ("jpeg-1600x1200.jpg", (1600, 1200)),
+            ("jpeg-progressive.jpg", (0, 0)),
+            ("png-2x700.png", (2, 700)),
+            ("webp-lossy.webp", (0, 0)),
+            ("tiff-lzw.tif", (0, 0)),
+        ] {
+            let bytes = std::fs::read(dir.join(file)).expect("fixture");
+            let decoded = decode(&bytes, &DecodeLimits::default(), false).expect("decodes");
+            let want = (decoded.rgb.width as u32, decoded.rgb.height as u32);
+            assert_eq!(dimensions(&bytes), Some(want), "{file}");
+            if size != (0, 0) {
+                assert_eq!(want, size, "{file}");
+            }
+        }
+        assert_eq!(dimensions(b"not an image"), None);
     }
 
     #[test]

@@ -30,7 +30,6 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use serde_json::json;
 
-use super::SinkMsg;
 use crate::ack::AckToken;
 use crate::dead_letter::{DeadLetter, Kind, Stage};
 use crate::record::{Done, OutputRow};
@@ -410,16 +409,16 @@ impl DeadLetterMessage {
 /// headers is fatal (the topic is unusable).
 pub fn spawn(
     rx: flume::Receiver<Done>,
-    tx: flume::Sender<SinkMsg>,
+    tx: flume::Sender<Done>,
     outputs: Option<Arc<KafkaOutputs>>,
-    fatal: Arc<crate::batch::Fatal>,
+    fatal: Arc<crate::fatal::Fatal>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut tasks = tokio::task::JoinSet::new();
         while let Ok(done) = rx.recv_async().await {
             while tasks.try_join_next().is_some() {}
             let Some(out) = outputs.clone() else {
-                if tx.send_async(SinkMsg::Done(done)).await.is_err() {
+                if tx.send_async(done).await.is_err() {
                     break;
                 }
                 continue;
@@ -427,7 +426,7 @@ pub fn spawn(
             let (tx, fatal) = (tx.clone(), Arc::clone(&fatal));
             tasks.spawn(async move {
                 let next = deliver(&out, done, &fatal).await;
-                let _ = tx.send_async(SinkMsg::Done(next)).await;
+                let _ = tx.send_async(next).await;
             });
         }
         while tasks.join_next().await.is_some() {}
@@ -439,7 +438,7 @@ pub fn spawn(
 
 /// Sends one result to the topics it belongs on; returns what the sink
 /// thread gets.
-async fn deliver(out: &KafkaOutputs, done: Done, fatal: &crate::batch::Fatal) -> Done {
+async fn deliver(out: &KafkaOutputs, done: Done, fatal: &crate::fatal::Fatal) -> Done {
     match done {
         Done::Row {
             row,

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use tokio::sync::{Semaphore, watch};
 
-use crate::ack::AckTracker;
+use crate::ack::{AckTracker, PartitionKey};
 use crate::record::{Done, Record};
 use crate::stats::Stats;
 
@@ -24,6 +24,8 @@ pub struct SourceContext {
     pub tracker: Arc<AckTracker>,
     /// In-flight slots.
     pub in_flight: Arc<Semaphore>,
+    /// The memory budget (a source holds back while it is spent).
+    pub budget: Arc<crate::budget::Budget>,
     /// Becomes true when the pipeline must stop reading.
     pub stop: watch::Receiver<bool>,
     /// Counters.
@@ -31,14 +33,34 @@ pub struct SourceContext {
 }
 
 impl SourceContext {
-    /// Waits for an in-flight slot; `None` when asked to stop.
-    pub async fn permit(&mut self) -> Option<crate::record::Permit> {
+    /// Waits for an in-flight slot and for room in the memory budget, then
+    /// charges `bytes` (the event); `None` when asked to stop.
+    pub async fn permit(&mut self, bytes: u64) -> Option<crate::record::Permit> {
         if *self.stop.borrow() {
             return None;
         }
+        let slot = tokio::select! {
+            p = Arc::clone(&self.in_flight).acquire_owned() => p.ok()?,
+            _ = self.stop.wait_for(|s| *s) => return None,
+        };
+        let mut memory = self.budget.empty();
         tokio::select! {
-            p = Arc::clone(&self.in_flight).acquire_owned() => p.ok(),
-            _ = self.stop.wait_for(|s| *s) => None,
+            _ = self.budget.grow_within(&mut memory, bytes, crate::budget::MAX_WAIT) => {}
+            _ = self.stop.wait_for(|s| *s) => return None,
         }
+        Some(crate::record::Permit::new(slot, memory))
     }
+}
+
+/// Removes output files a worker wrote beyond a partition's committed
+/// offset (it stopped before committing them); used when a partition is
+/// assigned, before it is read again.
+pub trait Cleanup: Send + Sync {
+    /// Removes the files of `partition` whose first offset is `from` or
+    /// later; returns how many.
+    fn remove_from<'a>(
+        &'a self,
+        partition: &'a PartitionKey,
+        from: i64,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<usize>> + Send + 'a>>;
 }

@@ -294,6 +294,13 @@ fn print_summary(pipeline: &Path, r: &RunReport) {
             kib as f64 / 1024.0
         );
     }
+    let (peak, limit) = r.memory_peak;
+    println!(
+        "  {:<22} {:>8.1} MiB   of a {:.0} MiB budget (engine.max_bytes_in_flight)",
+        "records in flight",
+        peak as f64 / (1 << 20) as f64,
+        limit as f64 / (1 << 20) as f64
+    );
     if !r.detail.top1.is_empty() {
         println!("  top-1 labels");
         let mut top: Vec<_> = r.detail.top1.iter().collect();

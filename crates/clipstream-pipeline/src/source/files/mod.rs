@@ -13,7 +13,9 @@ use super::SourceContext;
 use crate::ack::{PartitionKey, Position};
 use crate::config::FilesSourceConfig;
 use crate::record::{Origin, Received, parse_event};
-use crate::sink::resume::DoneSet;
+pub mod resume;
+
+use self::resume::DoneSet;
 use crate::stats::Stats;
 
 /// Extensions taken from a directory source.
@@ -32,6 +34,15 @@ impl FilesSource {
     /// A source that skips what `done` holds.
     pub fn new(config: FilesSourceConfig, done: DoneSet) -> Self {
         FilesSource { config, done }
+    }
+
+    /// The name used in output rows and file names: the manifest's file stem
+    /// or the directory's name.
+    pub fn key(&self) -> PartitionKey {
+        PartitionKey {
+            source: Arc::from(self.name()),
+            partition: 0,
+        }
     }
 
     /// The name used in output rows and file names: the manifest's file stem
@@ -157,15 +168,17 @@ impl FilesSource {
         ctx: &mut SourceContext,
     ) -> bool {
         let parsed = parse_event(raw, self.config.max_event_bytes);
-        let already = match &parsed {
-            Ok(e) => self.done.has_id(&e.id),
-            Err(e) => e.id.as_deref().is_some_and(|id| self.done.has_id(id)),
-        } || self.done.has_position(key, offset);
+        let id = match &parsed {
+            Ok(e) => Some(e.id.as_str()),
+            Err(e) => e.id.as_deref(),
+        };
+        let already = self.done.is_done(key, offset, id);
         if already {
             Stats::add(&ctx.stats.skipped, 1);
             return true;
         }
-        let Some(permit) = ctx.permit().await else {
+        // The original bytes, and the parsed event (no larger).
+        let Some(permit) = ctx.permit(2 * raw.len() as u64).await else {
             return false;
         };
         let position = Position { seq: *seq, offset };
@@ -208,8 +221,12 @@ fn list_images(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
         let entries = std::fs::read_dir(&d)
             .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", d.display()))?;
         for e in entries {
-            let path = e?.path();
-            if path.is_dir() {
+            let e = e?;
+            let path = e.path();
+            // Not following symbolic links to directories (a link to a
+            // parent would loop); links to files are listed, and the fetch
+            // stage resolves them against its root.
+            if e.file_type()?.is_dir() {
                 stack.push(path);
             } else if path
                 .extension()
