@@ -460,6 +460,11 @@ def overview() -> dict:
     p.append(timeseries("Source paused (backpressure)", "1 while a pod's Kafka source has paused its partitions because its pipeline stayed full for half a second: that pod is at capacity (more replicas help while partitions are left to spread). Also pauses per second.", "short",
                         [(f"max by (pod)(clipstream_kafka_source_paused{s()})", "paused {{pod}}"),
                          (rate("clipstream_kafka_source_pauses_total"), "pauses / s")], w=6))
+    p.append(timeseries("Memory in flight vs budget", "Bytes the records in flight hold (events, objects, decoded images, model inputs, rows) over the pipeline's engine.max_bytes_in_flight, by pod. The source pauses at half the budget; a pod that sits there is held back by memory, not by the model.", "percentunit",
+                        [(f"max by (pod)(clipstream_memory_in_flight_bytes{s()}) / max by (pod)(clipstream_memory_budget_bytes{s()})", "{{pod}}")], w=12))
+    p.append(timeseries("Partitions starting", "Assigned partitions still paused while their committed offset is read and leftover files removed (by pod), and failed attempts per second (each retried: a coordinator that does not answer, a listing that fails). Non-zero for long means the partition is refused until the broker answers.", "short",
+                        [(f"sum by (pod)(clipstream_kafka_partitions_starting{s()})", "starting {{pod}}"),
+                         (rate("clipstream_kafka_partition_start_retries_total"), "retries / s")], w=12))
 
     p.append(row("Encoder"))
     p.append(table("Encoder and build", "Model, execution provider actually in use and clipstream version, per pod.",
