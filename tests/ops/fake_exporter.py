@@ -2,6 +2,7 @@
 """A stand-in for a clipstream worker's /metrics, to test the dashboard plumbing.
 
     python3 tests/ops/fake_exporter.py --port 9464 [--omit REGEX]
+    python3 tests/ops/fake_exporter.py --print
 
 Serves the worker's metric names (the contract in the ops brief: counters,
 gauges, histograms with their labels) with values that grow over time, so
@@ -124,10 +125,16 @@ def exposition(omit: re.Pattern | None) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--port", type=int)
     ap.add_argument("--omit", default=None, help="regex of metric names to leave out")
+    ap.add_argument("--print", action="store_true", help="print the exposition once and exit")
     a = ap.parse_args()
     omit = re.compile(a.omit) if a.omit else None
+    if a.print:
+        print(exposition(omit), end="")
+        return
+    if a.port is None:
+        ap.error("--port is required (or --print)")
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 - http.server's name

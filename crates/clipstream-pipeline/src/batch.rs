@@ -13,7 +13,7 @@ use clipstream_model::{EmbeddingBatch, ModelError, TextEncoder, VisionEncoder};
 use crate::config::BatchConfig;
 use crate::fatal::Fatal;
 use crate::prep::{Assembler, InFlight, Part, TextJob, VisionJob};
-use crate::stats::Stats;
+use crate::stats::{Stats, Tower};
 
 /// Collects jobs from `rx` into batches for `tx`, until `rx` closes.
 pub fn batcher<J: Send + 'static>(
@@ -95,8 +95,8 @@ fn finish_batch<'a>(
     started: Instant,
 ) -> bool {
     let (tower, encoded) = match part {
-        Part::Image => ("vision", &asm.stats.images),
-        Part::Text => ("text", &asm.stats.texts),
+        Part::Image => (Tower::Vision.as_str(), &asm.stats.images),
+        Part::Text => (Tower::Text.as_str(), &asm.stats.texts),
     };
     let rows = match result {
         Ok(r) => r,

@@ -26,6 +26,16 @@ pub enum Stage {
 }
 
 impl Stage {
+    /// Every stage.
+    pub const ALL: [Stage; 6] = [
+        Stage::Source,
+        Stage::Fetch,
+        Stage::Decode,
+        Stage::Tokenize,
+        Stage::Encode,
+        Stage::Output,
+    ];
+
     /// Lower-case name, for headers and metrics.
     pub fn as_str(self) -> &'static str {
         match self {

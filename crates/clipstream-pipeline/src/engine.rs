@@ -32,7 +32,7 @@ use crate::source::files::FilesSource;
 use crate::source::files::resume::{DoneSet, InputIdentity};
 use crate::source::kafka::KafkaSource;
 use crate::source::{Cleanup, SourceContext};
-use crate::stats::{Snapshot, Stats};
+use crate::stats::{Queue, Snapshot, Stats};
 
 /// The model parts a pipeline runs on (loaded by the caller, so that a
 /// broken model stops the program before anything starts).
@@ -381,11 +381,11 @@ impl Queues {
             stats,
             Arc::clone(budget),
             vec![
-                ("records", (&self.records.0).into()),
-                ("fetched", (&self.fetched.0).into()),
-                ("vision", (&self.vision.0).into()),
-                ("text", (&self.text.0).into()),
-                ("done", (&self.done.0).into()),
+                (Queue::Records, (&self.records.0).into()),
+                (Queue::Fetched, (&self.fetched.0).into()),
+                (Queue::Vision, (&self.vision.0).into()),
+                (Queue::Text, (&self.text.0).into()),
+                (Queue::Done, (&self.done.0).into()),
             ],
             capacity,
         )
@@ -593,13 +593,13 @@ impl std::fmt::Debug for QueueProbe {
 fn watch_queues(
     stats: Arc<Stats>,
     budget: Arc<Budget>,
-    queues: Vec<(&'static str, QueueProbe)>,
+    queues: Vec<(Queue, QueueProbe)>,
     capacity: usize,
 ) -> tokio::task::JoinHandle<()> {
     for (name, _) in &queues {
         stats
             .queue_capacity
-            .with_label_values(&[name])
+            .with_label_values(&[name.as_str()])
             .set(capacity as i64);
     }
     stats.memory_budget.set(budget.limit() as i64);
@@ -611,7 +611,7 @@ fn watch_queues(
             for (name, probe) in &queues {
                 stats
                     .queue_items
-                    .with_label_values(&[name])
+                    .with_label_values(&[name.as_str()])
                     .set((probe.0)() as i64);
             }
         }

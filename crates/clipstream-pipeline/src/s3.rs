@@ -25,7 +25,7 @@ use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use crate::config::S3Config;
 use crate::dead_letter::Kind;
 use crate::fetch::{FetchError, with_retries};
-use crate::stats::Stats;
+use crate::stats::{Direction, ResultLabel, S3Op, Stats};
 
 /// Sorts an SDK error into transient or permanent, with a message that
 /// names the operation and the object.
@@ -125,7 +125,7 @@ impl S3 {
 
     /// Runs `attempt` with [`with_retries`] (`max_attempts`, backoff from
     /// `backoff_ms`), counting every attempt, its time and every retry.
-    pub async fn call<T, F, Fut>(&self, op: &'static str, mut attempt: F) -> Result<T, FetchError>
+    pub async fn call<T, F, Fut>(&self, op: S3Op, mut attempt: F) -> Result<T, FetchError>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, FetchError>>,
@@ -138,7 +138,7 @@ impl S3 {
             || {
                 n += 1;
                 if n > 1 {
-                    stats.s3_retries.with_label_values(&[op]).inc();
+                    stats.s3_retries.with_label_values(&[op.as_str()]).inc();
                 }
                 let fut = attempt();
                 async move {
@@ -146,10 +146,17 @@ impl S3 {
                     let r = fut.await;
                     stats
                         .s3_seconds
-                        .with_label_values(&[op])
+                        .with_label_values(&[op.as_str()])
                         .observe(started.elapsed().as_secs_f64());
-                    let result = if r.is_ok() { "ok" } else { "error" };
-                    stats.s3_requests.with_label_values(&[op, result]).inc();
+                    let result = if r.is_ok() {
+                        ResultLabel::Ok
+                    } else {
+                        ResultLabel::Error
+                    };
+                    stats
+                        .s3_requests
+                        .with_label_values(&[op.as_str(), result.as_str()])
+                        .inc();
                     r
                 }
             },
@@ -172,7 +179,7 @@ impl S3 {
         let what = format!("s3://{bucket}/{key}");
         let idle = Duration::from_millis(self.cfg.request_timeout_ms);
         let r = self
-            .call("get_object", || async {
+            .call(S3Op::GetObject, || async {
                 let resp = self
                     .client
                     .get_object()
@@ -208,7 +215,7 @@ impl S3 {
             .await?;
         self.stats
             .s3_bytes
-            .with_label_values(&["read"])
+            .with_label_values(&[Direction::Read.as_str()])
             .inc_by(r.0.len() as u64);
         Ok(r)
     }
@@ -236,7 +243,7 @@ impl S3 {
             )))
         })?;
         let upload_id = self
-            .call("create_multipart_upload", || async {
+            .call(S3Op::CreateMultipartUpload, || async {
                 self.client
                     .create_multipart_upload()
                     .bucket(bucket)
@@ -283,7 +290,7 @@ impl S3 {
         result?;
         self.stats
             .s3_bytes
-            .with_label_values(&["written"])
+            .with_label_values(&[Direction::Written.as_str()])
             .inc_by(data.len() as u64);
         Ok(())
     }
@@ -292,7 +299,7 @@ impl S3 {
     async fn writer_of(&self, bucket: &str, key: &str) -> Result<Option<String>, FetchError> {
         let what = format!("s3://{bucket}/{key}");
         let r = self
-            .call("head_object", || async {
+            .call(S3Op::HeadObject, || async {
                 match self
                     .client
                     .head_object()
@@ -337,7 +344,7 @@ impl S3 {
             let number = i as i32 + 1;
             let chunk = bytes::Bytes::copy_from_slice(chunk);
             let etag = self
-                .call("upload_part", || async {
+                .call(S3Op::UploadPart, || async {
                     self.client
                         .upload_part()
                         .bucket(bucket)
@@ -366,7 +373,7 @@ impl S3 {
         // this the object is visible. Checked before every attempt (a
         // retried completion may come seconds later).
         let result = self
-            .call("complete_multipart_upload", || async {
+            .call(S3Op::CompleteMultipartUpload, || async {
                 if !owned() {
                     return Err(FetchError::Permanent(
                         Kind::FetchFailed,
@@ -404,7 +411,7 @@ impl S3 {
         let mut token: Option<String> = None;
         loop {
             let page = self
-                .call("list_objects", || async {
+                .call(S3Op::ListObjects, || async {
                     self.client
                         .list_objects_v2()
                         .bucket(bucket)
@@ -439,7 +446,7 @@ impl S3 {
         let mut token: Option<String> = None;
         loop {
             let page = self
-                .call("list_objects", || async {
+                .call(S3Op::ListObjects, || async {
                     self.client
                         .list_objects_v2()
                         .bucket(bucket)
@@ -466,7 +473,7 @@ impl S3 {
     /// Deletes one object.
     pub async fn delete(&self, bucket: &str, key: &str) -> Result<(), FetchError> {
         let what = format!("s3://{bucket}/{key}");
-        self.call("delete_object", || async {
+        self.call(S3Op::DeleteObject, || async {
             self.client
                 .delete_object()
                 .bucket(bucket)

@@ -33,7 +33,7 @@ use serde_json::json;
 use crate::ack::AckToken;
 use crate::dead_letter::{DeadLetter, Kind, Stage};
 use crate::record::{Done, OutputRow};
-use crate::stats::Stats;
+use crate::stats::{Output, Stats};
 
 /// The producer's context: logs librdkafka's errors like the default one,
 /// and keeps the last that names a cause (a TLS handshake or an
@@ -146,7 +146,7 @@ impl KafkaOutputs {
 
     async fn send(
         &self,
-        output: &'static str,
+        output: Output,
         topic: &str,
         key: Option<&[u8]>,
         payload: &[u8],
@@ -155,7 +155,8 @@ impl KafkaOutputs {
         let size = payload.len() + key.map_or(0, <[u8]>::len);
         if size + MESSAGE_OVERHEAD_BYTES > self.max_message_bytes {
             return Err(DeliveryError::Permanent(format!(
-                "the {output} message for {topic} would be {size} bytes, over message.max.bytes ({})",
+                "the {} message for {topic} would be {size} bytes, over message.max.bytes ({})",
+                output.as_str(),
                 self.max_message_bytes
             )));
         }
@@ -168,7 +169,10 @@ impl KafkaOutputs {
         }
         match self.producer.send(rec, Duration::from_secs(60)).await {
             Ok(_) => {
-                self.stats.kafka_produced.with_label_values(&[output]).inc();
+                self.stats
+                    .kafka_produced
+                    .with_label_values(&[output.as_str()])
+                    .inc();
                 Ok(())
             }
             Err((e, _)) => Err(DeliveryError::of(&e, topic)),
@@ -213,13 +217,16 @@ impl KafkaOutputs {
         let key = Some(row.id.as_bytes());
         let e = async {
             match &embeddings {
-                Some((t, v)) => self.send("embeddings", t, key, v.as_bytes(), None).await,
+                Some((t, v)) => {
+                    self.send(Output::Embeddings, t, key, v.as_bytes(), None)
+                        .await
+                }
                 None => Ok(()),
             }
         };
         let l = async {
             match &labels {
-                Some((t, v)) => self.send("labels", t, key, v.as_bytes(), None).await,
+                Some((t, v)) => self.send(Output::Labels, t, key, v.as_bytes(), None).await,
                 None => Ok(()),
             }
         };
@@ -249,7 +256,7 @@ impl KafkaOutputs {
             let m = DeadLetterMessage::fit(d, budget);
             let r = self
                 .send(
-                    "dead_letters",
+                    Output::DeadLetters,
                     topic,
                     d.origin.key.as_deref(),
                     &m.value,

@@ -50,7 +50,7 @@ use crate::ack::{AckTracker, PartitionKey, Position};
 use crate::config::KafkaSourceConfig;
 use crate::record::{Origin, Received, parse_event};
 use crate::sink::Control;
-use crate::stats::Stats;
+use crate::stats::{ResultLabel, Stats};
 
 /// How the poll loop waits for a free in-flight slot before it pauses the
 /// partitions (and serves callbacks while paused).
@@ -173,14 +173,20 @@ impl Shared {
                     took_ms = started.elapsed().as_millis() as u64,
                     "offsets committed"
                 );
-                self.stats.kafka_commits.with_label_values(&["ok"]).inc();
+                self.stats
+                    .kafka_commits
+                    .with_label_values(&[ResultLabel::Ok.as_str()])
+                    .inc();
                 true
             }
             Err(e) => {
                 // A failed commit is retried by the next one; forget what we
                 // thought was committed so that it is sent again.
                 tracing::warn!(error = %e, "offset commit failed; the next commit retries it");
-                self.stats.kafka_commits.with_label_values(&["error"]).inc();
+                self.stats
+                    .kafka_commits
+                    .with_label_values(&[ResultLabel::Error.as_str()])
+                    .inc();
                 lock(&self.committed).clear();
                 false
             }
