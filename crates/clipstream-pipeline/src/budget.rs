@@ -99,9 +99,10 @@ impl Budget {
         }
     }
 
-    /// Where waiting starts: three quarters of the limit. The last quarter
-    /// is room for what later stages charge without waiting (decoded images,
-    /// model inputs, rows), so that the total stays near the limit.
+    /// Where waiting starts: half the limit. The other half is room for
+    /// what later stages charge without waiting (decoded images, model
+    /// inputs and batches, rows, open files), so that the total stays near
+    /// the limit.
     pub fn admission(&self) -> u64 {
         self.limit / 2
     }

@@ -40,26 +40,7 @@ pub enum Location {
     },
 }
 
-/// A permanent problem (dead letter) or a transient one (retry), of a file
-/// read or an S3 request.
-#[derive(Debug, Clone, PartialEq)]
-pub enum FetchError {
-    /// Retrying will not help.
-    Permanent(Kind, String),
-    /// May succeed later: throttling, 5xx, timeouts, connection failures.
-    Transient(String),
-}
-
-impl std::fmt::Display for FetchError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            FetchError::Transient(m) => write!(f, "{m} (transient)"),
-            FetchError::Permanent(k, m) => write!(f, "{m} ({})", k.as_str()),
-        }
-    }
-}
-
-impl std::error::Error for FetchError {}
+pub use crate::retry::{FetchError, with_retries};
 
 /// Parses an image reference: `s3://bucket/key`, `file:///abs/path`,
 /// `file://rel/path` or a bare path (relative ones resolved against `base`).
@@ -132,6 +113,15 @@ fn read_file_blocking(path: &Path, root: &Path, max_bytes: u64) -> Result<Vec<u8
             Kind::ObjectForbidden,
             format!("{}: permission denied", path.display()),
         ),
+        // A path no file system would take (a NUL byte, a name too long, a
+        // file used as a folder, a loop of links): the event's fault.
+        // (ELOOP, 40 on Linux, has no stable ErrorKind.)
+        E::InvalidInput | E::InvalidFilename | E::NotADirectory => {
+            FetchError::Permanent(Kind::InvalidUri, format!("{}: {e}", path.display()))
+        }
+        _ if e.raw_os_error() == Some(40) => {
+            FetchError::Permanent(Kind::InvalidUri, format!("{}: {e}", path.display()))
+        }
         _ => FetchError::Transient(format!("{}: {e}", path.display())),
     };
     let real = std::fs::canonicalize(path).map_err(classify)?;
@@ -207,34 +197,6 @@ fn read_file_blocking(path: &Path, root: &Path, max_bytes: u64) -> Result<Vec<u8
 
 /// `O_NONBLOCK` on Linux (x86-64 and aarch64).
 const O_NONBLOCK: i32 = 0o4000;
-
-/// Retries `attempt` on transient errors: up to `tries` attempts, backoff
-/// doubling from `base` (at most 20 s) with ±50% jitter.
-pub async fn with_retries<T, F, Fut>(
-    tries: u32,
-    base: Duration,
-    mut attempt: F,
-) -> Result<T, FetchError>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, FetchError>>,
-{
-    let mut n = 0;
-    loop {
-        n += 1;
-        match attempt().await {
-            Err(FetchError::Transient(why)) if n < tries => {
-                let backoff = base
-                    .saturating_mul(2u32.saturating_pow(n - 1))
-                    .min(Duration::from_secs(20));
-                let factor = 0.5 + crate::retry::jitter();
-                tracing::debug!(attempt = n, %why, "transient error, retrying");
-                tokio::time::sleep(backoff.mul_f64(factor)).await;
-            }
-            other => return other,
-        }
-    }
-}
 
 /// What the fetch workers share.
 #[derive(Debug)]
@@ -510,6 +472,22 @@ mod tests {
             read(root.join("sub")).await,
             Err(FetchError::Permanent(Kind::InvalidUri, _))
         ));
+        // Paths no file system takes are the event's fault, not retried.
+        std::os::unix::fs::symlink(root.join("loop-b"), root.join("loop-a")).expect("link");
+        std::os::unix::fs::symlink(root.join("loop-a"), root.join("loop-b")).expect("link");
+        for p in [
+            root.join("sub/ok.png/inside.png"),
+            root.join("a\0b.png"),
+            root.join("x".repeat(300)),
+            root.join("loop-a"),
+        ] {
+            let r = read(p.clone()).await;
+            assert!(
+                matches!(r, Err(FetchError::Permanent(Kind::InvalidUri, _))),
+                "{}: {r:?}",
+                p.display()
+            );
+        }
         assert!(matches!(
             read_file(&root.join("sub/ok.png"), &root, 2).await,
             Err(FetchError::Permanent(Kind::ObjectTooLarge, _))

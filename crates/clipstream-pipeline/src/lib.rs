@@ -1,27 +1,44 @@
 //! The clipstream engine: records with acknowledgements, bounded stages,
-//! dynamic batching, sources and sinks.
+//! dynamic batching, sources and sinks. The stages, in the order a record
+//! meets them:
 //!
 //! ```text
-//! source ──► fetch ──► prep (CPU pool) ──► batcher ─► encoder (vision) ──┐
-//!  (files)   (file://)  decode/resize     batcher ─► encoder (text)  ──┤ last part builds the row
-//!    │                  tokenize                                       ▼
-//!    │                                                   sink thread: reorder per partition,
-//!    │   ◄─────────── acks (file closed, dead letter synced) ◄─ Parquet files, dead letters
-//!    ▼
-//!  tracker: highest contiguous acknowledged position per partition
+//!  source ──► fetch ──► prep (CPU pool) ──► batcher ─► encoder (vision) ──┐
+//!  files/     file://,  decode, resize      batcher ─► encoder (text)  ──┤ the last tower
+//!  kafka      s3://     tokenize                                        │ builds the row
+//!    │                                                                  ▼
+//!    │                               outputs: embeddings, labels, dead-letter topics
+//!    │                                         │
+//!    │                                         ▼
+//!    │     ◄──── acks (range published) ◄── sink thread: order per partition,
+//!    ▼                                      Parquet ranges (local or S3), dead-letter file
+//!  tracker: highest contiguous acknowledged offset per partition → commit
 //! ```
 //!
-//! - [`ack`]: tokens and the contiguous-position tracker.
-//! - [`record`]: the event contract, records, output rows.
-//! - [`dead_letter`]: the one list of permanent failure kinds.
-//! - [`config`]: the pipeline TOML, strict and validated without I/O.
-//! - [`source`], [`fetch`], [`prep`], [`batch`], [`sink`]: one module per stage.
-//! - [`engine`]: wires the stages, runs them, drains on stop.
-//! - [`stats`]: counters for progress and the summary.
+//! - [`source`]: where records come from — [`source::files`] (a manifest
+//!   or a directory; [`source::files::resume`] skips what a run wrote) and
+//!   [`source::kafka`] (a consumer group; [`source::kafka::start`] starts a
+//!   newly assigned partition from an offset read from the broker).
+//! - [`fetch`]: image URIs to bytes (local files under a root, S3 through
+//!   [`s3`]).
+//! - [`prep`]: decoding and preprocessing, tokenizing, on a CPU pool; the
+//!   [`prep::Assembler`] builds a row when a record's last tower is done.
+//! - [`batch`]: dynamic batching and the encoder threads (a tower that fails
+//!   on one input makes it a dead letter; one that fails on all is fatal).
+//! - [`sink`]: the outputs stage ([`sink::kafka`]), the sink thread, and
+//!   Parquet ([`sink::parquet`]: ranges of records, published without ever
+//!   replacing a file).
+//! - [`engine`]: wires the stages, runs them, drains on stop or failure.
+//! - Across the stages: [`ack`] (tokens, the contiguous tracker, epochs),
+//!   [`record`] (the event contract, records, rows), [`dead_letter`] (the
+//!   one list of permanent failure kinds), [`retry`] (permanent vs
+//!   transient, backoff), [`budget`] (the memory budget), [`fatal`] (a stage
+//!   that cannot go on), [`config`] (the pipeline TOML, strict, validated
+//!   without I/O), [`stats`] (metrics, with their closed label values).
 //!
-//! Every queue between stages is bounded and every record holds an in-flight
-//! permit until its result is handed to the file writer, so memory does not
-//! grow with the backlog.
+//! Every queue between stages is bounded, every record holds an in-flight
+//! slot and a charge against the memory budget until its result is handed
+//! to the file writer, so memory does not grow with the backlog.
 
 pub mod ack;
 pub mod batch;

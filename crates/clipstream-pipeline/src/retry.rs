@@ -1,9 +1,62 @@
-//! Retrying transient faults: backoff that doubles up to a cap, with ±50%
-//! jitter so that workers that failed together do not retry together.
-//! Whether a fault is transient is the caller's call (see `fetch` for
-//! objects, `sink::kafka` for deliveries); this module only paces retries.
+//! Retrying transient faults: the one split between a permanent failure (a
+//! property of the input: a dead letter) and a transient one (retried), and
+//! backoff that doubles up to a cap, with ±50% jitter so that workers that
+//! failed together do not retry together. The fetch stage and the S3 client
+//! both use it (neither imports the other for it); Kafka deliveries have
+//! their own split (`sink::kafka::DeliveryError`).
 
 use std::time::Duration;
+
+use crate::dead_letter::Kind;
+
+/// A permanent problem (dead letter) or a transient one (retry), of a file
+/// read or an S3 request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FetchError {
+    /// Retrying will not help.
+    Permanent(Kind, String),
+    /// May succeed later: throttling, 5xx, timeouts, connection failures.
+    Transient(String),
+}
+
+impl std::fmt::Display for FetchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FetchError::Transient(m) => write!(f, "{m} (transient)"),
+            FetchError::Permanent(k, m) => write!(f, "{m} ({})", k.as_str()),
+        }
+    }
+}
+
+impl std::error::Error for FetchError {}
+
+/// Retries `attempt` on transient errors: up to `tries` attempts, backoff
+/// doubling from `base` (at most 20 s) with ±50% jitter.
+pub async fn with_retries<T, F, Fut>(
+    tries: u32,
+    base: Duration,
+    mut attempt: F,
+) -> Result<T, FetchError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, FetchError>>,
+{
+    let mut n = 0;
+    loop {
+        n += 1;
+        match attempt().await {
+            Err(FetchError::Transient(why)) if n < tries => {
+                let backoff = base
+                    .saturating_mul(2u32.saturating_pow(n - 1))
+                    .min(Duration::from_secs(20));
+                let factor = 0.5 + crate::retry::jitter();
+                tracing::debug!(attempt = n, %why, "transient error, retrying");
+                tokio::time::sleep(backoff.mul_f64(factor)).await;
+            }
+            other => return other,
+        }
+    }
+}
 
 /// Delays between attempts: `first`, doubling up to `max`, each scaled by a
 /// random factor in [0.5, 1.5).

@@ -24,7 +24,7 @@ use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 
 use crate::config::S3Config;
 use crate::dead_letter::Kind;
-use crate::fetch::{FetchError, with_retries};
+use crate::retry::{FetchError, with_retries};
 use crate::stats::{Direction, ResultLabel, S3Op, Stats};
 
 /// Sorts an SDK error into transient or permanent, with a message that
@@ -54,6 +54,22 @@ where
                 (_, "SlowDown" | "Throttling" | "RequestTimeout" | "InternalError") => {
                     FetchError::Transient(text)
                 }
+                // Not the object's fault: credentials, clocks, a body cut in
+                // transit, a conditional write racing another request, an
+                // upload that went away. Retried; never a dead letter.
+                (
+                    _,
+                    "ExpiredToken"
+                    | "InvalidAccessKeyId"
+                    | "SignatureDoesNotMatch"
+                    | "RequestTimeTooSkewed"
+                    | "InvalidToken"
+                    | "TokenRefreshRequired"
+                    | "IncompleteBody"
+                    | "BadDigest"
+                    | "ConditionalRequestConflict"
+                    | "NoSuchUpload",
+                ) => FetchError::Transient(text),
                 (404, _) => FetchError::Permanent(Kind::ObjectNotFound, text),
                 (403, _) => FetchError::Permanent(Kind::ObjectForbidden, text),
                 (_, "InvalidKey" | "KeyTooLongError" | "InvalidBucketName" | "InvalidArgument") => {

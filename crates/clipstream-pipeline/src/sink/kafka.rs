@@ -258,7 +258,7 @@ impl KafkaOutputs {
                 .send(
                     Output::DeadLetters,
                     topic,
-                    d.origin.key.as_deref(),
+                    m.key.as_deref(),
                     &m.value,
                     Some(m.headers()),
                 )
@@ -289,6 +289,9 @@ pub enum DeliveryError {
     Permanent(String),
     /// Anything else (timeouts, brokers down, leader moves): retried.
     Transient(String),
+    /// The producer cannot go on (a fatal idempotence error, no right to
+    /// write the topic): the run ends.
+    Broken(String),
 }
 
 impl DeliveryError {
@@ -306,6 +309,12 @@ impl DeliveryError {
                 | C::InvalidMessage
                 | C::BadMessage,
             ) => DeliveryError::Permanent(text),
+            Some(
+                C::Fatal
+                | C::TopicAuthorizationFailed
+                | C::ClusterAuthorizationFailed
+                | C::TransactionalIdAuthorizationFailed,
+            ) => DeliveryError::Broken(text),
             _ => DeliveryError::Transient(text),
         }
     }
@@ -314,14 +323,27 @@ impl DeliveryError {
 impl std::fmt::Display for DeliveryError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            DeliveryError::Permanent(m) | DeliveryError::Transient(m) => f.write_str(m),
+            DeliveryError::Permanent(m)
+            | DeliveryError::Transient(m)
+            | DeliveryError::Broken(m) => f.write_str(m),
         }
     }
+}
+
+/// The SHA-256 of `bytes`, in hex.
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// A dead letter as one Kafka message that fits in `budget` bytes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeadLetterMessage {
+    /// The original key, unless it was too large to keep.
+    pub key: Option<Vec<u8>>,
     /// The original value, whole or truncated.
     pub value: Vec<u8>,
     /// The original headers that were kept, then ours.
@@ -360,7 +382,24 @@ impl DeadLetterMessage {
                 .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len) + 8)
                 .sum()
         };
-        let key = o.key.as_ref().map_or(0, |k| k.len());
+        // A key over a quarter of the budget is dropped (its size and
+        // SHA-256 kept): the message must fit whatever the input was.
+        let key_too_large = o.key.as_ref().is_some_and(|k| k.len() > budget / 4);
+        if let (true, Some(k)) = (key_too_large, &o.key) {
+            ours.push((
+                "clipstream.original.key_bytes".into(),
+                Some(k.len().to_string().into_bytes()),
+            ));
+            ours.push((
+                "clipstream.original.key_sha256".into(),
+                Some(sha256_hex(k).into_bytes()),
+            ));
+        }
+        let key = if key_too_large {
+            0
+        } else {
+            o.key.as_ref().map_or(0, |k| k.len())
+        };
         // 400: the headers added below when the original is cut.
         let room = budget.saturating_sub(MESSAGE_OVERHEAD_BYTES + key + size(&ours) + 400);
         let mut headers: Vec<(String, Option<Vec<u8>>)> = o.headers.to_vec();
@@ -373,9 +412,7 @@ impl DeadLetterMessage {
         }
         let room = room.saturating_sub(size(&headers));
         let value = if o.raw.len() > room {
-            use sha2::Digest as _;
-            let digest = sha2::Sha256::digest(&o.raw[..]);
-            let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+            let hex = sha256_hex(&o.raw);
             ours.push((
                 "clipstream.original.truncated".into(),
                 Some(b"true".to_vec()),
@@ -390,7 +427,13 @@ impl DeadLetterMessage {
             o.raw.to_vec()
         };
         headers.extend(ours);
-        DeadLetterMessage { value, headers }
+        DeadLetterMessage {
+            key: (!key_too_large)
+                .then(|| o.key.as_deref().map(<[u8]>::to_vec))
+                .flatten(),
+            value,
+            headers,
+        }
     }
 
     fn headers(&self) -> OwnedHeaders {
@@ -474,11 +517,16 @@ async fn deliver(out: &KafkaOutputs, done: Done, fatal: &crate::fatal::Fatal) ->
                 ))
                 .await
             }
-            Err(DeliveryError::Transient(reason)) => Done::Failed {
-                reason,
-                ack,
-                permit,
-            },
+            Err(e) => {
+                if let DeliveryError::Broken(why) = &e {
+                    fatal.set(format!("the Kafka producer cannot go on: {why}"));
+                }
+                Done::Failed {
+                    reason: e.to_string(),
+                    ack,
+                    permit,
+                }
+            }
         },
         Done::Dead {
             letter,
@@ -500,10 +548,14 @@ async fn deliver(out: &KafkaOutputs, done: Done, fatal: &crate::fatal::Fatal) ->
                     permit,
                 },
                 Err(e) => {
-                    if let DeliveryError::Permanent(why) = &e {
-                        fatal.set(format!(
+                    match &e {
+                        DeliveryError::Permanent(why) => fatal.set(format!(
                             "the dead-letter topic {topic} refuses even a header-only dead letter: {why}"
-                        ));
+                        )),
+                        DeliveryError::Broken(why) => {
+                            fatal.set(format!("the Kafka producer cannot go on: {why}"))
+                        }
+                        DeliveryError::Transient(_) => {}
                     }
                     Done::Failed {
                         reason: e.to_string(),
@@ -574,11 +626,41 @@ mod tests {
 
     fn size(m: &DeadLetterMessage) -> usize {
         m.value.len()
-            + 1
+            + m.key.as_ref().map_or(1, Vec::len)
             + m.headers
                 .iter()
                 .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len) + 8)
                 .sum::<usize>()
+    }
+
+    /// A key too large for the topic is dropped, its size and SHA-256
+    /// kept: no original makes a dead letter that cannot be sent.
+    #[test]
+    fn a_huge_key_is_dropped_and_the_dead_letter_still_fits() {
+        let mut d = letter(b"x".to_vec(), vec![]);
+        d.origin.key = Some(Arc::from(vec![b'k'; 2_000_000]));
+        for budget in [1_000_000usize, 4_096] {
+            let m = DeadLetterMessage::fit(&d, budget);
+            assert!(
+                size(&m) + MESSAGE_OVERHEAD_BYTES <= budget,
+                "{budget}: {}",
+                size(&m)
+            );
+            assert_eq!(m.key, None);
+            assert_eq!(
+                header(&m, "clipstream.original.key_bytes"),
+                Some(&b"2000000"[..])
+            );
+            assert_eq!(
+                header(&m, "clipstream.original.key_sha256").map(<[u8]>::len),
+                Some(64)
+            );
+        }
+        let small = letter(b"x".to_vec(), vec![]);
+        assert_eq!(
+            DeadLetterMessage::fit(&small, 4_096).key.as_deref(),
+            Some(&b"k"[..])
+        );
     }
 
     #[test]

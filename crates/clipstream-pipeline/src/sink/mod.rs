@@ -293,6 +293,14 @@ impl SinkThread {
         };
         let key = done.ack().partition().clone();
         let epoch = done.ack().epoch();
+        if !done.ack().is_current() {
+            // Its assignment ended (revoked or lost): the partition's next
+            // owner processes it anew. Never sequenced: it would wait for
+            // records that will not come, holding its slot.
+            self.finished(1);
+            drop(done);
+            return Ok(());
+        }
         let seq = st
             .sequencers
             .entry(key.clone())
@@ -535,6 +543,95 @@ mod tests {
         assert_eq!(done.len(), 9);
         assert!(offsets.iter().all(|&o| done.is_done(&key, o, None)));
         assert!(!done.is_done(&key, 12, Some("id-11")));
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// A result of an assignment that ended (revoked, or lost while records
+    /// were in flight) is dropped at once — its slot and memory given back —
+    /// rather than waiting in order behind records that will never come.
+    #[test]
+    fn results_of_an_ended_assignment_are_dropped_at_once() {
+        let dir = std::env::temp_dir().join(format!("clipstream-sink-lost-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let stats = Arc::new(Stats::default());
+        let cfg = ParquetConfig {
+            dir: Some(dir.clone()),
+            url: None,
+            spool_dir: None,
+            part_bytes: 5 << 20,
+            partition_by_date: false,
+            max_file_span_secs: None,
+            max_rows_per_file: 100,
+            max_bytes_per_file: 1 << 30,
+            row_group_rows: 10,
+            zstd_level: 3,
+        };
+        let writer = ParquetWriter::new(
+            cfg,
+            Destination::Local { dir: dir.clone() },
+            2,
+            "m".into(),
+            Arc::clone(&stats),
+        )
+        .expect("writer");
+        let (tx, rx) = flume::unbounded();
+        let (control_tx, control) = flume::unbounded();
+        let sink = SinkThread {
+            results: rx,
+            control,
+            parquet: writer,
+            dead_letters: None,
+            budget: crate::budget::Budget::new(64 << 20),
+            stats: Arc::clone(&stats),
+            fatal: Arc::new(Fatal::default()),
+        };
+        let sink = std::thread::spawn(move || sink.run());
+        let tracker = AckTracker::new();
+        let key = PartitionKey {
+            source: "t".into(),
+            partition: 0,
+        };
+        let epoch = tracker.assign(&key, 0);
+        control_tx
+            .send(Control::Start {
+                partition: key.clone(),
+                epoch,
+                first_seq: 0,
+            })
+            .expect("start");
+        let sem = Arc::new(Semaphore::new(10));
+        // Seq 3 of the assignment; 0..2 never come (lost with it).
+        let ack = tracker.token(key.clone(), Position { seq: 3, offset: 3 });
+        tracker.revoke(&key);
+        let permit = crate::record::Permit::new(
+            Arc::clone(&sem).try_acquire_owned().expect("permit"),
+            crate::budget::Budget::new(1 << 20).charge(100),
+        );
+        let origin = Origin {
+            partition: key.clone(),
+            position: Position { seq: 3, offset: 3 },
+            key: None,
+            headers: Arc::from([]),
+            raw: Arc::from(&b"{}"[..]),
+            event_time_ms: None,
+        };
+        tx.send(Done::Row {
+            row: row(&key, 3),
+            origin,
+            ack,
+            permit,
+        })
+        .expect("send");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while sem.available_permits() < 10 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the slot is still held"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        drop((tx, control_tx));
+        sink.join().expect("join").expect("sink ok");
         std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -58,9 +58,12 @@ impl SourceContext {
 pub trait Cleanup: Send + Sync {
     /// Removes the files of `partition` whose first offset is `from` or
     /// later; returns how many.
+    /// `owned` is checked before each deletion (false once the partition
+    /// moved on).
     fn remove_from<'a>(
         &'a self,
         partition: &'a PartitionKey,
         from: i64,
+        owned: &'a (dyn Fn() -> bool + Sync),
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<usize>> + Send + 'a>>;
 }

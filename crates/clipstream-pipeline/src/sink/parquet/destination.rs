@@ -29,7 +29,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use crate::ack::PartitionKey;
-use crate::fetch::FetchError;
+use crate::retry::FetchError;
 use crate::s3::{PutError, S3};
 
 /// Where complete files go.
@@ -174,13 +174,21 @@ impl Destination {
     /// that replaying the partition from `from` leaves each record in one
     /// file. Lists only the partition's own names. An error leaves
     /// everything in place; the caller retries.
-    pub async fn remove_from(&self, partition: &PartitionKey, from: i64) -> anyhow::Result<usize> {
+    pub async fn remove_from(
+        &self,
+        partition: &PartitionKey,
+        from: i64,
+        owned: &(dyn Fn() -> bool + Sync),
+    ) -> anyhow::Result<usize> {
         let stem = stem(partition);
         let matches = |name: &str| first_offset_of(name, &stem).is_some_and(|o| o >= from);
         let removed = match self {
             Destination::Local { dir } => {
                 let dir = dir.clone();
                 let stem = stem.clone();
+                if !owned() {
+                    anyhow::bail!("the partition moved on");
+                }
                 tokio::task::spawn_blocking(move || -> anyhow::Result<usize> {
                     let mut removed = 0;
                     for folder in local_folders(&dir)? {
@@ -225,6 +233,12 @@ impl Destination {
                     for key in s3.list(bucket, &names, start_after.as_deref()).await? {
                         let name = key.rsplit('/').next().unwrap_or(&key);
                         if matches(name) {
+                            // Checked before each deletion: a job that
+                            // outlived its assignment must not delete what
+                            // the partition's next owner wrote.
+                            if !owned() {
+                                anyhow::bail!("the partition moved on");
+                            }
                             s3.delete(bucket, &key).await?;
                             removed += 1;
                         }
@@ -245,9 +259,10 @@ impl crate::source::Cleanup for Destination {
         &'a self,
         partition: &'a PartitionKey,
         from: i64,
+        owned: &'a (dyn Fn() -> bool + Sync),
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<usize>> + Send + 'a>>
     {
-        Box::pin(Destination::remove_from(self, partition, from))
+        Box::pin(Destination::remove_from(self, partition, from, owned))
     }
 }
 

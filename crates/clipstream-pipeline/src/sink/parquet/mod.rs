@@ -69,6 +69,8 @@ struct OpenFile {
     date: Option<String>,
     /// Event time of the first row.
     first_time_ms: Option<i64>,
+    /// This writer's number for the file (its upload's tag).
+    number: u64,
 }
 
 /// A partition's current range of records.
@@ -358,6 +360,7 @@ impl ParquetWriter {
             acks: Vec::new(),
             date,
             first_time_ms,
+            number: self.files_started,
         })
     }
 
@@ -398,7 +401,7 @@ impl ParquetWriter {
             let first = f.acks.first();
             move || first.is_none_or(AckToken::is_current)
         };
-        let tag = format!("{}-{}", self.writer_id, self.files_started);
+        let tag = format!("{}-{}", self.writer_id, f.number);
         let published = if current {
             self.dest.publish(&f.tmp, &f.rel, &tag, &owned)
         } else {

@@ -559,11 +559,14 @@ impl KafkaSource {
     }
 
     fn poll_loop(self, ctx: SourceContext, rt: tokio::runtime::Handle) -> anyhow::Result<u64> {
+        // Never polled for messages: no statistics (they would queue up
+        // unread), and its event queue is drained on every turn below.
         let lookup: BaseConsumer = consumer_config(&self.cfg)
             .set(
                 "client.id",
                 format!("clipstream-{}-lookup", std::process::id()),
             )
+            .set("statistics.interval.ms", "0")
             .create()
             .map_err(|e| anyhow::anyhow!("cannot create the Kafka lookup client: {e}"))?;
         let (ready_tx, ready_rx) = flume::unbounded();
@@ -611,6 +614,10 @@ impl KafkaSource {
         while !stopped(&mut stop) {
             for r in ready_rx.try_iter() {
                 shared.started(&consumer, r);
+            }
+            // Errors and logs of the lookup client, not to pile up.
+            while let Some(Err(e)) = shared.starter.lookup.poll(Duration::ZERO) {
+                tracing::debug!(error = %e, "Kafka lookup client");
             }
             shared.retry_unpositioned(&consumer);
             if last_commit.elapsed() >= commit_every {
@@ -789,8 +796,11 @@ impl KafkaSource {
         if !left.is_empty() {
             tracing::warn!(partitions = ?names(&left), "stopped before every record finished; they are read again on restart");
         }
-        // Leaving the group revokes the partitions (already committed).
-        lock(&shared.assigned).clear();
+        // The assignments end here: nothing of them is published or retried
+        // any more (their next owner redoes what is left). Leaving the group
+        // then revokes the partitions (already committed).
+        let all: Vec<PartitionKey> = lock(&shared.assigned).keys().cloned().collect();
+        shared.forget(&all);
         consumer.unsubscribe();
         for _ in 0..20 {
             if consumer.poll(Duration::from_millis(50)).is_none()

@@ -89,7 +89,7 @@ impl Starter {
                 return;
             }
             attempt += 1;
-            match self.step(&partition).await {
+            match self.step(&partition, epoch).await {
                 Ok(at) => {
                     if attempt > 1 {
                         tracing::info!(partition = %super::name(&partition), attempt, "partition ready after retries");
@@ -117,7 +117,9 @@ impl Starter {
     }
 
     /// One attempt: the committed offset, the log start, the cleanup.
-    async fn step(&self, partition: &PartitionKey) -> Result<StartAt, String> {
+    async fn step(&self, partition: &PartitionKey, epoch: u64) -> Result<StartAt, String> {
+        let tracker = Arc::clone(&self.tracker);
+        let owned = move || tracker.epoch(partition) == Some(epoch);
         let (topic, p) = (partition.source.to_string(), partition.partition);
         let lookup = Arc::clone(&self.lookup);
         let t = topic.clone();
@@ -164,7 +166,7 @@ impl Starter {
             // the same way and stopped before its first commit left them).
             if let (Some(from), Some(cleanup)) = (at, &self.cleanup) {
                 cleanup
-                    .remove_from(partition, from)
+                    .remove_from(partition, from, &owned)
                     .await
                     .map_err(|e| format!("removing leftover output files failed: {e:#}"))?;
             }
@@ -175,11 +177,20 @@ impl Starter {
             return Ok(at);
         };
         if c < low {
-            tracing::warn!(partition = %super::name(partition), committed = c, log_start = low, "the log no longer holds offsets from the committed one on (retention): output files are kept, not deleted");
-            return Ok(at);
+            // Retention took offsets c..low before they were processed:
+            // they are gone, whatever happens here. Start at the log's start
+            // (a seek to c would fall back to auto.offset.reset, which may
+            // skip the whole log), keep the files before it, and replace
+            // those from it on.
+            tracing::warn!(partition = %super::name(partition), committed = c, log_start = low, "the log no longer holds offsets from the committed one on (retention): starting at the log's start");
+            cleanup
+                .remove_from(partition, low, &owned)
+                .await
+                .map_err(|e| format!("removing leftover output files failed: {e:#}"))?;
+            return Ok(StartAt::Committed(low));
         }
         cleanup
-            .remove_from(partition, c)
+            .remove_from(partition, c, &owned)
             .await
             .map_err(|e| format!("removing leftover output files failed: {e:#}"))?;
         Ok(at)
