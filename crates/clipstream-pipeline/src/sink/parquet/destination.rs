@@ -297,7 +297,17 @@ fn publish_local(tmp: &Path, dir: &Path, rel: &str) -> Result<(), PutError> {
         ))
     };
     if let Some(parent) = path.parent() {
+        let created = !parent.is_dir();
         std::fs::create_dir_all(parent).map_err(|e| io("cannot create the folder of", e))?;
+        if created {
+            // A new `dt=` folder: its own entry must survive a power loss too,
+            // or the file published into it could vanish with it.
+            let mut up = parent.parent();
+            while let Some(d) = up.filter(|d| d.starts_with(dir)) {
+                sync_dir(d);
+                up = d.parent();
+            }
+        }
     }
     match std::fs::hard_link(tmp, &path) {
         Ok(()) => {
