@@ -19,6 +19,7 @@ use aws_sdk_s3::config::Region;
 use aws_sdk_s3::config::retry::RetryConfig;
 use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::operation::list_objects_v2::ListObjectsV2Output;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 
@@ -422,8 +423,41 @@ impl S3 {
         prefix: &str,
         start_after: Option<&str>,
     ) -> Result<Vec<String>, FetchError> {
+        self.list_pages(bucket, prefix, start_after, None, |page| {
+            page.contents()
+                .iter()
+                .filter_map(|o| o.key().map(String::from))
+                .collect()
+        })
+        .await
+    }
+
+    /// The "folders" directly under `prefix` (common prefixes with `/`).
+    pub async fn list_folders(
+        &self,
+        bucket: &str,
+        prefix: &str,
+    ) -> Result<Vec<String>, FetchError> {
+        self.list_pages(bucket, prefix, None, Some("/"), |page| {
+            page.common_prefixes()
+                .iter()
+                .filter_map(|p| p.prefix().map(String::from))
+                .collect()
+        })
+        .await
+    }
+
+    /// Every page of a ListObjectsV2 listing, each page's names taken by `names`.
+    async fn list_pages(
+        &self,
+        bucket: &str,
+        prefix: &str,
+        start_after: Option<&str>,
+        delimiter: Option<&str>,
+        names: impl Fn(&ListObjectsV2Output) -> Vec<String>,
+    ) -> Result<Vec<String>, FetchError> {
         let what = format!("s3://{bucket}/{prefix}");
-        let mut keys = Vec::new();
+        let mut all = Vec::new();
         let mut token: Option<String> = None;
         loop {
             let page = self
@@ -433,55 +467,17 @@ impl S3 {
                         .bucket(bucket)
                         .prefix(prefix)
                         .set_start_after(start_after.map(String::from))
+                        .set_delimiter(delimiter.map(String::from))
                         .set_continuation_token(token.clone())
                         .send()
                         .await
                         .map_err(|e| classify(&e, &what))
                 })
                 .await?;
-            keys.extend(
-                page.contents()
-                    .iter()
-                    .filter_map(|o| o.key().map(String::from)),
-            );
+            all.extend(names(&page));
             match page.next_continuation_token() {
                 Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_string()),
-                _ => return Ok(keys),
-            }
-        }
-    }
-
-    /// The "folders" directly under `prefix` (common prefixes with `/`).
-    pub async fn list_folders(
-        &self,
-        bucket: &str,
-        prefix: &str,
-    ) -> Result<Vec<String>, FetchError> {
-        let what = format!("s3://{bucket}/{prefix}");
-        let mut folders = Vec::new();
-        let mut token: Option<String> = None;
-        loop {
-            let page = self
-                .call(S3Op::ListObjects, || async {
-                    self.client
-                        .list_objects_v2()
-                        .bucket(bucket)
-                        .prefix(prefix)
-                        .delimiter("/")
-                        .set_continuation_token(token.clone())
-                        .send()
-                        .await
-                        .map_err(|e| classify(&e, &what))
-                })
-                .await?;
-            folders.extend(
-                page.common_prefixes()
-                    .iter()
-                    .filter_map(|p| p.prefix().map(String::from)),
-            );
-            match page.next_continuation_token() {
-                Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_string()),
-                _ => return Ok(folders),
+                _ => return Ok(all),
             }
         }
     }
