@@ -414,6 +414,61 @@ mod tests {
         }
     }
 
+    /// A sink thread writing Parquet files into a fresh `dir` (with a
+    /// dead-letter file there when `dead_letters`); its result and control
+    /// senders, its thread and its stats.
+    #[allow(clippy::type_complexity)]
+    fn start_sink(
+        dir: &std::path::Path,
+        max_rows_per_file: usize,
+        row_group_rows: usize,
+        dead_letters: bool,
+    ) -> (
+        flume::Sender<Done>,
+        flume::Sender<Control>,
+        std::thread::JoinHandle<Result<(), SinkError>>,
+        Arc<Stats>,
+    ) {
+        let _ = std::fs::remove_dir_all(dir);
+        let stats = Arc::new(Stats::default());
+        let cfg = ParquetConfig {
+            dir: Some(dir.to_path_buf()),
+            url: None,
+            spool_dir: None,
+            part_bytes: 5 << 20,
+            partition_by_date: false,
+            max_file_span_secs: None,
+            max_rows_per_file,
+            max_bytes_per_file: 1 << 30,
+            row_group_rows,
+            zstd_level: 3,
+        };
+        let dest = Destination::Local {
+            dir: dir.to_path_buf(),
+        };
+        let writer =
+            ParquetWriter::new(cfg, dest, 2, "m".into(), Arc::clone(&stats)).expect("writer");
+        let dead_letters = dead_letters
+            .then(|| DeadLetterFile::open(&dir.join("_dead_letters.jsonl")).expect("dlq"));
+        let (tx, results) = flume::unbounded();
+        let (control_tx, control) = flume::unbounded();
+        let sink = SinkThread {
+            results,
+            control,
+            parquet: writer,
+            dead_letters,
+            budget: crate::budget::Budget::new(64 << 20),
+            stats: Arc::clone(&stats),
+            fatal: Arc::new(Fatal::default()),
+        };
+        (
+            tx,
+            control_tx,
+            std::thread::spawn(move || sink.run()),
+            stats,
+        )
+    }
+
     /// Results arriving in any order are written in source order, files
     /// hold ranges of records (dead letters count) and are named by their
     /// first row's offset, and the tracker's position only moves when files
@@ -421,36 +476,7 @@ mod tests {
     #[test]
     fn out_of_order_results_become_ordered_files() {
         let dir = std::env::temp_dir().join(format!("clipstream-sink-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let stats = Arc::new(Stats::default());
-        let cfg = ParquetConfig {
-            dir: Some(dir.clone()),
-            url: None,
-            spool_dir: None,
-            part_bytes: 5 << 20,
-            partition_by_date: false,
-            max_file_span_secs: None,
-            max_rows_per_file: 4,
-            max_bytes_per_file: 1 << 30,
-            row_group_rows: 2,
-            zstd_level: 3,
-        };
-        let dest = Destination::Local { dir: dir.clone() };
-        let writer =
-            ParquetWriter::new(cfg, dest, 2, "m".into(), Arc::clone(&stats)).expect("writer");
-        let dead = Some(DeadLetterFile::open(&dir.join("_dead_letters.jsonl")).expect("dlq"));
-        let (tx, rx) = flume::unbounded();
-        let (_control_tx, control) = flume::unbounded();
-        let sink = SinkThread {
-            results: rx,
-            control,
-            parquet: writer,
-            dead_letters: dead,
-            budget: crate::budget::Budget::new(64 << 20),
-            stats: Arc::clone(&stats),
-            fatal: Arc::new(Fatal::default()),
-        };
-        let sink = std::thread::spawn(move || sink.run());
+        let (tx, _control_tx, sink, stats) = start_sink(&dir, 4, 2, true);
 
         let tracker = AckTracker::new();
         let sem = Arc::new(Semaphore::new(100));
@@ -552,40 +578,7 @@ mod tests {
     #[test]
     fn results_of_an_ended_assignment_are_dropped_at_once() {
         let dir = std::env::temp_dir().join(format!("clipstream-sink-lost-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let stats = Arc::new(Stats::default());
-        let cfg = ParquetConfig {
-            dir: Some(dir.clone()),
-            url: None,
-            spool_dir: None,
-            part_bytes: 5 << 20,
-            partition_by_date: false,
-            max_file_span_secs: None,
-            max_rows_per_file: 100,
-            max_bytes_per_file: 1 << 30,
-            row_group_rows: 10,
-            zstd_level: 3,
-        };
-        let writer = ParquetWriter::new(
-            cfg,
-            Destination::Local { dir: dir.clone() },
-            2,
-            "m".into(),
-            Arc::clone(&stats),
-        )
-        .expect("writer");
-        let (tx, rx) = flume::unbounded();
-        let (control_tx, control) = flume::unbounded();
-        let sink = SinkThread {
-            results: rx,
-            control,
-            parquet: writer,
-            dead_letters: None,
-            budget: crate::budget::Budget::new(64 << 20),
-            stats: Arc::clone(&stats),
-            fatal: Arc::new(Fatal::default()),
-        };
-        let sink = std::thread::spawn(move || sink.run());
+        let (tx, control_tx, sink, _stats) = start_sink(&dir, 100, 10, false);
         let tracker = AckTracker::new();
         let key = PartitionKey {
             source: "t".into(),
