@@ -329,15 +329,10 @@ fn idle_connections_cannot_starve_the_metrics_server() {
 /// Writes a PNG of `w` x `h` pseudo-random pixels (it compresses badly: the
 /// file is about as large as its pixels).
 fn noise_png(path: &Path, w: u32, h: u32, seed: u64) {
-    let mut x = seed | 1;
+    let mut next = xorshift(seed);
     let mut raw = Vec::with_capacity((h * (1 + 3 * w)) as usize);
     for _ in 0..h {
-        let row = std::iter::once(0u8).chain((0..3 * w).map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        }));
+        let row = std::iter::once(0u8).chain((0..3 * w).map(|_| (next() >> 24) as u8));
         raw.extend(row);
     }
     std::fs::write(path, png_with_pixels(w, h, &raw)).expect("png");

@@ -94,7 +94,7 @@ fn sigkill_at_random_moments_then_rerun_loses_and_duplicates_nothing() {
     let input = build_input(&dir, 3000, 7);
     let out = dir.join("out");
     let pipeline = local_pipeline(&dir, &input.manifest, &out, 40);
-    let mut seed = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = xorshift(0x2545_F491_4F6C_DD1D);
     let mut kills = 0;
     let mut finished = false;
     for round in 0..12 {
@@ -105,10 +105,7 @@ fn sigkill_at_random_moments_then_rerun_loses_and_duplicates_nothing() {
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn");
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        let wait = Duration::from_millis(300 + seed % 2200);
+        let wait = Duration::from_millis(300 + next() % 2200);
         loop {
             if let Some(status) = child.try_wait().expect("wait") {
                 assert!(status.success(), "round {round}: run failed");

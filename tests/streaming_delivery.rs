@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use support::stack::{self, Stack};
 use support::streaming::*;
-use support::{build_input, model, read_parquet, scratch, write_pipeline};
+use support::{build_input, clock_seeded, model, read_parquet, scratch, write_pipeline};
 
 /// Events of 40 kB (the base pipeline takes 4 kB).
 const BIG_EVENTS: usize = 65536;
@@ -101,18 +101,7 @@ fn sigkill_at_random_moments_loses_nothing_and_parquet_stays_exactly_once() {
     let (dir, stack, input, ev) = setup("stream-kill", 2000, 23);
     let p = pipeline(&dir, &stack.brokers(), &stack.s3_endpoint(), "w");
     let a = worker(&dir, &p, "a");
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(1, |d| d.as_nanos() as u64)
-        | 1;
-    eprintln!("random seed {seed}");
-    let mut rng = seed;
-    let mut next = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
+    let mut next = clock_seeded("random");
     // Five waves of events; worker b is killed at a random moment of each.
     let mut delivered = Vec::new();
     for wave in ev.messages.chunks(ev.messages.len().div_ceil(5)) {

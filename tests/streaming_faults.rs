@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use support::stack::{self, Stack};
 use support::streaming::*;
-use support::{build_input, read_parquet, scratch, write_pipeline};
+use support::{build_input, clock_seeded, read_parquet, scratch, write_pipeline};
 
 #[test]
 fn s3_faults_are_retried_and_a_forbidden_object_becomes_a_dead_letter() {
@@ -449,18 +449,7 @@ fn chaos_loses_nothing_and_no_worker_stops_on_its_own() {
         input.good.insert(id, (false, true));
     }
 
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(1, |d| d.as_nanos() as u64)
-        | 1;
-    eprintln!("chaos seed {seed}");
-    let mut rng = seed;
-    let mut next = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
+    let mut next = clock_seeded("chaos");
     let mut a = worker(&dir, &p, "a");
     let mut b = worker(&dir, &p, "b");
     let mut delivered = Vec::new();

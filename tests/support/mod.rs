@@ -246,17 +246,33 @@ fn bad_files(dir: &Path) -> HashMap<&'static str, PathBuf> {
     m
 }
 
+/// A xorshift64 generator started from `seed` (made odd, never zero).
+pub fn xorshift(seed: u64) -> impl FnMut() -> u64 {
+    let mut x = seed | 1;
+    move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    }
+}
+
+/// A generator seeded from the clock; the seed is printed, named `what`, so
+/// that a failing run can be told apart and replayed.
+pub fn clock_seeded(what: &str) -> impl FnMut() -> u64 {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64)
+        | 1;
+    eprintln!("{what} seed {seed}");
+    xorshift(seed)
+}
+
 pub fn build_input(dir: &Path, n: usize, seed: u64) -> Input {
     let images = good_images();
     assert!(!images.is_empty());
     let bad_paths = bad_files(dir);
-    let mut rng = seed | 1;
-    let mut next = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
+    let mut next = xorshift(seed);
     let mut input = Input {
         manifest: dir.join("events.jsonl"),
         good: BTreeMap::new(),
@@ -382,9 +398,15 @@ drain_deadline_secs = 30
         out = out.display(),
         root = root().display(),
     );
-    PipelineConfig::from_toml(&text, dir, |_| None).unwrap_or_else(|p| {
+    parse_pipeline(&text, dir)
+}
+
+/// Parses a test pipeline with the parser the worker uses; a problem fails
+/// the test with every reason and the text.
+pub fn parse_pipeline(text: &str, dir: &Path) -> PipelineConfig {
+    PipelineConfig::from_toml(text, dir, |_| None).unwrap_or_else(|p| {
         panic!(
-            "the test pipeline is invalid: {}",
+            "the test pipeline is invalid: {}\n{text}",
             p.iter()
                 .map(|p| p.to_string())
                 .collect::<Vec<_>>()
@@ -397,15 +419,7 @@ drain_deadline_secs = 30
 /// worker uses.
 pub fn write_pipeline(dir: &Path, name: &str, cfg: &PipelineConfig) -> PathBuf {
     let text = toml::to_string(cfg).expect("the pipeline serialises");
-    let back = PipelineConfig::from_toml(&text, dir, |_| None).unwrap_or_else(|p| {
-        panic!(
-            "the written pipeline is invalid: {}\n{text}",
-            p.iter()
-                .map(|p| p.to_string())
-                .collect::<Vec<_>>()
-                .join("; ")
-        )
-    });
+    let back = parse_pipeline(&text, dir);
     assert_eq!(&back, cfg, "the pipeline does not survive its TOML");
     let p = dir.join(format!("{name}.toml"));
     std::fs::write(&p, text).expect("pipeline");

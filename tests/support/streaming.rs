@@ -442,15 +442,7 @@ drain_deadline_secs = 8
         endpoint = s3,
         spool = dir.join(format!("spool-{name}")).display(),
     );
-    PipelineConfig::from_toml(&text, dir, |_| None).unwrap_or_else(|p| {
-        panic!(
-            "the test pipeline is invalid: {}",
-            p.iter()
-                .map(|p| p.to_string())
-                .collect::<Vec<_>>()
-                .join("; ")
-        )
-    })
+    super::parse_pipeline(&text, dir)
 }
 
 /// The test pipeline, unchanged, written.
