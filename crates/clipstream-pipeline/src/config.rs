@@ -470,7 +470,8 @@ impl Default for ShutdownConfig {
 }
 
 /// Removes `.` and `dir/..` pairs without touching the file system, so that
-/// messages show `out/local` rather than `pipelines/../out/local`.
+/// messages show `out/local` rather than `pipelines/../out/local`; a path
+/// that cancels out entirely is `.`.
 fn normalize(p: &Path) -> PathBuf {
     use std::path::Component;
     let mut out = PathBuf::new();
@@ -485,6 +486,9 @@ fn normalize(p: &Path) -> PathBuf {
             }
             other => out.push(other),
         }
+    }
+    if out.as_os_str().is_empty() {
+        out.push(".");
     }
     out
 }
@@ -974,6 +978,11 @@ mod tests {
         );
         assert_eq!(normalize(Path::new("../a/./b")), PathBuf::from("../a/b"));
         assert_eq!(normalize(Path::new("/x/y/../../z")), PathBuf::from("/z"));
+        // A path that cancels out is the current directory, not an empty
+        // path (which no system call accepts): `root = ".."` next to a
+        // pipeline in `pipelines/`.
+        assert_eq!(normalize(Path::new("pipelines/..")), PathBuf::from("."));
+        assert_eq!(normalize(Path::new("./.")), PathBuf::from("."));
     }
 
     #[test]

@@ -417,3 +417,57 @@ fn validate_accepts_the_shipped_pipelines_and_lists_every_problem() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("bogus"));
     std::fs::remove_file(&bad).ok();
 }
+
+/// The README's main job: `pipelines/local.toml` as shipped, run in a copy
+/// of the repository's layout (so that the test writes nothing into the
+/// checkout). Its good samples become rows and its bad ones dead letters.
+#[test]
+fn the_shipped_local_pipeline_runs_as_the_readme_says() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let copy = std::env::temp_dir().join(format!("clipstream-demo-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&copy);
+    let copy_file = |rel: &str| {
+        let to = copy.join(rel);
+        std::fs::create_dir_all(to.parent().expect("parent")).expect("mkdir");
+        std::fs::copy(root.join(rel), &to).unwrap_or_else(|e| panic!("copy {rel}: {e}"));
+    };
+    copy_file("pipelines/local.toml");
+    copy_file("pipelines/samples/shapes.jsonl");
+    copy_file("tests/fixtures/shapes-labels.toml");
+    for dir in ["tests/fixtures/shapes-eval", "tests/fixtures/clip-tiny"] {
+        for entry in std::fs::read_dir(root.join(dir)).expect(dir).flatten() {
+            if entry.file_type().expect("type").is_file() {
+                let name = entry.file_name();
+                copy_file(&format!("{dir}/{}", name.to_str().expect("utf8")));
+            }
+        }
+    }
+    // From the repository's root, with the relative path the README gives.
+    let out = Command::new(env!("CARGO_BIN_EXE_clipstream"))
+        .args(["run", "--no-progress", "pipelines/local.toml"])
+        .current_dir(&copy)
+        .output()
+        .expect("clipstream runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let written = copy.join("out/local");
+    let parquet = std::fs::read_dir(&written)
+        .expect("out/local")
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "parquet"))
+        .count();
+    assert!(parquet > 0, "no Parquet file in {}", written.display());
+    let dead = std::fs::read_to_string(written.join("_dead_letters.jsonl")).expect("dead letters");
+    assert!(
+        dead.contains("scheme_not_allowed"),
+        "the sample's https image is not a dead letter:\n{dead}"
+    );
+    assert!(
+        !dead.contains("path_not_allowed"),
+        "sample images were refused by fetch.root:\n{dead}"
+    );
+    std::fs::remove_dir_all(&copy).ok();
+}
