@@ -21,9 +21,10 @@ ARG ORT_VERSION=1.31.1
 # --- build: the clipstream binary -------------------------------------------
 FROM ${RUST_IMAGE} AS build
 # librdkafka is built from source by rdkafka-sys (cmake, perl, a C++ compiler);
-# SSL and SASL headers for its ssl / gssapi features.
+# SSL and SASL headers for its ssl / gssapi features; nasm for libjpeg-turbo's
+# SIMD JPEG decoder (the `jpeg-simd` feature, on by default).
 RUN apt-get update \
- && apt-get install -y --no-install-recommends cmake pkg-config libssl-dev libsasl2-dev zlib1g-dev \
+ && apt-get install -y --no-install-recommends cmake pkg-config libssl-dev libsasl2-dev zlib1g-dev nasm \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 # Not rust-toolchain.toml: the image's toolchain (1.95) builds it without

@@ -100,13 +100,16 @@ impl Tower {
         let rt = runtime::init(options.library.as_deref())?;
         let ort_err =
             |e: ort::Error<ort::session::builder::SessionBuilder>| ModelError::Ort(e.to_string());
-        let mut builder = Session::builder(&rt.environment)?;
-        if options.intra_threads > 0 {
-            builder = builder
-                .with_intra_threads(options.intra_threads)
-                .map_err(ort_err)?;
-        }
-        let (mut builder, provider) = runtime::apply_providers(builder, options)?;
+        let builder = Session::builder(&rt.environment)?;
+        let (builder, provider) = runtime::apply_providers(builder, options)?;
+        let threads = options.intra_threads_for(provider);
+        let builder = builder.with_intra_threads(threads).map_err(ort_err)?;
+        let builder = builder
+            .with_intra_op_spinning(options.spinning)
+            .map_err(ort_err)?;
+        let mut builder = builder
+            .with_inter_op_spinning(options.spinning)
+            .map_err(ort_err)?;
         let session = builder
             .commit_from_file(path)
             .map_err(|e| ModelError::BadGraph {
@@ -148,7 +151,7 @@ impl Tower {
             });
         }
         let output = output.name().to_string();
-        tracing::info!(model = %path.display(), provider, "loaded tower");
+        tracing::info!(model = %path.display(), provider, threads, spinning = options.spinning, "loaded tower");
         Ok(Tower {
             session,
             path: path.to_path_buf(),

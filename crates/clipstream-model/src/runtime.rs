@@ -31,9 +31,31 @@ pub struct RuntimeOptions {
     /// an error, unless a later provider is listed).
     #[serde(default)]
     pub allow_cpu_fallback: bool,
-    /// Threads ONNX Runtime uses inside one CPU operator; 0 = one per core.
+    /// Threads ONNX Runtime uses inside one CPU operator. 0 (the default)
+    /// sizes the pool from where the tower runs: one per core on the CPU
+    /// provider, one on a GPU provider (there the host threads only launch
+    /// kernels, and every spare core is better spent decoding images).
     #[serde(default)]
     pub intra_threads: usize,
+    /// Let ONNX Runtime's idle pool threads spin waiting for work. Default
+    /// false: a pipeline's encoder waits for batches between runs, and
+    /// spinning threads burn the cores that decode the next batch (with
+    /// the bundled tiny model, spinning doubled the host CPU per record).
+    /// Turn on only for a machine that does nothing but run the model.
+    #[serde(default)]
+    pub spinning: bool,
+}
+
+impl RuntimeOptions {
+    /// The intra-op pool size for a tower whose registered provider is
+    /// `provider` (see [`RuntimeOptions::intra_threads`]).
+    pub fn intra_threads_for(&self, provider: &str) -> usize {
+        match (self.intra_threads, provider) {
+            (0, "cpu") => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            (0, _) => 1,
+            (n, _) => n,
+        }
+    }
 }
 
 fn default_providers() -> Vec<ExecutionProvider> {
@@ -47,6 +69,7 @@ impl Default for RuntimeOptions {
             providers: default_providers(),
             allow_cpu_fallback: false,
             intra_threads: 0,
+            spinning: false,
         }
     }
 }

@@ -468,6 +468,16 @@ fn spawn_model_stages(
         0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
         n => n,
     };
+    // The buffers preprocessing keeps for reuse take at most an eighth of
+    // the memory budget: half on the prep threads, half as model inputs.
+    {
+        use clipstream_model::preprocess::buffers;
+        let keep = usize::try_from(cfg.engine.max_bytes_in_flight / 16).unwrap_or(usize::MAX);
+        buffers::set_limits(
+            (keep / prep_threads).min(buffers::KEEP_BYTES_PER_THREAD),
+            keep.min(buffers::KEEP_PIXEL_BYTES),
+        );
+    }
     threads.extend(prep::spawn_threads(
         prep_threads,
         q.fetched.1.clone(),

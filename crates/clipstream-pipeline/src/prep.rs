@@ -50,6 +50,14 @@ pub struct VisionJob {
     pub memory: crate::budget::Charge,
 }
 
+impl Drop for VisionJob {
+    /// The pixel buffer goes back for the next image (mapping a fresh one
+    /// per image costs page faults; see `preprocess::buffers`).
+    fn drop(&mut self) {
+        clipstream_model::preprocess::buffers::give_pixels(std::mem::take(&mut self.pixels));
+    }
+}
+
 /// A text waiting for the text tower.
 #[derive(Debug)]
 pub struct TextJob {

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use clipstream_model::preprocess::ImageMode;
 use clipstream_model::{DecodeLimits, ExecutionProvider, RuntimeOptions, Variant};
 
 /// CLIP embeddings and zero-shot labels for images and captions, on ONNX Runtime.
@@ -83,9 +84,14 @@ pub struct RuntimeArgs {
     /// instead of failing.
     #[arg(long)]
     pub allow_cpu_fallback: bool,
-    /// Threads inside one ONNX Runtime operator (0 = one per core).
+    /// Threads inside one ONNX Runtime operator (0 = one per core on the CPU
+    /// provider, one on a GPU provider).
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub intra_threads: usize,
+    /// Let ONNX Runtime's idle threads spin (lower latency, but they burn
+    /// the cores that preprocessing needs; off by default).
+    #[arg(long)]
+    pub spinning: bool,
 }
 
 impl RuntimeArgs {
@@ -95,6 +101,7 @@ impl RuntimeArgs {
             providers: self.providers.clone(),
             allow_cpu_fallback: self.allow_cpu_fallback,
             intra_threads: self.intra_threads,
+            spinning: self.spinning,
         }
     }
 }
@@ -112,6 +119,11 @@ pub struct ImageArgs {
     /// Refuse images with more pixels than this (decompression bombs).
     #[arg(long, default_value_t = DecodeLimits::default().max_pixels, value_name = "PIXELS")]
     pub max_image_pixels: u64,
+    /// exact: bit-identical to transformers' CLIPImageProcessor. fast: large
+    /// JPEGs are decoded at a reduced DCT scale (1/2, 1/4, 1/8) that still
+    /// covers the model's input; much less CPU, embeddings not identical.
+    #[arg(long, default_value = "exact", value_name = "MODE")]
+    pub image_mode: ImageMode,
 }
 
 impl ImageArgs {

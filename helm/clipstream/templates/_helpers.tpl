@@ -196,6 +196,9 @@ allow_cpu_fallback = {{ $p.runtime.allow_cpu_fallback }}
 {{- if not (kindIs "invalid" $p.runtime.intra_threads) }}
 intra_threads = {{ $p.runtime.intra_threads | int64 }}
 {{- end }}
+{{- if not (kindIs "invalid" $p.runtime.spinning) }}
+spinning = {{ $p.runtime.spinning }}
+{{- end }}
 
 [source]
 kind = {{ $p.source.kind | toJson }}

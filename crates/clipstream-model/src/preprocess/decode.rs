@@ -71,6 +71,10 @@ impl DecodeLimits {
 pub struct Decoded {
     /// 8-bit RGB, transparency composited onto white.
     pub rgb: Image8,
+    /// `(width, height)` of the image at full scale, after orientation.
+    /// The same as `rgb`'s size unless a JPEG was decoded at a reduced DCT
+    /// scale ([`decode_reduced`]).
+    pub full_size: (usize, usize),
     /// The container format.
     pub format: &'static str,
     /// The EXIF orientation found (not applied unless asked for).
@@ -84,6 +88,22 @@ pub fn decode(
     bytes: &[u8],
     limits: &DecodeLimits,
     apply_exif_orientation: bool,
+) -> Result<Decoded, ImageError> {
+    decode_reduced(bytes, limits, apply_exif_orientation, &|_, _| None)
+}
+
+/// [`decode`], except that a JPEG may be decoded at a reduced DCT scale
+/// (libjpeg-turbo's `scale_num / scale_denom`, 1/2, 1/4 or 1/8): `cover`
+/// gets the image's full `(width, height)` and answers the smallest
+/// `(width, height)` the decoded pixels must still have, or `None` for full
+/// scale. Decoding a 1600x1200 photo at 1/4 costs a fraction of decoding
+/// all of it, and the model's 224x224 input still comes from more pixels
+/// than it has. Not bit-exact to a full decode (that is the trade).
+pub fn decode_reduced(
+    bytes: &[u8],
+    limits: &DecodeLimits,
+    apply_exif_orientation: bool,
+    cover: &dyn Fn(usize, usize) -> Option<(usize, usize)>,
 ) -> Result<Decoded, ImageError> {
     if bytes.len() as u64 > limits.max_bytes {
         return Err(ImageError::TooManyBytes {
@@ -105,7 +125,7 @@ pub fn decode(
         })
     })?;
     let mut decoded = match format {
-        ImageFormat::Jpeg => decode_jpeg(bytes, limits)?,
+        ImageFormat::Jpeg => decode_jpeg(bytes, limits, cover)?,
         ImageFormat::Png
         | ImageFormat::WebP
         | ImageFormat::Gif
@@ -120,6 +140,9 @@ pub fn decode(
     if apply_exif_orientation && let Some(o) = decoded.orientation.and_then(Orientation::from_exif)
     {
         decoded.rgb = orient(&decoded.rgb, o);
+        if swaps_axes(o) {
+            decoded.full_size = (decoded.full_size.1, decoded.full_size.0);
+        }
     }
     Ok(decoded)
 }
@@ -250,6 +273,7 @@ fn decode_with_image(
     };
     Ok(Decoded {
         rgb: Image8::new(w, h, 3, rgb),
+        full_size: (w, h),
         format: name,
         orientation,
     })
@@ -280,7 +304,9 @@ fn composite_on_white(p: &[u8]) -> [u8; 3] {
     [ch(p[0]), ch(p[1]), ch(p[2])]
 }
 
-fn decode_jpeg(bytes: &[u8], limits: &DecodeLimits) -> Result<Decoded, ImageError> {
+type Cover<'a> = &'a dyn Fn(usize, usize) -> Option<(usize, usize)>;
+
+fn decode_jpeg(bytes: &[u8], limits: &DecodeLimits, cover: Cover) -> Result<Decoded, ImageError> {
     // libjpeg pads a truncated stream with gray and only warns; Pillow fails
     // ("image file is truncated"). Require the end-of-image marker.
     if !bytes
@@ -305,7 +331,9 @@ fn decode_jpeg(bytes: &[u8], limits: &DecodeLimits) -> Result<Decoded, ImageErro
             reason: format!("{scans} scans (the limit is {MAX_JPEG_SCANS})"),
         });
     }
-    match std::panic::catch_unwind(|| decode_jpeg_inner(bytes, limits)) {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        decode_jpeg_inner(bytes, limits, cover)
+    })) {
         Ok(r) => r,
         Err(panic) => Err(ImageError::Corrupt {
             format: "JPEG",
@@ -327,40 +355,64 @@ pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "decoder error".into())
 }
 
-fn decode_jpeg_inner(bytes: &[u8], limits: &DecodeLimits) -> Result<Decoded, ImageError> {
+fn decode_jpeg_inner(
+    bytes: &[u8],
+    limits: &DecodeLimits,
+    cover: Cover,
+) -> Result<Decoded, ImageError> {
     use mozjpeg::{ColorSpace, Decompress, Marker};
     let corrupt = |e: std::io::Error| ImageError::Corrupt {
         format: "JPEG",
         reason: e.to_string(),
     };
-    let d = Decompress::with_markers(&[Marker::APP(1)])
+    let mut d = Decompress::with_markers(&[Marker::APP(1)])
         .from_mem(bytes)
         .map_err(corrupt)?;
-    let (w, h) = d.size();
-    limits.check_pixels(w as u64, h as u64)?;
+    let full = d.size();
+    limits.check_pixels(full.0 as u64, full.1 as u64)?;
     let orientation = d
         .markers()
         .filter_map(|m| m.data.strip_prefix(b"Exif\0\0"))
         .find_map(Orientation::from_exif_chunk)
         .map(Orientation::to_exif);
-    let rgb: Vec<u8> = match d.color_space() {
+    // The largest reduction (1/8, 1/4, 1/2) whose output still covers what
+    // the caller needs. libjpeg's scaled size is ceil(full * num / 8).
+    if let Some((need_w, need_h)) = cover(full.0, full.1) {
+        let scaled = |num: usize| (full.0 * num).div_ceil(8).max(1);
+        let scaled_h = |num: usize| (full.1 * num).div_ceil(8).max(1);
+        if let Some(num) = [1u8, 2, 4]
+            .into_iter()
+            .find(|&n| scaled(n.into()) >= need_w && scaled_h(n.into()) >= need_h)
+        {
+            d.scale(num);
+        }
+    }
+    let (rgb, w, h): (Vec<u8>, usize, usize) = match d.color_space() {
         ColorSpace::JCS_GRAYSCALE => {
             let mut s = d.grayscale().map_err(corrupt)?;
+            let (w, h) = (s.width(), s.height());
             let px: Vec<u8> = s.read_scanlines().map_err(corrupt)?;
             s.finish().map_err(corrupt)?;
-            px.iter().flat_map(|&v| [v, v, v]).collect()
+            (px.iter().flat_map(|&v| [v, v, v]).collect(), w, h)
         }
         ColorSpace::JCS_CMYK | ColorSpace::JCS_YCCK => {
             let mut s = d.to_colorspace(ColorSpace::JCS_CMYK).map_err(corrupt)?;
+            let (w, h) = (s.width(), s.height());
             let px: Vec<u8> = s.read_scanlines().map_err(corrupt)?;
             s.finish().map_err(corrupt)?;
-            px.chunks_exact(4).flat_map(adobe_cmyk_to_rgb).collect()
+            (
+                px.chunks_exact(4).flat_map(adobe_cmyk_to_rgb).collect(),
+                w,
+                h,
+            )
         }
         _ => {
             let mut s = d.rgb().map_err(corrupt)?;
-            let px: Vec<u8> = s.read_scanlines().map_err(corrupt)?;
+            let (w, h) = (s.width(), s.height());
+            let mut px = super::buffers::bytes(w * h * 3);
+            s.read_scanlines_into(&mut px).map_err(corrupt)?;
             s.finish().map_err(corrupt)?;
-            px
+            (px, w, h)
         }
     };
     if rgb.len() != w * h * 3 {
@@ -371,6 +423,7 @@ fn decode_jpeg_inner(bytes: &[u8], limits: &DecodeLimits) -> Result<Decoded, Ima
     }
     Ok(Decoded {
         rgb: Image8::new(w, h, 3, rgb),
+        full_size: full,
         format: "JPEG",
         orientation,
     })
@@ -391,17 +444,21 @@ fn adobe_cmyk_to_rgb(p: &[u8]) -> [u8; 3] {
     [ch(p[0]), ch(p[1]), ch(p[2])]
 }
 
-/// Applies an EXIF orientation (Pillow's `exif_transpose`).
-pub fn orient(img: &Image8, o: Orientation) -> Image8 {
-    let (w, h, c) = (img.width, img.height, img.channels);
-    let swap = matches!(
+/// Whether `o` turns the image a quarter (width and height trade places).
+fn swaps_axes(o: Orientation) -> bool {
+    matches!(
         o,
         Orientation::Rotate90
             | Orientation::Rotate270
             | Orientation::Rotate90FlipH
             | Orientation::Rotate270FlipH
-    );
-    let (ow, oh) = if swap { (h, w) } else { (w, h) };
+    )
+}
+
+/// Applies an EXIF orientation (Pillow's `exif_transpose`).
+pub fn orient(img: &Image8, o: Orientation) -> Image8 {
+    let (w, h, c) = (img.width, img.height, img.channels);
+    let (ow, oh) = if swaps_axes(o) { (h, w) } else { (w, h) };
     let mut out = vec![0u8; img.data.len()];
     for y in 0..oh {
         for x in 0..ow {

@@ -64,6 +64,7 @@ fn load_model(args: &crate::cli::ModelArgs, images: &ImageArgs) -> anyhow::Resul
     let mut model = ClipModel::load(&args.model, &args.variant, &args.runtime.options())?;
     model.preprocessor.limits = images.limits();
     model.preprocessor.apply_exif_orientation = images.exif_orientation;
+    model.preprocessor.mode = images.image_mode;
     Ok(model)
 }
 
@@ -219,6 +220,7 @@ fn preprocess(args: PreprocessArgs) -> anyhow::Result<ExitCode> {
     let mut pre = ImagePreprocessor::new(PreprocessorConfig::from_file(&dir.preprocessor_config)?);
     pre.limits = args.images.limits();
     pre.apply_exif_orientation = args.images.exif_orientation;
+    pre.mode = args.images.image_mode;
     let per_image = pre.pixels_len();
     let mut failures = Failures::default();
     let mut data = Vec::with_capacity(per_image * args.files.len());

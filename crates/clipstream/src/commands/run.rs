@@ -57,6 +57,7 @@ pub fn components(cfg: &PipelineConfig) -> anyhow::Result<Components> {
     let mut model = ClipModel::load(&cfg.model.dir, &cfg.model.variant, &cfg.runtime)?;
     model.preprocessor.limits = cfg.image.limits;
     model.preprocessor.apply_exif_orientation = cfg.image.apply_exif_orientation;
+    model.preprocessor.mode = cfg.image.mode;
     let head = match &cfg.model.labels {
         Some(path) => {
             let mut h = ZeroShotHead::build(&LabelSet::from_file(path)?, &mut model)?;

@@ -5,6 +5,12 @@
 //! beforehand), the raw text session (texts/s), and `embed` end to end
 //! (read, decode, preprocess and encode, one thread feeding the session).
 //! Figures are printed, never asserted.
+//!
+//! `--host-cost` prints the host's CPU cost per record instead (see
+//! [`host_cost`]).
+
+mod corpus;
+mod host_cost;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -40,6 +46,24 @@ pub struct BenchArgs {
     /// round robin, with the same batch size).
     #[arg(long, default_value_t = 512, value_name = "N")]
     pub pipeline_records: usize,
+    /// Print the host CPU cost per record instead: decode floor, exact
+    /// preprocessing (SIMD resize and scalar, side by side), the local job
+    /// on a catalog-like corpus, and the Python peers with `--python`.
+    #[arg(long)]
+    pub host_cost: bool,
+    /// The `--host-cost` corpus: 640x480 and 1600x1200 JPEGs and a few PNGs,
+    /// written there first if missing.
+    #[arg(long, value_name = "DIR", default_value = ".cache/bench-corpus")]
+    pub corpus: PathBuf,
+    /// Records for the `--host-cost` local job.
+    #[arg(long, default_value_t = 2000, value_name = "N")]
+    pub host_cost_records: usize,
+    /// A Python with Pillow and transformers (and torchvision for the fast
+    /// processor): `--host-cost` then times transformers' preprocessing and
+    /// Pillow's decode on the same files (scripts/bench_hf_preprocess.py,
+    /// run from the checkout).
+    #[arg(long, value_name = "PATH", env = "CLIPSTREAM_BENCH_PYTHON")]
+    pub python: Option<PathBuf>,
 }
 
 struct Figure {
@@ -64,6 +88,10 @@ fn timed(
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    if args.host_cost {
+        host_cost::run(&args)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let want = |part: &str| args.only.is_empty() || args.only.iter().any(|p| p == part);
     let files = ensure_images(&args.image_dir)?;
     let blobs: Vec<Vec<u8>> = files
@@ -76,6 +104,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         &args.model.runtime.options(),
     )?;
     model.preprocessor.limits = args.images.limits();
+    model.preprocessor.mode = args.images.image_mode;
     let per_image = model.preprocessor.pixels_len();
     let bs = args.batch_size.max(1);
     let mut figures = Vec::new();
@@ -217,13 +246,16 @@ fn pipeline_rate(args: &BenchArgs, files: &[PathBuf]) -> anyhow::Result<f64> {
     let toml = format!(
         "[model]\ndir = {:?}\nvariant = {:?}\n[source]\nkind = \"files\"\nmanifest = {:?}\n\
          [engine]\nmax_in_flight = {}\nvision_batch = {{ max_size = {bs}, max_wait_ms = 50 }}\n\
-         [sink.parquet]\ndir = {:?}\n",
+         [fetch]\nroot = {:?}\n[sink.parquet]\ndir = {:?}\n",
         std::fs::canonicalize(&args.model.model)?
             .display()
             .to_string(),
         args.model.variant.to_string(),
         manifest.display().to_string(),
         (bs * 4).max(64),
+        std::fs::canonicalize(&args.image_dir)?
+            .display()
+            .to_string(),
         dir.join("out").display().to_string(),
     );
     let mut cfg = clipstream_pipeline::config::PipelineConfig::from_toml(&toml, &dir, |_| None)
@@ -275,9 +307,8 @@ fn list_images(dir: &Path) -> Vec<PathBuf> {
     files
 }
 
-/// Lists the images of `dir`, writing 64 synthetic 640x480 JPEGs first if
-/// there are none: smooth colour fields, shapes and sensor-like noise, so the
-/// JPEG entropy is that of a photo rather than of a flat image.
+/// Lists the images of `dir`, writing 64 synthetic 640x480 JPEGs
+/// (progressive, quality 88) first if there are none.
 fn ensure_images(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let files = list_images(dir);
     if !files.is_empty() {
@@ -285,50 +316,10 @@ fn ensure_images(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let (w, h) = (640usize, 480usize);
-    let mut state = 0x9E37_79B9_7F4A_7C15u64;
-    let mut rand = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
+    let mut rand = corpus::xorshift(0x9E37_79B9_7F4A_7C15);
     for k in 0..64 {
-        let mut rgb = vec![0u8; w * h * 3];
-        let (fx, fy, phase) = (
-            20.0 + (rand() % 40) as f32,
-            20.0 + (rand() % 40) as f32,
-            (rand() % 628) as f32 / 100.0,
-        );
-        let (cx, cy, r) = (
-            (rand() % w as u64) as f32,
-            (rand() % h as u64) as f32,
-            40.0 + (rand() % 120) as f32,
-        );
-        for y in 0..h {
-            for x in 0..w {
-                let (xf, yf) = (x as f32, y as f32);
-                let inside = (xf - cx).powi(2) + (yf - cy).powi(2) < r * r;
-                let base = [
-                    128.0 + 90.0 * (xf / fx + phase).sin(),
-                    128.0 + 80.0 * (yf / fy).cos() * (xf / 57.0).sin(),
-                    255.0 * xf / w as f32,
-                ];
-                for (c, b) in base.iter().enumerate() {
-                    let noise = (rand() % 41) as f32 - 20.0;
-                    let v = if inside { 230.0 - 60.0 * c as f32 } else { *b } + noise;
-                    rgb[(y * w + x) * 3 + c] = v.clamp(0.0, 255.0) as u8;
-                }
-            }
-        }
-        let jpeg = std::panic::catch_unwind(|| -> std::io::Result<Vec<u8>> {
-            let mut comp = mozjpeg::Compress::new(mozjpeg::ColorSpace::JCS_RGB);
-            comp.set_size(w, h);
-            comp.set_quality(88.0);
-            let mut started = comp.start_compress(Vec::new())?;
-            started.write_scanlines(&rgb)?;
-            started.finish()
-        })
-        .map_err(|_| anyhow::anyhow!("JPEG encoder failed"))??;
+        let rgb = corpus::photo(w, h, &mut rand);
+        let jpeg = corpus::encode_jpeg(&rgb, w, h, 88.0, true)?;
         std::fs::write(dir.join(format!("bench-{k:03}.jpg")), jpeg)?;
     }
     Ok(list_images(dir))

@@ -1,0 +1,402 @@
+//! `clipstream bench --host-cost`: what the host spends per record outside
+//! the model, the figure that decides how many cores keep one GPU fed.
+//!
+//! CPU time is user + system time of every thread (`getrusage`), divided by
+//! records. With the bundled tiny model, whose inference is negligible, the
+//! figure is the host's own cost: fetch, decode, resize, normalise,
+//! tokenise, batch assembly and output. "Cores per GPU" is how many of them
+//! a GPU encoding 10,000 records/s needs at that cost (CPU-ms × 10).
+//!
+//! Everything is measured in the same run, side by side: the decode floor
+//! (libjpeg-turbo alone), exact preprocessing with and without the SIMD
+//! resize, the local job, and, when `--python` names an interpreter with
+//! Pillow and transformers, the Python peers on the same files.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clipstream_model::ClipModel;
+use clipstream_model::preprocess::{ImageMode, buffers, resample};
+
+use super::BenchArgs;
+use super::corpus::{self, Corpus};
+
+/// CPU seconds (user + system) used so far by `who`.
+#[allow(unsafe_code)]
+fn cpu_seconds(who: libc::c_int) -> f64 {
+    // SAFETY: getrusage writes one `rusage` into the zeroed value we own.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(who, &mut ru) } != 0 {
+        return f64::NAN;
+    }
+    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    t(ru.ru_utime) + t(ru.ru_stime)
+}
+
+/// One line of the table.
+struct Row {
+    name: String,
+    /// Items per second (wall time).
+    rate: f64,
+    unit: &'static str,
+    /// Host CPU milliseconds per item (all threads).
+    cpu_ms: f64,
+    n: usize,
+    note: String,
+}
+
+/// Runs `step` on this thread for `seconds` (after one warm-up call) and
+/// returns (items/s, CPU-ms per item, items).
+fn one_core(
+    seconds: f64,
+    mut step: impl FnMut() -> anyhow::Result<usize>,
+) -> anyhow::Result<(f64, f64, usize)> {
+    step()?;
+    let budget = Duration::from_secs_f64(seconds);
+    let (t, cpu) = (Instant::now(), cpu_seconds(libc::RUSAGE_THREAD));
+    let mut n = 0;
+    while t.elapsed() < budget {
+        n += step()?;
+    }
+    let (wall, cpu) = (
+        t.elapsed().as_secs_f64(),
+        cpu_seconds(libc::RUSAGE_THREAD) - cpu,
+    );
+    Ok((n as f64 / wall, 1000.0 * cpu / n.max(1) as f64, n))
+}
+
+pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    let corpus = corpus::ensure(&args.corpus)?;
+    let mut model = ClipModel::load(
+        &args.model.model,
+        &args.model.variant,
+        &args.model.runtime.options(),
+    )?;
+    model.preprocessor.limits = args.images.limits();
+    let pre = model.preprocessor.clone();
+    let mut out = vec![0f32; pre.pixels_len()];
+    let mut rows = Vec::new();
+
+    let small = read_all(&corpus.jpeg_small)?;
+    let large = read_all(&corpus.jpeg_large)?;
+    let s = args.seconds;
+
+    let mut i = 0;
+    let (rate, cpu_ms, n) = one_core(s, || {
+        let d = std::hint::black_box(pre.decode(&small[i % small.len()])?);
+        // As preprocessing does: the pixel buffer is reused.
+        buffers::give_bytes(d.rgb.data);
+        i += 1;
+        Ok(1)
+    })?;
+    let floor = rate;
+    rows.push(Row {
+        name: "JPEG decode alone, 640x480 (libjpeg-turbo)".into(),
+        rate,
+        unit: "images/s",
+        cpu_ms,
+        n,
+        note: format!(
+            "SIMD decoder {}",
+            if cfg!(feature = "jpeg-simd") {
+                "built in (`jpeg-simd`; on when nasm was found at build time)"
+            } else {
+                "not built (`jpeg-simd` off)"
+            }
+        ),
+    });
+    for (simd, label) in [(false, "scalar resize, before"), (true, "default")] {
+        resample::set_simd(simd);
+        for (files, size) in [(&small, "640x480"), (&large, "1600x1200")] {
+            let mut i = 0;
+            let (rate, cpu_ms, n) = one_core(s, || {
+                pre.preprocess_into(&files[i % files.len()], &mut out)?;
+                i += 1;
+                Ok(1)
+            })?;
+            let note = if size == "640x480" {
+                format!("{:.2} x the decode floor", rate / floor)
+            } else {
+                String::new()
+            };
+            rows.push(Row {
+                name: format!("exact preprocess, {size} JPEG ({label})"),
+                rate,
+                unit: "images/s",
+                cpu_ms,
+                n,
+                note,
+            });
+        }
+    }
+    resample::set_simd(true);
+    let mut fast = model.preprocessor.clone();
+    fast.mode = ImageMode::Fast;
+    let mut exact_rate = [0f64; 2];
+    for r in &rows {
+        if r.name
+            .starts_with("exact preprocess, 640x480 JPEG (default)")
+        {
+            exact_rate[0] = r.rate;
+        } else if r
+            .name
+            .starts_with("exact preprocess, 1600x1200 JPEG (default)")
+        {
+            exact_rate[1] = r.rate;
+        }
+    }
+    for (k, (files, size)) in [(&small, "640x480"), (&large, "1600x1200")]
+        .into_iter()
+        .enumerate()
+    {
+        let mut i = 0;
+        let (rate, cpu_ms, n) = one_core(s, || {
+            fast.preprocess_into(&files[i % files.len()], &mut out)?;
+            i += 1;
+            Ok(1)
+        })?;
+        rows.push(Row {
+            name: format!("fast preprocess, {size} JPEG (`[image] mode = \"fast\"`)"),
+            rate,
+            unit: "images/s",
+            cpu_ms,
+            n,
+            note: format!("{:.2} x exact", rate / exact_rate[k]),
+        });
+    }
+    drop(model);
+
+    let records = args.host_cost_records;
+    let mut before = args.model.runtime.options();
+    before.spinning = true;
+    let jobs = [
+        ("exact", args.model.runtime.options(), ImageMode::Exact),
+        ("fast", args.model.runtime.options(), ImageMode::Fast),
+        (
+            "exact, ORT threads spinning: the old default",
+            before,
+            ImageMode::Exact,
+        ),
+    ];
+    for (label, runtime, mode) in jobs {
+        let job = local_job(args, &corpus, records, runtime, mode)?;
+        rows.push(Row {
+            name: format!("local job, {label}"),
+            rate: job.records as f64 / job.wall,
+            unit: "records/s",
+            cpu_ms: 1000.0 * job.cpu / job.records as f64,
+            n: job.records,
+            note: job.threads,
+        });
+    }
+
+    match &args.python {
+        Some(py) => rows.extend(python_peers(py, &corpus.jpeg_small, s)?),
+        None => eprintln!(
+            "(Python peers skipped: pass --python PATH, an interpreter with Pillow and transformers)"
+        ),
+    }
+
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!(
+        "host cost per record, model {}, {cores} cores; corpus {} ({} + {} + {} files)",
+        args.model.model.display(),
+        args.corpus.display(),
+        corpus.jpeg_small.len(),
+        corpus.jpeg_large.len(),
+        corpus.png.len()
+    );
+    println!(
+        "{:<64} {:>10} {:<10} {:>11} {:>13}  note",
+        "part", "rate", "", "CPU-ms/item", "cores/GPU@10k"
+    );
+    for r in &rows {
+        println!(
+            "{:<64} {:>10.1} {:<10} {:>11.2} {:>13.1}  {}",
+            r.name,
+            r.rate,
+            r.unit,
+            r.cpu_ms,
+            r.cpu_ms * 10.0,
+            r.note
+        );
+    }
+    for r in &rows {
+        let key: String = r
+            .name
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect::<String>()
+            .split('_')
+            .filter(|p| !p.is_empty())
+            .collect::<Vec<_>>()
+            .join("_")
+            .to_lowercase();
+        println!(
+            "bench host_cost.{key} per_s={:.2} cpu_ms={:.3} n={}",
+            r.rate, r.cpu_ms, r.n
+        );
+    }
+    Ok(())
+}
+
+fn read_all(files: &[PathBuf]) -> anyhow::Result<Vec<Vec<u8>>> {
+    files
+        .iter()
+        .map(|p| std::fs::read(p).with_context(|| format!("reading {}", p.display())))
+        .collect()
+}
+
+struct Job {
+    records: usize,
+    wall: f64,
+    cpu: f64,
+    threads: String,
+}
+
+/// `clipstream run` with default engine settings on `records` events over
+/// the corpus (round robin; a caption on every other record), measured
+/// from the start of the engine to its report (model loaded beforehand).
+/// The note says how ONNX Runtime's threads were set.
+fn local_job(
+    args: &BenchArgs,
+    corpus: &Corpus,
+    records: usize,
+    runtime: clipstream_model::RuntimeOptions,
+    mode: ImageMode,
+) -> anyhow::Result<Job> {
+    use std::io::Write;
+    let dir = std::env::temp_dir().join(format!("clipstream-host-cost-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let manifest = dir.join("events.jsonl");
+    let files = corpus.all();
+    let mut f = std::io::BufWriter::new(std::fs::File::create(&manifest)?);
+    for i in 0..records {
+        let p = std::fs::canonicalize(&files[i % files.len()])?;
+        let mut ev = serde_json::json!({"id": format!("r{i}"), "image": p.display().to_string()});
+        if i % 2 == 0 {
+            ev["text"] = format!(
+                "a photo of a {} {} on a {} background, item {i}",
+                super::COLOURS[i % 6],
+                super::SHAPES[i % 4],
+                super::COLOURS[(i + 3) % 6]
+            )
+            .into();
+        }
+        writeln!(f, "{ev}")?;
+    }
+    f.flush()?;
+    let toml = format!(
+        "[model]\ndir = {:?}\nvariant = {:?}\n[source]\nkind = \"files\"\nmanifest = {:?}\n\
+         [fetch]\nroot = {:?}\n[sink.parquet]\ndir = {:?}\n",
+        std::fs::canonicalize(&args.model.model)?
+            .display()
+            .to_string(),
+        args.model.variant.to_string(),
+        manifest.display().to_string(),
+        std::fs::canonicalize(&args.corpus)?.display().to_string(),
+        dir.join("out").display().to_string(),
+    );
+    let mut cfg = clipstream_pipeline::config::PipelineConfig::from_toml(&toml, &dir, |_| None)
+        .map_err(|p| anyhow::anyhow!("bench pipeline config: {p:?}"))?;
+    cfg.runtime = runtime;
+    cfg.image.limits = args.images.limits();
+    cfg.image.mode = mode;
+    let threads = format!(
+        "{records} records over the corpus, captions on half; ORT intra {} ({}), spinning {}",
+        cfg.runtime.intra_threads_for("cpu"),
+        if cfg.runtime.intra_threads == 0 {
+            "auto"
+        } else {
+            "set"
+        },
+        if cfg.runtime.spinning { "on" } else { "off" }
+    );
+    let parts = crate::commands::run::components(&cfg)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let stats = std::sync::Arc::new(clipstream_pipeline::stats::Stats::default());
+    let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (t, cpu) = (Instant::now(), cpu_seconds(libc::RUSAGE_SELF));
+    let report = rt.block_on(clipstream_pipeline::engine::run(
+        &cfg, parts, stop_rx, stats,
+    ))?;
+    let (wall, cpu) = (
+        t.elapsed().as_secs_f64(),
+        cpu_seconds(libc::RUSAGE_SELF) - cpu,
+    );
+    anyhow::ensure!(
+        report.images as usize == records,
+        "the job encoded {} of {records} images ({} dead letters, in {})",
+        report.images,
+        report.dead_letters,
+        report.dead_letters_to
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(Job {
+        records,
+        wall,
+        cpu,
+        threads,
+    })
+}
+
+/// Runs `scripts/bench_hf_preprocess.py` (Pillow decode alone, then
+/// transformers' processors) on `files`' folder with `python`.
+fn python_peers(python: &Path, files: &[PathBuf], seconds: f64) -> anyhow::Result<Vec<Row>> {
+    let script = Path::new("scripts/bench_hf_preprocess.py");
+    anyhow::ensure!(
+        script.is_file(),
+        "{} not found: run the benchmark from the clipstream checkout",
+        script.display()
+    );
+    let dir = files
+        .first()
+        .and_then(|p| p.parent())
+        .context("no images for the Python peers")?;
+    let out = std::process::Command::new(python)
+        .arg(script)
+        .arg("--images")
+        .arg(dir)
+        .arg("--seconds")
+        .arg(format!("{seconds}"))
+        .output()
+        .with_context(|| format!("running {} {}", python.display(), script.display()))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{} failed: {}",
+        script.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut rows = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        // peer <name> images_per_s=<f> cpu_ms=<f> n=<n> <description...>
+        let mut w = line.split_whitespace();
+        if w.next() != Some("peer") {
+            continue;
+        }
+        let name = w.next().unwrap_or_default().to_string();
+        let mut field = |key: &str| -> anyhow::Result<f64> {
+            let v = w
+                .next()
+                .and_then(|kv| kv.strip_prefix(key))
+                .with_context(|| format!("bad peer line {line:?}"))?;
+            Ok(v.parse()?)
+        };
+        let (rate, cpu_ms, n) = (field("images_per_s=")?, field("cpu_ms=")?, field("n=")?);
+        let what: Vec<&str> = w.collect();
+        rows.push(Row {
+            name: format!("python: {}", what.join(" ")),
+            rate,
+            unit: "images/s",
+            cpu_ms,
+            n: n as usize,
+            note: name,
+        });
+    }
+    Ok(rows)
+}
