@@ -270,12 +270,14 @@ drain_deadline_secs = 30
     )
     .expect("pipeline");
     let started = Instant::now();
+    let cpu = children_cpu_seconds();
     let out = Command::new(support::bin())
         .args(["run", "--no-progress"])
         .arg(&local)
         .output()
         .expect("run");
     let local_secs = started.elapsed().as_secs_f64();
+    let local_cpu = children_cpu_seconds() - cpu;
     assert!(
         out.status.success(),
         "{}",
@@ -332,6 +334,7 @@ listen = "{metrics}"
         ),
     )
     .expect("pipeline");
+    let cpu = children_cpu_seconds();
     let w = worker(&dir, &kafka, "bench");
     // Timed from the assignment (the group join is broker-specific: tansu
     // takes half the session timeout) to the last commit.
@@ -350,6 +353,7 @@ listen = "{metrics}"
     );
     let kafka_secs = started.elapsed().as_secs_f64();
     assert_eq!(terminate(w), Some(0));
+    let kafka_cpu = children_cpu_seconds() - cpu;
 
     let local_rate = n as f64 / local_secs;
     let kafka_rate = n as f64 / kafka_secs;
@@ -364,4 +368,27 @@ listen = "{metrics}"
         "bench kafka_s3_over_local ratio={:.3}",
         kafka_rate / local_rate
     );
+    // Worker CPU (user + system) per record, whole process lives: model
+    // loading, and for Kafka the group join and the drain, included.
+    let (local_ms, kafka_ms) = (1000.0 * local_cpu / n as f64, 1000.0 * kafka_cpu / n as f64);
+    println!("bench local-files worker_cpu_ms_per_record={local_ms:.3}");
+    println!("bench kafka+s3 worker_cpu_ms_per_record={kafka_ms:.3}");
+    println!(
+        "bench kafka_s3_over_local cpu_ratio={:.3}",
+        kafka_ms / local_ms
+    );
+}
+
+/// CPU seconds (user + system) of this process's children that have ended
+/// and been waited for.
+#[allow(unsafe_code)]
+fn children_cpu_seconds() -> f64 {
+    // SAFETY: getrusage writes one `rusage` into the zeroed value we own.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    assert_eq!(
+        unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) },
+        0
+    );
+    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    t(ru.ru_utime) + t(ru.ru_stime)
 }
