@@ -370,3 +370,99 @@ fn metrics_health_and_readiness_are_served_during_a_run() {
         promtool_check(&text);
     }
 }
+
+/// A smoke run of the benchmarks (figures are printed, never asserted):
+/// `bench --host-cost` measures every part, on a corpus it writes, and
+/// `bench` its usual parts, each printing a positive, finite rate.
+#[test]
+fn the_benchmarks_run_and_print_every_figure() {
+    let dir = scratch("bench-smoke");
+    let corpus = dir.join("corpus");
+    let model = model();
+    let out = clipstream(&[
+        "bench",
+        "--host-cost",
+        "--model",
+        model.to_str().expect("utf8"),
+        "--seconds",
+        "0.2",
+        "--host-cost-records",
+        "40",
+        "--corpus",
+        corpus.to_str().expect("utf8"),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("bench host_cost."))
+        .collect();
+    for part in [
+        "jpeg_decode_alone",
+        "exact_preprocess_640x480_jpeg_scalar",
+        "exact_preprocess_640x480_jpeg_default",
+        "exact_preprocess_1600x1200_jpeg_default",
+        "fast_preprocess_640x480",
+        "fast_preprocess_1600x1200",
+        "local_job_exact ",
+        "local_job_fast ",
+        "local_job_exact_ort_threads_spinning",
+    ] {
+        let line = lines
+            .iter()
+            .find(|l| l.contains(part))
+            .unwrap_or_else(|| panic!("no {part} figure in:\n{stdout}"));
+        for field in ["per_s=", "cpu_ms="] {
+            let v: f64 = line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix(field))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no {field} in {line:?}"));
+            assert!(v.is_finite() && v > 0.0, "{line}");
+        }
+    }
+    assert!(stdout.contains("cores/GPU@10k"), "{stdout}");
+    // The corpus is what the README says: three folders.
+    for (sub, n) in [
+        ("jpeg-640x480", 48),
+        ("jpeg-1600x1200", 12),
+        ("png-640x480", 4),
+    ] {
+        assert_eq!(
+            std::fs::read_dir(corpus.join(sub)).expect(sub).count(),
+            n,
+            "{sub}"
+        );
+    }
+
+    let images = dir.join("images");
+    let out = clipstream(&[
+        "bench",
+        "--model",
+        model.to_str().expect("utf8"),
+        "--seconds",
+        "0.2",
+        "--batch-size",
+        "4",
+        "--pipeline-records",
+        "16",
+        "--image-dir",
+        images.to_str().expect("utf8"),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for part in ["preprocess", "vision", "text", "embed", "pipeline"] {
+        assert!(
+            stdout.contains(&format!("bench {part} ")),
+            "no {part} figure in:\n{stdout}"
+        );
+    }
+}
