@@ -103,7 +103,10 @@ impl Tower {
         let builder = Session::builder(&rt.environment)?;
         let (builder, provider) = runtime::apply_providers(builder, options)?;
         let threads = options.intra_threads_for(provider);
-        let builder = builder.with_intra_threads(threads).map_err(ort_err)?;
+        let builder = match threads {
+            Some(n) => builder.with_intra_threads(n).map_err(ort_err)?,
+            None => builder,
+        };
         let builder = builder
             .with_intra_op_spinning(options.spinning)
             .map_err(ort_err)?;
@@ -151,7 +154,7 @@ impl Tower {
             });
         }
         let output = output.name().to_string();
-        tracing::info!(model = %path.display(), provider, threads, spinning = options.spinning, "loaded tower");
+        tracing::info!(model = %path.display(), provider, threads = ?threads, spinning = options.spinning, "loaded tower");
         Ok(Tower {
             session,
             path: path.to_path_buf(),
@@ -466,6 +469,17 @@ impl ClipModel {
     /// The id written into output rows.
     pub fn model_id(&self) -> String {
         self.dir.model_id(&self.variant)
+    }
+
+    /// What determines this model's image and text embeddings, as a hash:
+    /// [`ModelDir::fingerprint`], with `+fast` when images are preprocessed
+    /// in fast mode (its embeddings differ slightly from exact mode's).
+    pub fn fingerprint(&self) -> Result<String, ModelError> {
+        let base = self.dir.fingerprint(&self.variant)?;
+        Ok(format!(
+            "{base}{}",
+            self.preprocessor.mode.fingerprint_suffix()
+        ))
     }
 
     /// Embeds already decoded-and-preprocessed images.

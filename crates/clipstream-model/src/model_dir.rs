@@ -198,6 +198,63 @@ impl ModelDir {
         }
     }
 
+    /// What determines the model's outputs, as a hash: the bytes of both
+    /// towers' ONNX files for `variant` (with their external data files),
+    /// of `preprocessor_config.json` and of the tokenizer's files. Neither
+    /// the directory's name nor `config.json` counts, so a renamed or
+    /// re-described copy has the same fingerprint and a changed weight does
+    /// not. `sha256:` and 64 hex digits.
+    pub fn fingerprint(&self, variant: &Variant) -> Result<String, ModelError> {
+        use sha2::{Digest, Sha256};
+        let mut parts: Vec<(&str, PathBuf)> = Vec::new();
+        for (name, tower) in [("vision", Tower::Vision), ("text", Tower::Text)] {
+            let onnx = self.tower(tower, variant)?;
+            // External data next to the graph (`x.onnx_data`, `x.onnx.data`).
+            for suffix in ["", "_data", ".data"] {
+                let mut p = onnx.clone().into_os_string();
+                p.push(suffix);
+                let p = PathBuf::from(p);
+                if suffix.is_empty() || p.is_file() {
+                    parts.push((name, p));
+                }
+            }
+        }
+        parts.push(("preprocessor", self.preprocessor_config.clone()));
+        parts.push(("tokenizer", self.tokenizer.clone()));
+        for name in ["tokenizer_config.json", "special_tokens_map.json"] {
+            if let Some(p) = self.optional(name) {
+                parts.push(("tokenizer", p));
+            }
+        }
+        let mut hash = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        for (name, path) in &parts {
+            let io = |e: std::io::Error| ModelError::BadFile {
+                path: path.clone(),
+                reason: format!("reading it: {e}"),
+            };
+            let mut f = std::fs::File::open(path).map_err(io)?;
+            hash.update(name.as_bytes());
+            hash.update([0]);
+            loop {
+                let n = std::io::Read::read(&mut f, &mut buf).map_err(io)?;
+                if n == 0 {
+                    break;
+                }
+                hash.update(&buf[..n]);
+            }
+            hash.update([0xff]);
+        }
+        let digest = hash.finalize();
+        Ok(format!(
+            "sha256:{}",
+            digest
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        ))
+    }
+
     /// Path of an optional file of the directory, if present.
     pub fn optional(&self, name: &str) -> Option<PathBuf> {
         let p = self.root.join(name);

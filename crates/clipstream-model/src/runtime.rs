@@ -32,9 +32,11 @@ pub struct RuntimeOptions {
     #[serde(default)]
     pub allow_cpu_fallback: bool,
     /// Threads ONNX Runtime uses inside one CPU operator. 0 (the default)
-    /// sizes the pool from where the tower runs: one per core on the CPU
-    /// provider, one on a GPU provider (there the host threads only launch
-    /// kernels, and every spare core is better spent decoding images).
+    /// sizes the pool from where the tower runs: ONNX Runtime's own choice
+    /// (one per physical core) on the CPU provider, one on a GPU provider
+    /// (there the host threads only launch kernels, and every spare core is
+    /// better spent decoding images; set it higher if many nodes of your
+    /// graph fall back to the CPU).
     #[serde(default)]
     pub intra_threads: usize,
     /// Let ONNX Runtime's idle pool threads spin waiting for work. Default
@@ -48,12 +50,13 @@ pub struct RuntimeOptions {
 
 impl RuntimeOptions {
     /// The intra-op pool size for a tower whose registered provider is
-    /// `provider` (see [`RuntimeOptions::intra_threads`]).
-    pub fn intra_threads_for(&self, provider: &str) -> usize {
+    /// `provider` (see [`RuntimeOptions::intra_threads`]); `None`: ONNX
+    /// Runtime's default.
+    pub fn intra_threads_for(&self, provider: &str) -> Option<usize> {
         match (self.intra_threads, provider) {
-            (0, "cpu") => std::thread::available_parallelism().map_or(1, |n| n.get()),
-            (0, _) => 1,
-            (n, _) => n,
+            (0, "cpu") => None,
+            (0, _) => Some(1),
+            (n, _) => Some(n),
         }
     }
 }

@@ -29,6 +29,8 @@
 //!   Parquet ([`sink::parquet`]: ranges of records, published without ever
 //!   replacing a file).
 //! - [`engine`]: wires the stages, runs them, drains on stop or failure.
+//! - [`catalog`]: nightly re-embedding around a run: `plan` (what changed
+//!   since earlier output) and `snapshot` (one row per product).
 //! - Across the stages: [`ack`] (tokens, the contiguous tracker, epochs),
 //!   [`record`] (the event contract, records, rows), [`dead_letter`] (the
 //!   one list of permanent failure kinds), [`retry`] (permanent vs
@@ -43,6 +45,7 @@
 pub mod ack;
 pub mod batch;
 pub mod budget;
+pub mod catalog;
 pub mod config;
 pub mod dead_letter;
 pub mod engine;

@@ -51,6 +51,14 @@ pub enum Command {
     /// Measure preprocessing, raw session and end-to-end throughput of a
     /// model on this machine and print the figures.
     Bench(crate::commands::bench::BenchArgs),
+    /// Nightly re-embedding, step 1: compare tonight's catalog (JSONL or
+    /// CSV) with what earlier runs wrote and write the night's work: events
+    /// for new and changed products only, deletions, and a summary.
+    Plan(crate::commands::catalog::PlanArgs),
+    /// Nightly re-embedding, step 3 (after `run` on the plan's events):
+    /// write the night's complete table, one row per product, carrying
+    /// unchanged rows over from the previous snapshot.
+    Snapshot(crate::commands::catalog::SnapshotArgs),
 }
 
 /// Where the model is and how to run it.
@@ -84,8 +92,8 @@ pub struct RuntimeArgs {
     /// instead of failing.
     #[arg(long)]
     pub allow_cpu_fallback: bool,
-    /// Threads inside one ONNX Runtime operator (0 = one per core on the CPU
-    /// provider, one on a GPU provider).
+    /// Threads inside one ONNX Runtime operator (0 = ONNX Runtime's default,
+    /// one per physical core, on the CPU provider; one on a GPU provider).
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub intra_threads: usize,
     /// Let ONNX Runtime's idle threads spin (lower latency, but they burn

@@ -316,6 +316,17 @@ pub enum ImageMode {
     Fast,
 }
 
+impl ImageMode {
+    /// What this mode adds to a model's fingerprint (fast mode's
+    /// embeddings differ slightly from exact mode's).
+    pub fn fingerprint_suffix(self) -> &'static str {
+        match self {
+            ImageMode::Exact => "",
+            ImageMode::Fast => "+fast",
+        }
+    }
+}
+
 impl std::str::FromStr for ImageMode {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -357,7 +368,10 @@ impl ImagePreprocessor {
         3 * h * w
     }
 
-    /// Decodes image bytes to RGB (with the configured limits and orientation).
+    /// Decodes image bytes to RGB (with the configured limits and
+    /// orientation). In fast mode the pixels may be a reduced JPEG decode:
+    /// preprocess them with [`ImagePreprocessor::pixel_values_sized`] and
+    /// the decoded `full_size`, not `pixel_values_into`.
     pub fn decode(&self, bytes: &[u8]) -> Result<Decoded, ImageError> {
         match self.mode {
             ImageMode::Exact => decode::decode(bytes, &self.limits, self.apply_exif_orientation),

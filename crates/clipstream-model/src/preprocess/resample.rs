@@ -308,7 +308,7 @@ fn resize_window_with(
     };
 
     let Some(vert) = vert else {
-        return mid.clone();
+        return temp;
     };
     // Vertical pass: whole rows at a time, so the inner loop is a plain
     // multiply-add over a row. Integer sums do not depend on order, so this

@@ -1,6 +1,7 @@
 //! One module per subcommand; `run` dispatches.
 
 pub mod bench;
+pub mod catalog;
 pub mod http;
 pub mod run;
 
@@ -57,6 +58,8 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Bench(a) => bench::run(a),
         Command::Run(a) => run::run(a),
         Command::Validate(a) => run::validate(a),
+        Command::Plan(a) => catalog::plan(a),
+        Command::Snapshot(a) => catalog::snapshot(a),
     }
 }
 

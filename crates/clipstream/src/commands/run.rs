@@ -69,7 +69,8 @@ pub fn components(cfg: &PipelineConfig) -> anyhow::Result<Components> {
     // The width the towers really produce, whatever config.json says.
     let dim = model.embed_texts(&["dimension probe"])?.dim;
     let model_id = model.model_id();
-    tracing::info!(model = %model_id, dim, provider = model.vision.provider(), "model loaded");
+    let model_fingerprint = model.fingerprint()?;
+    tracing::info!(model = %model_id, fingerprint = %model_fingerprint, dim, provider = model.vision.provider(), "model loaded");
     Ok(Components {
         preprocessor: model.preprocessor,
         tokenizer: model.tokenizer,
@@ -77,6 +78,7 @@ pub fn components(cfg: &PipelineConfig) -> anyhow::Result<Components> {
         text: model.text,
         head,
         model_id,
+        model_fingerprint,
         dim,
     })
 }

@@ -39,6 +39,7 @@ use std::sync::Arc;
 
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
 
 pub use self::destination::{Destination, PublishError, date_folder};
@@ -100,6 +101,7 @@ pub struct ParquetWriter {
     schema: arrow_schema::SchemaRef,
     dim: usize,
     model_id: String,
+    model_fingerprint: Option<String>,
     ranges: HashMap<PartitionKey, Range>,
     stats: Arc<Stats>,
     /// Tags uploads so that a retried completion recognises its own object.
@@ -139,7 +141,19 @@ impl From<anyhow::Error> for SinkError {
     }
 }
 
+/// The file metadata key holding the model's fingerprint.
+pub const FINGERPRINT_KEY: &str = "clipstream.model_fingerprint";
+/// The file metadata key holding the model id.
+pub const MODEL_ID_KEY: &str = "clipstream.model_id";
+
 impl ParquetWriter {
+    /// Records `fingerprint` (`ClipModel::fingerprint`) in every file's
+    /// metadata, under [`FINGERPRINT_KEY`].
+    pub fn with_fingerprint(mut self, fingerprint: String) -> Self {
+        self.model_fingerprint = Some(fingerprint);
+        self
+    }
+
     /// A writer into `dest` (its local directory is created if missing).
     pub fn new(
         config: ParquetConfig,
@@ -164,6 +178,7 @@ impl ParquetWriter {
             dest,
             dim,
             model_id,
+            model_fingerprint: None,
             ranges: HashMap::new(),
             stats,
             writer_id,
@@ -343,11 +358,19 @@ impl ParquetWriter {
         ));
         let file = File::create(&tmp)
             .map_err(|e| SinkError(format!("cannot create {}: {e}", tmp.display())))?;
+        let mut kv = vec![KeyValue::new(
+            MODEL_ID_KEY.to_string(),
+            Some(self.model_id.clone()),
+        )];
+        if let Some(fp) = &self.model_fingerprint {
+            kv.push(KeyValue::new(FINGERPRINT_KEY.to_string(), Some(fp.clone())));
+        }
         let props = WriterProperties::builder()
             .set_compression(Compression::ZSTD(ZstdLevel::try_new(
                 self.config.zstd_level,
             )?))
             .set_max_row_group_row_count(Some(self.config.row_group_rows))
+            .set_key_value_metadata(Some(kv))
             .build();
         let writer = ArrowWriter::try_new(file, Arc::clone(&self.schema), Some(props))?;
         Ok(OpenFile {

@@ -22,6 +22,13 @@ use clipstream_model::preprocess::{ImageMode, buffers, resample};
 use super::BenchArgs;
 use super::corpus::{self, Corpus};
 
+/// This thread's CPU time where the system can tell (Linux), else the
+/// process's (the one-core figures then include the other threads).
+#[cfg(target_os = "linux")]
+const THREAD: libc::c_int = libc::RUSAGE_THREAD;
+#[cfg(not(target_os = "linux"))]
+const THREAD: libc::c_int = libc::RUSAGE_SELF;
+
 /// CPU seconds (user + system) used so far by `who`.
 #[allow(unsafe_code)]
 fn cpu_seconds(who: libc::c_int) -> f64 {
@@ -54,15 +61,12 @@ fn one_core(
 ) -> anyhow::Result<(f64, f64, usize)> {
     step()?;
     let budget = Duration::from_secs_f64(seconds);
-    let (t, cpu) = (Instant::now(), cpu_seconds(libc::RUSAGE_THREAD));
+    let (t, cpu) = (Instant::now(), cpu_seconds(THREAD));
     let mut n = 0;
     while t.elapsed() < budget {
         n += step()?;
     }
-    let (wall, cpu) = (
-        t.elapsed().as_secs_f64(),
-        cpu_seconds(libc::RUSAGE_THREAD) - cpu,
-    );
+    let (wall, cpu) = (t.elapsed().as_secs_f64(), cpu_seconds(THREAD) - cpu);
     Ok((n as f64 / wall, 1000.0 * cpu / n.max(1) as f64, n))
 }
 
@@ -305,13 +309,10 @@ fn local_job(
     cfg.image.limits = args.images.limits();
     cfg.image.mode = mode;
     let threads = format!(
-        "{records} records over the corpus, captions on half; ORT intra {} ({}), spinning {}",
-        cfg.runtime.intra_threads_for("cpu"),
-        if cfg.runtime.intra_threads == 0 {
-            "auto"
-        } else {
-            "set"
-        },
+        "{records} records over the corpus, captions on half; ORT intra threads {}, spinning {}",
+        cfg.runtime
+            .intra_threads_for("cpu")
+            .map_or("ORT's default".to_string(), |n| n.to_string()),
         if cfg.runtime.spinning { "on" } else { "off" }
     );
     let parts = crate::commands::run::components(&cfg)?;

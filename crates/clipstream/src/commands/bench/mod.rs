@@ -262,6 +262,7 @@ fn pipeline_rate(args: &BenchArgs, files: &[PathBuf]) -> anyhow::Result<f64> {
         .map_err(|p| anyhow::anyhow!("bench pipeline config: {p:?}"))?;
     cfg.runtime = args.model.runtime.options();
     cfg.image.limits = args.images.limits();
+    cfg.image.mode = args.images.image_mode;
     let parts = super::run::components(&cfg)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

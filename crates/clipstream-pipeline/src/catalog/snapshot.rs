@@ -1,0 +1,375 @@
+//! `clipstream snapshot`: the complete table of a night, one row per
+//! product of tonight's catalog: tonight's newest row where the night's
+//! output has one, else the previous snapshot's row (copied, not
+//! re-encoded); products that left the catalog are gone.
+//!
+//! The snapshot is written into a hidden folder beside its place and
+//! renamed into place when complete, with `_snapshot.json` (its summary)
+//! inside: a folder of that name is a finished snapshot, and snapshotting
+//! the night again leaves it as it is. Files are `part-<model>-<n>.parquet`
+//! (one model fingerprint per file, so that `plan` can read it back), in a
+//! fixed order: the same inputs give the same rows in the same files.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use arrow_array::{Array, BooleanArray, RecordBatch, StringArray, TimestampMillisecondArray};
+use arrow_schema::SchemaRef;
+use parquet::arrow::ArrowWriter;
+use parquet::arrow::ProjectionMask;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::metadata::KeyValue;
+use parquet::file::properties::WriterProperties;
+use serde::{Deserialize, Serialize};
+
+use crate::sink::parquet::FINGERPRINT_KEY;
+
+/// Rows per snapshot file.
+pub const ROWS_PER_FILE: usize = 100_000;
+
+/// What to snapshot.
+#[derive(Debug, Clone)]
+pub struct SnapshotInput {
+    /// The night's folder (`clipstream plan`'s output: its catalog ids).
+    pub night: PathBuf,
+    /// Tonight's run output folders.
+    pub outputs: Vec<PathBuf>,
+    /// The previous snapshot (none on the first night).
+    pub previous: Option<PathBuf>,
+    /// Where the snapshot goes (must not exist, or be a finished snapshot).
+    pub out: PathBuf,
+}
+
+/// `_snapshot.json`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct SnapshotSummary {
+    /// Rows in the snapshot (one per product).
+    pub rows: u64,
+    /// Of which from tonight's output.
+    pub from_tonight: u64,
+    /// Of which carried over from the previous snapshot.
+    pub carried_over: u64,
+    /// Products of the catalog with no row anywhere (their image and text
+    /// failed tonight and they were never embedded before).
+    pub missing: u64,
+    /// Files written.
+    pub files: u64,
+}
+
+fn summary_path(out: &Path) -> PathBuf {
+    out.join("_snapshot.json")
+}
+
+/// Writes the snapshot (or returns the one already in `input.out`, with
+/// false). `progress` gets (done, total) input files.
+pub fn snapshot(
+    input: &SnapshotInput,
+    mut progress: impl FnMut(usize, usize),
+) -> anyhow::Result<(SnapshotSummary, bool)> {
+    if input.out.exists() {
+        let p = summary_path(&input.out);
+        let bytes = std::fs::read(&p).with_context(|| {
+            format!(
+                "{} exists and is not a finished snapshot (no _snapshot.json): refusing to \
+                 write over it",
+                input.out.display()
+            )
+        })?;
+        let summary =
+            serde_json::from_slice(&bytes).with_context(|| format!("reading {}", p.display()))?;
+        return Ok((summary, false));
+    }
+    let ids = super::plan::read_ids(&input.night)?;
+    let mut tonight = Vec::new();
+    for d in &input.outputs {
+        tonight.extend(super::parquet_files(d)?);
+    }
+    let previous = match &input.previous {
+        Some(d) => super::parquet_files(d)?,
+        None => Vec::new(),
+    };
+    let total = tonight.len() + previous.len();
+
+    // Tonight's newest row per product: (file, row) by processed_at.
+    let mut best: HashMap<String, (usize, usize, i64)> = HashMap::new();
+    for (f, path) in tonight.iter().enumerate() {
+        let (file, _) = open(path, &["id", "processed_at"])?;
+        let mut row = 0;
+        for batch in file {
+            let batch = batch.with_context(|| format!("reading {}", path.display()))?;
+            let (idc, at) = (ids_of(&batch, path)?, times_of(&batch, path)?);
+            for i in 0..batch.num_rows() {
+                if idc.is_null(i) || !ids.contains(idc.value(i)) {
+                    continue;
+                }
+                let t = if at.is_null(i) { 0 } else { at.value(i) };
+                let e = best
+                    .entry(idc.value(i).to_string())
+                    .or_insert((f, row + i, t));
+                if t > e.2 {
+                    *e = (f, row + i, t);
+                }
+            }
+            row += batch.num_rows();
+        }
+    }
+
+    let parent = input
+        .out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    let name = input
+        .out
+        .file_name()
+        .context("the snapshot folder needs a name")?
+        .to_string_lossy()
+        .into_owned();
+    remove_abandoned(parent, &name);
+    let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+
+    let mut out = Writers {
+        dir: tmp.clone(),
+        schema: None,
+        open: HashMap::new(),
+        next: HashMap::new(),
+        files: 0,
+    };
+    let mut summary = SnapshotSummary::default();
+    let mut written: HashSet<String> = HashSet::new();
+    let mut done = 0;
+    // The previous snapshot's rows of products that tonight did not touch.
+    for path in &previous {
+        let (file, fp) = open(path, &[])?;
+        for batch in file {
+            let batch = batch.with_context(|| format!("reading {}", path.display()))?;
+            let idc = ids_of(&batch, path)?;
+            let keep: BooleanArray = (0..batch.num_rows())
+                .map(|i| {
+                    let id = (!idc.is_null(i)).then(|| idc.value(i));
+                    Some(id.is_some_and(|id| {
+                        ids.contains(id) && !best.contains_key(id) && written.insert(id.into())
+                    }))
+                })
+                .collect();
+            summary.carried_over += out.write(&batch, &keep, fp.as_deref(), path)?;
+        }
+        done += 1;
+        progress(done, total);
+    }
+    // Tonight's chosen rows.
+    for (f, path) in tonight.iter().enumerate() {
+        let (file, fp) = open(path, &[])?;
+        let mut row = 0;
+        for batch in file {
+            let batch = batch.with_context(|| format!("reading {}", path.display()))?;
+            let idc = ids_of(&batch, path)?;
+            let keep: BooleanArray = (0..batch.num_rows())
+                .map(|i| {
+                    Some(
+                        !idc.is_null(i)
+                            && best
+                                .get(idc.value(i))
+                                .is_some_and(|&(bf, br, _)| bf == f && br == row + i),
+                    )
+                })
+                .collect();
+            summary.from_tonight += out.write(&batch, &keep, fp.as_deref(), path)?;
+            row += batch.num_rows();
+        }
+        done += 1;
+        progress(done, total);
+    }
+    summary.files = out.finish()?;
+    summary.rows = summary.from_tonight + summary.carried_over;
+    summary.missing = ids.len() as u64 - summary.rows;
+    super::plan::write_atomic(&summary_path(&tmp), |f| {
+        serde_json::to_writer_pretty(&mut *f, &summary)?;
+        Ok(())
+    })?;
+    std::fs::rename(&tmp, &input.out)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), input.out.display()))?;
+    if let Ok(d) = std::fs::File::open(parent) {
+        let _ = d.sync_all();
+    }
+    Ok((summary, true))
+}
+
+/// Removes `.<name>.partial-<pid>` folders of processes that are gone (a
+/// snapshot killed part way); those of a running process are left alone.
+fn remove_abandoned(parent: &Path, name: &str) {
+    let prefix = format!(".{name}.partial-");
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let file = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = file.strip_prefix(&prefix) else {
+            continue;
+        };
+        let alive = pid.parse::<u32>().is_ok_and(|pid| {
+            pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists()
+        });
+        if !alive {
+            tracing::info!(folder = %e.path().display(), "removing an abandoned partial snapshot");
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+type Reader = parquet::arrow::arrow_reader::ParquetRecordBatchReader;
+
+/// Opens a clipstream output file (all columns when `columns` is empty)
+/// and reads its model fingerprint.
+fn open(path: &Path, columns: &[&str]) -> anyhow::Result<(Reader, Option<String>)> {
+    let bad = |what: String| anyhow::anyhow!("{}: {what}", path.display());
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(|e| bad(format!("not a readable Parquet file ({e})")))?;
+    let fp = builder
+        .metadata()
+        .file_metadata()
+        .key_value_metadata()
+        .and_then(|kv| kv.iter().find(|k| k.key == FINGERPRINT_KEY))
+        .and_then(|k| k.value.clone());
+    for c in ["id", "processed_at"] {
+        if builder.schema().field_with_name(c).is_err() {
+            return Err(bad(format!("no column {c:?}: not clipstream output")));
+        }
+    }
+    let builder = if columns.is_empty() {
+        builder
+    } else {
+        let mask = ProjectionMask::columns(builder.parquet_schema(), columns.iter().copied());
+        builder.with_projection(mask)
+    };
+    let reader = builder
+        .with_batch_size(8192)
+        .build()
+        .map_err(|e| bad(e.to_string()))?;
+    Ok((reader, fp))
+}
+
+fn ids_of<'a>(batch: &'a RecordBatch, path: &Path) -> anyhow::Result<&'a StringArray> {
+    batch
+        .column_by_name("id")
+        .and_then(|c| c.as_any().downcast_ref::<StringArray>())
+        .with_context(|| format!("{}: column \"id\" is not text", path.display()))
+}
+
+fn times_of<'a>(
+    batch: &'a RecordBatch,
+    path: &Path,
+) -> anyhow::Result<&'a TimestampMillisecondArray> {
+    batch
+        .column_by_name("processed_at")
+        .and_then(|c| c.as_any().downcast_ref::<TimestampMillisecondArray>())
+        .with_context(|| {
+            format!(
+                "{}: column \"processed_at\" is not a timestamp",
+                path.display()
+            )
+        })
+}
+
+/// The snapshot's files: one open file per model fingerprint.
+struct Writers {
+    dir: PathBuf,
+    schema: Option<SchemaRef>,
+    open: HashMap<Option<String>, (ArrowWriter<std::fs::File>, usize)>,
+    next: HashMap<Option<String>, usize>,
+    files: u64,
+}
+
+impl Writers {
+    /// Writes the rows of `batch` that `keep` selects; returns how many.
+    fn write(
+        &mut self,
+        batch: &RecordBatch,
+        keep: &BooleanArray,
+        fp: Option<&str>,
+        from: &Path,
+    ) -> anyhow::Result<u64> {
+        let schema = self.schema.get_or_insert_with(|| batch.schema()).clone();
+        if batch.schema().fields() != schema.fields() {
+            anyhow::bail!(
+                "{}: its columns differ from the other files' (another embedding width or \
+                 another clipstream version): one snapshot cannot hold both",
+                from.display()
+            );
+        }
+        let rows = arrow_select::filter::filter_record_batch(batch, keep)?;
+        let n = rows.num_rows();
+        let key = fp.map(str::to_string);
+        let mut offset = 0;
+        while offset < n {
+            if !self.open.contains_key(&key) {
+                let seq = self.next.entry(key.clone()).or_insert(0);
+                let w = create(&self.dir, &schema, fp, *seq)?;
+                *seq += 1;
+                self.open.insert(key.clone(), (w, 0));
+            }
+            let Some((w, in_file)) = self.open.get_mut(&key) else {
+                unreachable!("opened above")
+            };
+            let take = (ROWS_PER_FILE - *in_file).min(n - offset);
+            w.write(&rows.slice(offset, take))?;
+            *in_file += take;
+            offset += take;
+            if *in_file == ROWS_PER_FILE
+                && let Some((full, _)) = self.open.remove(&key)
+            {
+                full.into_inner()?.sync_all()?;
+                self.files += 1;
+            }
+        }
+        Ok(n as u64)
+    }
+
+    /// Closes every file; returns how many were written.
+    fn finish(self) -> anyhow::Result<u64> {
+        let mut files = self.files;
+        for (_, (w, _)) in self.open {
+            w.into_inner()?.sync_all()?;
+            files += 1;
+        }
+        Ok(files)
+    }
+}
+
+fn create(
+    dir: &Path,
+    schema: &SchemaRef,
+    fp: Option<&str>,
+    seq: usize,
+) -> anyhow::Result<ArrowWriter<std::fs::File>> {
+    let tag: String = fp
+        .map(|f| {
+            f.trim_start_matches("sha256:")
+                .chars()
+                .filter(char::is_ascii_alphanumeric)
+                .take(12)
+                .collect()
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let path = dir.join(format!("part-{tag}-{seq:05}.parquet"));
+    let mut kv = Vec::new();
+    if let Some(f) = fp {
+        kv.push(KeyValue::new(
+            FINGERPRINT_KEY.to_string(),
+            Some(f.to_string()),
+        ));
+    }
+    let props = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3)?))
+        .set_key_value_metadata(Some(kv))
+        .build();
+    let file =
+        std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+    Ok(ArrowWriter::try_new(file, Arc::clone(schema), Some(props))?)
+}
