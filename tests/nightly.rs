@@ -329,3 +329,123 @@ fn change_one_weight(path: &Path) {
     bytes[i] ^= 0x01;
     std::fs::write(path, bytes).expect("write");
 }
+
+/// `s3://` images without a change column: their tokens are the ETags of
+/// one listing (the S3 server is real, s3s-fs on loopback), nothing is
+/// downloaded to plan, and a replaced object is a changed image. The
+/// planned events then run through the S3 fetch as any others.
+#[test]
+fn s3_images_are_compared_by_their_listed_etags() {
+    let root = scratch("nightly-s3");
+    let stack = stack::Stack::s3_only(&root, &["shop"]);
+    let objects = stack.s3_dir.join("shop").join("img");
+    std::fs::create_dir_all(&objects).expect("objects");
+    let products: Vec<(String, String, String)> = (0..12u32)
+        .map(|k| {
+            image(&objects, &format!("p{k:02}.png"), k);
+            (
+                format!("sku-{k:02}"),
+                format!("s3://shop/img/p{k:02}.png"),
+                format!("product {k}"),
+            )
+        })
+        .collect();
+    let catalog = root.join("catalog.jsonl");
+    write_catalog(&catalog, &products);
+
+    let night = |name: &str| {
+        let dir = root.join(name);
+        std::fs::create_dir_all(&dir).expect("night dir");
+        let text = format!(
+            "{model}\n[source]\nkind = \"files\"\nmanifest = \"{manifest}\"\n\n\
+             [s3]\nendpoint = \"{endpoint}\"\nforce_path_style = true\n\n\
+             [fetch]\nallowed_schemes = [\"s3\"]\nallowed_buckets = [\"shop\"]\n\n[sink.parquet]\ndir = \"{out}\"\n",
+            model = model_section(),
+            manifest = dir.join("events.jsonl").display(),
+            endpoint = stack.s3_endpoint(),
+            out = dir.join("out").display(),
+        );
+        let cfg = parse_pipeline(&text, &dir);
+        let pipeline = write_pipeline(&dir, "pipeline", &cfg);
+        Night { dir, pipeline }
+    };
+    let with_s3 = |args: &[&str]| {
+        let out = std::process::Command::new(bin())
+            .args(args)
+            .env("AWS_ACCESS_KEY_ID", stack::ACCESS_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", stack::SECRET_KEY)
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .output()
+            .expect("clipstream runs");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "clipstream {args:?}:\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    };
+    let plan = |n: &Night, previous: Option<&Path>| -> Value {
+        let mut args = vec![
+            "plan",
+            "--json",
+            "--catalog",
+            s(&catalog),
+            "--pipeline",
+            s(&n.pipeline),
+            "--night",
+            s(&n.dir),
+            "--text-column",
+            "title",
+        ];
+        if let Some(p) = previous {
+            args.extend(["--previous", s(p)]);
+        }
+        serde_json::from_str(&with_s3(&args)).expect("plan --json")
+    };
+
+    let n1 = night("night-1");
+    let p = plan(&n1, None);
+    assert_eq!(
+        (p["planned"].as_u64(), p["listing_requests"].as_u64()),
+        (Some(12), Some(1)),
+        "{p}"
+    );
+    let events = std::fs::read_to_string(n1.dir.join("events.jsonl")).expect("events");
+    // s3s-fs's listings carry no ETags (AWS's do): its objects' tokens are
+    // their last-modified time and size, from the same listing.
+    assert!(
+        events.contains("\"clipstream.image_token\":\"etag:")
+            || events.contains("\"clipstream.image_token\":\"modified:"),
+        "{events}"
+    );
+    let out = with_s3(&["run", "--no-progress", s(&n1.pipeline)]);
+    assert!(out.contains("images encoded"), "{out}");
+    let snap1 = root.join("snap-1");
+    with_s3(&[
+        "snapshot",
+        "--night",
+        s(&n1.dir),
+        "--output",
+        s(&n1.dir.join("out")),
+        "--out",
+        s(&snap1),
+    ]);
+    assert_eq!(rows_by_id(&snap1).len(), 12);
+
+    // One object replaced, one gone: the first is changed, the second
+    // counted as an image that cannot be looked at.
+    image(&objects, "p04.png", 200);
+    std::fs::remove_file(objects.join("p07.png")).expect("remove");
+    let n2 = night("night-2");
+    let p = plan(&n2, Some(&snap1));
+    assert_eq!(p["changed_image"], 1, "{p}");
+    assert_eq!(p["unreadable_images"], 1, "{p}");
+    assert_eq!(p["unchanged"], 10, "{p}");
+    let events = std::fs::read_to_string(n2.dir.join("events.jsonl")).expect("events");
+    assert!(
+        events.contains("sku-04") && !events.contains("sku-07"),
+        "{events}"
+    );
+}

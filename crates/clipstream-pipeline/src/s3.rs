@@ -447,15 +447,51 @@ impl S3 {
         .await
     }
 
+    /// Keys under `prefix` with a token that changes when the object does:
+    /// `etag:` and its ETag (quotes removed), or, from a server whose
+    /// listings carry no ETags, `modified:` with its last-modified time and
+    /// size. All pages; and how many pages (requests) that took.
+    pub async fn list_change_tokens(
+        &self,
+        bucket: &str,
+        prefix: &str,
+    ) -> Result<(Vec<(String, String)>, u64), FetchError> {
+        let pages = std::sync::atomic::AtomicU64::new(0);
+        let all = self
+            .list_pages(bucket, prefix, None, None, |page| {
+                pages.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                page.contents()
+                    .iter()
+                    .filter_map(|o| {
+                        let token = match o.e_tag() {
+                            Some(e) => format!("etag:{}", e.trim_matches('"')),
+                            None => {
+                                let t = o.last_modified()?;
+                                format!(
+                                    "modified:{}.{:09}:{}",
+                                    t.secs(),
+                                    t.subsec_nanos(),
+                                    o.size().unwrap_or(-1)
+                                )
+                            }
+                        };
+                        Some((o.key()?.to_string(), token))
+                    })
+                    .collect()
+            })
+            .await?;
+        Ok((all, pages.into_inner()))
+    }
+
     /// Every page of a ListObjectsV2 listing, each page's names taken by `names`.
-    async fn list_pages(
+    async fn list_pages<T>(
         &self,
         bucket: &str,
         prefix: &str,
         start_after: Option<&str>,
         delimiter: Option<&str>,
-        names: impl Fn(&ListObjectsV2Output) -> Vec<String>,
-    ) -> Result<Vec<String>, FetchError> {
+        names: impl Fn(&ListObjectsV2Output) -> Vec<T>,
+    ) -> Result<Vec<T>, FetchError> {
         let what = format!("s3://{bucket}/{prefix}");
         let mut all = Vec::new();
         let mut token: Option<String> = None;

@@ -94,6 +94,9 @@ pub struct PlanSummary {
     pub planned: u64,
     /// Products in earlier output.
     pub previous_products: u64,
+    /// Listing requests made for remote images' ETags.
+    #[serde(default)]
+    pub listing_requests: u64,
     /// Seconds to embed the planned events at `--rate`.
     pub estimated_seconds: Option<f64>,
     /// Examples of bad rows and unreadable images.
@@ -131,10 +134,21 @@ pub fn existing(night: &Path) -> anyhow::Result<Option<PlanSummary>> {
     }
 }
 
+/// Change tokens of remote images (`s3://` URIs without a change column),
+/// looked up by the caller from listings (no image is downloaded): URI →
+/// token (`etag:...`), and the requests it took. A URI missing from the
+/// answer is an image that is not there.
+pub type RemoteTokens<'a> =
+    &'a mut dyn FnMut(&[String]) -> anyhow::Result<(HashMap<String, String>, u64)>;
+
 /// The token of a product's image: the change column's value when the
-/// catalog has one; else, for a local file, its size and modification time
-/// (`None`: it cannot be read).
-fn image_token(p: &Product, catalog_dir: &Path) -> Result<Option<(String, String)>, String> {
+/// catalog has one; else, for a local file, its size and modification
+/// time; for a remote one, its ETag from `remote` (`None`: no image).
+fn image_token(
+    p: &Product,
+    catalog_dir: &Path,
+    remote: &HashMap<String, String>,
+) -> Result<Option<(String, String)>, String> {
     let Some(uri) = &p.image else { return Ok(None) };
     let local = if let Some(rest) = uri.strip_prefix("file://") {
         Some(PathBuf::from(rest))
@@ -160,11 +174,17 @@ fn image_token(p: &Product, catalog_dir: &Path) -> Result<Option<(String, String
                 .map_or(0, |d| d.as_nanos());
             Ok(Some((image, format!("file:{}:{mtime}", meta.len()))))
         }
-        None => Err(format!(
-            "{uri}: remote images need a change-token column (--change-column) to plan \
-             without downloading them"
-        )),
+        None => match remote.get(uri) {
+            Some(token) => Ok(Some((image, token.clone()))),
+            None => Err(format!("{uri}: no such object")),
+        },
     }
+}
+
+/// Whether a product's image token must come from a remote listing.
+fn needs_remote(p: &Product) -> Option<&str> {
+    let uri = p.image.as_deref()?;
+    (p.change.is_none() && uri.contains("://") && !uri.starts_with("file://")).then_some(uri)
 }
 
 /// Plans the night (or keeps the plan already in `input.out`; `replan`
@@ -172,6 +192,7 @@ fn image_token(p: &Product, catalog_dir: &Path) -> Result<Option<(String, String
 pub fn plan(
     input: &PlanInput,
     replan: bool,
+    remote_tokens: RemoteTokens,
     mut progress: impl FnMut(&str, usize, usize),
 ) -> anyhow::Result<(PlanSummary, bool)> {
     if !replan && let Some(summary) = existing(&input.out)? {
@@ -205,13 +226,26 @@ pub fn plan(
         .map(Path::to_path_buf)
         .unwrap_or_default();
     let catalog_dir = std::fs::canonicalize(&catalog_dir).unwrap_or(catalog_dir);
+    let remote: Vec<String> = products
+        .values()
+        .filter_map(needs_remote)
+        .map(str::to_string)
+        .collect();
+    let remote = if remote.is_empty() {
+        HashMap::new()
+    } else {
+        progress("listing images", 0, remote.len());
+        let (etags, requests) = remote_tokens(&remote)?;
+        summary.listing_requests = requests;
+        etags
+    };
     let mut events = Vec::new();
     let total = products.len();
     for (k, (id, p)) in products.iter().enumerate() {
         if k % 4096 == 0 {
             progress("catalog", k, total);
         }
-        let (image, token) = match image_token(p, &catalog_dir) {
+        let (image, token) = match image_token(p, &catalog_dir, &remote) {
             Ok(Some((image, token))) => (Some(image), Some(token)),
             Ok(None) => (None, None),
             Err(why) => {

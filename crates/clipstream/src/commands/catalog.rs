@@ -1,8 +1,9 @@
 //! `clipstream plan` and `clipstream snapshot`: the two ends of a nightly
 //! re-embedding (see `clipstream_pipeline::catalog`).
 
+use std::collections::{BTreeMap, HashMap};
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Args;
@@ -52,8 +53,9 @@ pub struct PlanArgs {
     #[arg(long, default_value = "text", value_name = "NAME")]
     pub text_column: String,
     /// A catalog column that changes whenever the image does (a checksum,
-    /// updated_at): images are then never looked at. Required for s3://
-    /// images; local images are otherwise compared by size and mtime.
+    /// updated_at): images are then never looked at. Without it, local
+    /// images are compared by size and mtime, s3:// images by the ETags of
+    /// a listing (the pipeline's [s3] settings; nothing is downloaded).
     #[arg(long, value_name = "NAME")]
     pub change_column: Option<String>,
     /// The fleet's records/s, for the estimate of the night's encode time.
@@ -103,15 +105,16 @@ fn column(name: &str) -> Option<String> {
 }
 
 pub fn plan(args: PlanArgs) -> anyhow::Result<ExitCode> {
-    let (dir, variant, mode) = match &args.pipeline {
+    let (dir, variant, mode, s3) = match &args.pipeline {
         Some(p) => {
             let cfg = PipelineConfig::load(p)?;
-            (cfg.model.dir, cfg.model.variant, cfg.image.mode)
+            (cfg.model.dir, cfg.model.variant, cfg.image.mode, cfg.s3)
         }
         None => (
             args.model.clone().unwrap_or_default(),
             args.variant.clone(),
             args.image_mode,
+            Default::default(),
         ),
     };
     let fingerprint = format!(
@@ -133,13 +136,15 @@ pub fn plan(args: PlanArgs) -> anyhow::Result<ExitCode> {
         rate: args.rate,
     };
     let progress = bar("plan");
-    let (summary, written) = planner::plan(&input, args.replan, |step, done, total| {
-        if let Some(b) = &progress {
-            b.set_message(step.to_string());
-            b.set_length(total as u64);
-            b.set_position(done as u64);
-        }
-    })?;
+    let mut remote = |uris: &[String]| s3_etags(&s3, uris);
+    let (summary, written) =
+        planner::plan(&input, args.replan, &mut remote, |step, done, total| {
+            if let Some(b) = &progress {
+                b.set_message(step.to_string());
+                b.set_length(total as u64);
+                b.set_position(done as u64);
+            }
+        })?;
     if let Some(b) = progress {
         b.finish_and_clear();
     }
@@ -149,6 +154,68 @@ pub fn plan(args: PlanArgs) -> anyhow::Result<ExitCode> {
         print_plan(&summary, &args, written);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Change tokens (ETags) of `s3://` images from listings (the [s3]
+/// settings of the pipeline): per bucket, one listing of the keys' longest
+/// common folder.
+fn s3_etags(
+    cfg: &clipstream_pipeline::config::S3Config,
+    uris: &[String],
+) -> anyhow::Result<(HashMap<String, String>, u64)> {
+    use clipstream_pipeline::fetch::{Location, resolve};
+    let mut by_bucket: BTreeMap<String, Vec<(String, &String)>> = BTreeMap::new();
+    for uri in uris {
+        // Anything else is left out of the answer: "no such object".
+        if let Ok(Location::S3 { bucket, key }) = resolve(uri, &["s3".into()], Path::new("/")) {
+            by_bucket.entry(bucket).or_default().push((key, uri));
+        }
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let stats = std::sync::Arc::new(clipstream_pipeline::stats::Stats::default());
+        let s3 = clipstream_pipeline::s3::S3::connect(cfg, stats).await;
+        let (mut out, mut requests) = (HashMap::new(), 0);
+        for (bucket, keys) in by_bucket {
+            let prefix = common_folder(keys.iter().map(|(k, _)| k.as_str()));
+            let (etags, pages) = s3
+                .list_change_tokens(&bucket, &prefix)
+                .await
+                .map_err(|e| anyhow::anyhow!("listing s3://{bucket}/{prefix}: {e}"))?;
+            requests += pages;
+            let etags: HashMap<String, String> = etags.into_iter().collect();
+            for (key, uri) in keys {
+                if let Some(e) = etags.get(&key) {
+                    out.insert(uri.clone(), e.clone());
+                }
+            }
+        }
+        Ok((out, requests))
+    })
+}
+
+/// The longest common prefix of `keys` that ends with `/` ("" if none).
+fn common_folder<'a>(mut keys: impl Iterator<Item = &'a str>) -> String {
+    let Some(first) = keys.next() else {
+        return String::new();
+    };
+    let mut common = first.len();
+    for k in keys {
+        common = first
+            .bytes()
+            .zip(k.bytes())
+            .take(common)
+            .take_while(|(a, b)| a == b)
+            .count();
+    }
+    // `/` is one byte, so the prefix up to it ends on a character boundary
+    // even where the keys part in the middle of a character.
+    match first.as_bytes()[..common].iter().rposition(|&b| b == b'/') {
+        Some(i) => first[..=i].to_string(),
+        None => String::new(),
+    }
 }
 
 fn print_plan(s: &PlanSummary, args: &PlanArgs, written: bool) {
@@ -172,6 +239,12 @@ fn print_plan(s: &PlanSummary, args: &PlanArgs, written: bool) {
         "to embed: {} (new {}, model changed {}, image changed {}, text changed {}); unchanged {}; deleted {}",
         s.planned, s.new, s.changed_model, s.changed_image, s.changed_text, s.unchanged, s.deleted
     );
+    if s.listing_requests > 0 {
+        println!(
+            "S3 listing requests for image ETags: {}",
+            s.listing_requests
+        );
+    }
     if s.unreadable_images > 0 {
         println!(
             "skipped: {} products whose image cannot be looked at",
@@ -221,4 +294,22 @@ pub fn snapshot(args: SnapshotArgs) -> anyhow::Result<ExitCode> {
         s.missing
     );
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::common_folder;
+
+    #[test]
+    fn common_folder_stops_at_a_slash() {
+        assert_eq!(
+            common_folder(["a/b/c.jpg", "a/b/d.jpg"].into_iter()),
+            "a/b/"
+        );
+        assert_eq!(common_folder(["a/bx.jpg", "a/by.jpg"].into_iter()), "a/");
+        assert_eq!(common_folder(["x.jpg", "y.jpg"].into_iter()), "");
+        assert_eq!(common_folder(["a/é1", "a/è2"].into_iter()), "a/");
+        assert_eq!(common_folder(["only/one.jpg"].into_iter()), "only/");
+        assert_eq!(common_folder(std::iter::empty()), "");
+    }
 }
