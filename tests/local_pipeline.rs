@@ -439,6 +439,32 @@ fn the_benchmarks_run_and_print_every_figure() {
         );
     }
 
+    let nightly = dir.join("nightly");
+    let out = clipstream(&[
+        "bench",
+        "--model",
+        model.to_str().expect("utf8"),
+        "--nightly",
+        "3000",
+        "--nightly-dir",
+        nightly.to_str().expect("utf8"),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("150 planned of 3000 products (new 30, image 60, text 60), 30 deleted"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("3000 rows (150 from tonight, 2850 carried over)"),
+        "{stdout}"
+    );
+    assert!(!nightly.exists(), "the benchmark's data is removed");
+
     let images = dir.join("images");
     let out = clipstream(&[
         "bench",

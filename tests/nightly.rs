@@ -197,7 +197,17 @@ fn three_nights_embed_only_what_changed() {
     // Only the planned products are encoded: a 5% night is not a full night.
     assert_eq!(run(&n2), (7, 7));
     let snap2 = root.join("snapshots/night-2");
+    // What a snapshot killed part way leaves: its hidden folder, of a
+    // process that is gone (a pid above Linux's maximum). It is removed and
+    // the night's snapshot written as if nothing had happened.
+    let abandoned = root.join("snapshots/.night-2.partial-4194305");
+    std::fs::create_dir_all(&abandoned).expect("partial");
+    std::fs::write(abandoned.join("part-x-00000.parquet"), b"half a file").expect("partial");
     snapshot(&n2, Some(&snap1), &snap2);
+    assert!(
+        !abandoned.exists(),
+        "the abandoned partial snapshot is still there"
+    );
     let rows2 = rows_by_id(&snap2);
     assert_eq!(rows2.len(), 61);
     assert!(!rows2.contains_key(&gone));

@@ -11,6 +11,7 @@
 
 mod corpus;
 mod host_cost;
+mod nightly;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -64,6 +65,18 @@ pub struct BenchArgs {
     /// run from the checkout).
     #[arg(long, value_name = "PATH", env = "CLIPSTREAM_BENCH_PYTHON")]
     pub python: Option<PathBuf>,
+    /// Time `clipstream plan` and `clipstream snapshot` on a catalog of N
+    /// products (5% changed, 1% removed) against a previous snapshot of N
+    /// rows of 512-d embeddings, beside copying that snapshot's files.
+    #[arg(long, value_name = "N")]
+    pub nightly: Option<usize>,
+    /// Where `--nightly` writes its data (removed afterwards unless
+    /// --keep-nightly; about 4.5 GB per million rows at the peak).
+    #[arg(long, value_name = "DIR", default_value = ".cache/bench-nightly")]
+    pub nightly_dir: PathBuf,
+    /// Keep `--nightly`'s data.
+    #[arg(long)]
+    pub keep_nightly: bool,
 }
 
 struct Figure {
@@ -90,6 +103,10 @@ fn timed(
 pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     if args.host_cost {
         host_cost::run(&args)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let Some(n) = args.nightly {
+        nightly::run(&args, n)?;
         return Ok(ExitCode::SUCCESS);
     }
     let want = |part: &str| args.only.is_empty() || args.only.iter().any(|p| p == part);
