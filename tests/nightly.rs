@@ -459,3 +459,98 @@ fn s3_images_are_compared_by_their_listed_etags() {
         "{events}"
     );
 }
+
+/// The products a night removed become tombstones on the embeddings topic
+/// (a real Kafka-protocol broker, tansu): the id as key, no value, after
+/// the night's new embeddings; publishing again on a rerun is harmless.
+#[test]
+fn removed_products_become_tombstones_on_the_embeddings_topic() {
+    let root = scratch("nightly-tombstones");
+    let stack = stack::Stack::start(&root, &[("embeddings", 1)], &["unused"]);
+    let images = root.join("catalog");
+    std::fs::create_dir_all(&images).expect("images");
+    let mut products: Vec<(String, String, String)> = (0..6u32)
+        .map(|k| {
+            (
+                format!("sku-{k}"),
+                image(&images, &format!("p{k}.png"), k),
+                format!("product {k}"),
+            )
+        })
+        .collect();
+    let catalog = images.join("catalog.jsonl");
+    write_catalog(&catalog, &products);
+    let night = |name: &str| {
+        let dir = root.join(name);
+        std::fs::create_dir_all(&dir).expect("night dir");
+        let text = format!(
+            "{model}\n[source]\nkind = \"files\"\nmanifest = \"{manifest}\"\n\n\
+             [fetch]\nroot = \"{root}\"\n\n[sink.parquet]\ndir = \"{out}\"\n\n\
+             [sink.kafka]\nbrokers = \"{brokers}\"\nembeddings_topic = \"embeddings\"\n",
+            model = model_section(),
+            manifest = dir.join("events.jsonl").display(),
+            root = support::root().display(),
+            out = dir.join("out").display(),
+            brokers = stack.brokers(),
+        );
+        let cfg = parse_pipeline(&text, &dir);
+        let pipeline = write_pipeline(&dir, "pipeline", &cfg);
+        Night { dir, pipeline }
+    };
+    let snap = |n: &Night, previous: Option<&Path>, out: &Path| {
+        let output = n.dir.join("out");
+        let mut args = vec![
+            "snapshot",
+            "--night",
+            s(&n.dir),
+            "--output",
+            s(&output),
+            "--out",
+            s(out),
+            "--pipeline",
+            s(&n.pipeline),
+        ];
+        if let Some(p) = previous {
+            args.extend(["--previous", s(p)]);
+        }
+        ok(&args)
+    };
+    let n1 = night("night-1");
+    plan(&n1, &catalog, None);
+    run(&n1);
+    let snap1 = root.join("snap-1");
+    let out = snap(&n1, None, &snap1);
+    assert!(out.contains("tombstones: 0 on embeddings"), "{out}");
+
+    products.retain(|p| p.0 != "sku-1" && p.0 != "sku-4");
+    write_catalog(&catalog, &products);
+    let n2 = night("night-2");
+    let p = plan(&n2, &catalog, Some(&snap1));
+    assert_eq!(p["deleted"], 2, "{p}");
+    run(&n2);
+    let snap2 = root.join("snap-2");
+    let out = snap(&n2, Some(&snap1), &snap2);
+    assert!(out.contains("tombstones: 2 on embeddings"), "{out}");
+    // A rerun of the night's snapshot publishes them again.
+    let out = snap(&n2, Some(&snap1), &snap2);
+    assert!(out.contains("finished snapshot (kept)"), "{out}");
+    assert!(out.contains("tombstones: 2 on embeddings"), "{out}");
+
+    let msgs = stack::read_topic(
+        &stack.brokers(),
+        "embeddings",
+        1,
+        std::time::Duration::from_secs(30),
+        |m| m.len() >= 10,
+    );
+    let tombstones: Vec<&str> = msgs
+        .iter()
+        .filter(|m| m.null)
+        .filter_map(|m| m.key.as_deref())
+        .collect();
+    assert_eq!(tombstones, ["sku-1", "sku-4", "sku-1", "sku-4"], "{msgs:?}");
+    // Night 1's six embeddings came first, every one with a value.
+    assert_eq!(msgs.iter().filter(|m| !m.null).count(), 6, "{msgs:?}");
+    let first_tombstone = msgs.iter().position(|m| m.null).expect("tombstones");
+    assert!(msgs[..first_tombstone].iter().all(|m| !m.null));
+}

@@ -391,6 +391,8 @@ pub struct Msg {
     pub offset: i64,
     pub key: Option<String>,
     pub value: Vec<u8>,
+    /// No value at all (a tombstone), as opposed to an empty one.
+    pub null: bool,
     pub headers: BTreeMap<String, String>,
 }
 
@@ -436,6 +438,7 @@ pub fn read_topic(
                 offset: m.offset(),
                 key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
                 value: m.payload().unwrap_or_default().to_vec(),
+                null: m.payload().is_none(),
                 headers,
             });
         }

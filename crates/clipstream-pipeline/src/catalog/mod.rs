@@ -7,7 +7,8 @@
 //!    different model), the deletions, and the list of tonight's ids.
 //! 2. `clipstream run` embeds the planned events, as any other run.
 //! 3. [`snapshot`]: one row per product of tonight's catalog: tonight's rows
-//!    where there are some, the previous snapshot's otherwise.
+//!    where there are some, the previous snapshot's otherwise; and
+//!    [`tombstones`] for the removed products on the embeddings topic.
 //!
 //! "Changed" is decided without downloading an image: by a change-token
 //! column of the catalog (a checksum or `updated_at`), or for local files
@@ -19,6 +20,7 @@
 pub mod plan;
 pub mod previous;
 pub mod snapshot;
+pub mod tombstones;
 
 use std::path::{Path, PathBuf};
 

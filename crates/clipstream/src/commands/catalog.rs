@@ -84,6 +84,12 @@ pub struct SnapshotArgs {
     /// kept as it is).
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
+    /// The night's pipeline: when it has a [sink.kafka] embeddings_topic,
+    /// the removed products' tombstones (the id as key, no value) are
+    /// published there once the snapshot is in place (again on a rerun:
+    /// that is harmless).
+    #[arg(long, value_name = "FILE")]
+    pub pipeline: Option<PathBuf>,
 }
 
 fn bar(what: &str) -> Option<indicatif::ProgressBar> {
@@ -293,6 +299,35 @@ pub fn snapshot(args: SnapshotArgs) -> anyhow::Result<ExitCode> {
         s.carried_over,
         s.missing
     );
+    if let Some(p) = &args.pipeline {
+        let cfg = PipelineConfig::load(p)?;
+        let topic = cfg
+            .sink
+            .kafka
+            .as_ref()
+            .and_then(|k| k.embeddings_topic.clone());
+        match (cfg.kafka_sink_brokers(), topic) {
+            (Some(brokers), Some(topic)) => {
+                let options = cfg
+                    .sink
+                    .kafka
+                    .as_ref()
+                    .map(|k| k.options.clone())
+                    .unwrap_or_default();
+                let n = clipstream_pipeline::catalog::tombstones::publish(
+                    &brokers,
+                    &options,
+                    &topic,
+                    &args.night,
+                )?;
+                println!("tombstones: {n} on {topic}");
+            }
+            _ => println!(
+                "no tombstones: {} has no [sink.kafka] embeddings_topic",
+                p.display()
+            ),
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 
