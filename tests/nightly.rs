@@ -554,3 +554,64 @@ fn removed_products_become_tombstones_on_the_embeddings_topic() {
     let first_tombstone = msgs.iter().position(|m| m.null).expect("tombstones");
     assert!(msgs[..first_tombstone].iter().all(|m| !m.null));
 }
+
+/// `scripts/nightly.sh`, as cron would run it, two days in a row: the
+/// second day finds the first day's snapshot, embeds only the change, and
+/// running it again finishes nothing new.
+#[test]
+fn the_nightly_script_runs_night_after_night() {
+    let root = scratch("nightly-script");
+    let images = root.join("catalog");
+    std::fs::create_dir_all(&images).expect("images");
+    let mut products: Vec<(String, String, String)> = (0..8u32)
+        .map(|k| {
+            (
+                format!("sku-{k}"),
+                image(&images, &format!("p{k}.png"), k),
+                format!("product {k}"),
+            )
+        })
+        .collect();
+    let catalog = images.join("catalog.jsonl");
+    write_catalog(&catalog, &products);
+    let state = root.join("state");
+    let night = |day: &str| {
+        let out = std::process::Command::new(support::root().join("scripts/nightly.sh"))
+            .arg(&catalog)
+            .arg(&state)
+            .args(["--text-column", "title"])
+            .env("CLIPSTREAM_BIN", bin())
+            .env("CLIPSTREAM_NIGHT_DATE", day)
+            .env("CLIPSTREAM_IMAGES_ROOT", &root)
+            .output()
+            .expect("nightly.sh runs");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    };
+    let out = night("2026-12-01");
+    assert!(out.contains("previous snapshot: none"), "{out}");
+    assert!(out.contains("to embed: 8 (new 8"), "{out}");
+    products[2].2 = "renamed".into();
+    write_catalog(&catalog, &products);
+    let out = night("2026-12-02");
+    assert!(out.contains("snapshots/2026-12-01"), "{out}");
+    assert!(
+        out.contains("to embed: 1 (new 0, model changed 0, image changed 0, text changed 1)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("8 rows in 1 files (1 from tonight, 7 carried over)"),
+        "{out}"
+    );
+    let again = night("2026-12-02");
+    assert!(again.contains("already holds a plan"), "{again}");
+    assert!(again.contains("finished snapshot (kept)"), "{again}");
+    let rows = rows_by_id(&state.join("snapshots/2026-12-02"));
+    assert_eq!(rows.len(), 8);
+    assert_eq!(rows["sku-2"]["text"], "renamed");
+}
