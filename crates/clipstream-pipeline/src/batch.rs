@@ -10,9 +10,9 @@ use std::time::Instant;
 use clipstream_model::tokenize::TokenBatch;
 use clipstream_model::{EmbeddingBatch, ModelError, TextEncoder, VisionEncoder};
 
+use crate::assemble::{Assembler, InFlight, Part, TextJob, VisionJob};
 use crate::config::BatchConfig;
 use crate::fatal::Fatal;
-use crate::prep::{Assembler, InFlight, Part, TextJob, VisionJob};
 use crate::stats::{Stats, Tower};
 
 /// Collects jobs from `rx` into batches for `tx`, until `rx` closes.

@@ -18,11 +18,12 @@ use clipstream_model::{
 use tokio::sync::{Semaphore, watch};
 
 use crate::ack::{AckTracker, PartitionKey, Watermark};
+use crate::assemble::{Assembler, TextJob, VisionJob};
 use crate::batch;
 use crate::budget::Budget;
 use crate::config::{PipelineConfig, SourceConfig};
 use crate::fetch::Fetched;
-use crate::prep::{self, Assembler, PrepContext, TextJob, VisionJob};
+use crate::prep::{self, PrepContext};
 use crate::record::{Done, Record};
 use crate::sink::dead_letter_file::DeadLetterFile;
 use crate::sink::kafka::KafkaOutputs;

@@ -21,8 +21,9 @@
 //!   newly assigned partition from an offset read from the broker).
 //! - [`fetch`]: image URIs to bytes (local files under a root, S3 through
 //!   [`s3`]).
-//! - [`prep`]: decoding and preprocessing, tokenizing, on a CPU pool; the
-//!   [`prep::Assembler`] builds a row when a record's last tower is done.
+//! - [`prep`]: decoding and preprocessing, tokenizing, on a CPU pool.
+//! - [`assemble`]: a record between the towers; the [`assemble::Assembler`]
+//!   builds its row when the last tower is done (on the encoder threads).
 //! - [`batch`]: dynamic batching and the encoder threads (a tower that fails
 //!   on one input makes it a dead letter; one that fails on all is fatal).
 //! - [`sink`]: the outputs stage ([`sink::kafka`]), the sink thread, and
@@ -43,6 +44,7 @@
 //! to the file writer, so memory does not grow with the backlog.
 
 pub mod ack;
+pub mod assemble;
 pub mod batch;
 pub mod budget;
 pub mod catalog;
