@@ -237,7 +237,7 @@ fn three_nights_embed_only_what_changed() {
     assert_eq!(rows2["sku-005"]["text"], "an edited title");
     // Snapshotting the night again keeps the finished snapshot.
     let again = snapshot(&n2, Some(&snap1), &snap2);
-    assert!(again.contains("finished snapshot (kept)"), "{again}");
+    assert!(again.contains("finished snapshot (kept"), "{again}");
     assert_eq!(rows_by_id(&snap2).len(), 61);
 
     // Night 3: a renamed copy of the model changes nothing ...
@@ -253,6 +253,72 @@ fn three_nights_embed_only_what_changed() {
     let n3 = night(&root, "night-3-changed", &changed);
     let p = plan(&n3, &catalog, Some(&snap2));
     assert_eq!(counts(&p), [0, 0, 0, 61, 0, 0, 61], "{p}");
+    // A night's kept plan is for one model: rerunning it with another is
+    // refused, not mixed.
+    let mixed = night(&root, "night-3-renamed", &changed);
+    let err = plan_err(&mixed, &catalog, &snap2, &[]);
+    assert!(err.contains("holds a plan for the model"), "{err}");
+
+    // A broken export must not empty the index: an empty catalog is an
+    // error; one that would delete more than 10% is refused ...
+    let empty = images.join("empty.jsonl");
+    std::fs::write(&empty, "").expect("empty");
+    let err = plan_err(&night(&root, "night-4", &model), &empty, &snap2, &[]);
+    assert!(err.contains("no usable row"), "{err}");
+    let half = images.join("half.jsonl");
+    write_catalog(&half, &products[..30]);
+    let err = plan_err(&night(&root, "night-5", &model), &half, &snap2, &[]);
+    assert!(err.contains("would delete 31 of the 61"), "{err}");
+    // ... unless allowed; and rows that could not be read hold deletions
+    // back (they may be the products that look gone).
+    let n6 = night(&root, "night-6", &model);
+    ok(&[
+        "plan",
+        "--catalog",
+        s(&half),
+        "--pipeline",
+        s(&n6.pipeline),
+        "--night",
+        s(&n6.dir),
+        "--text-column",
+        "title",
+        "--previous",
+        s(&snap2),
+        "--max-deleted-percent",
+        "60",
+    ]);
+    let garbled = images.join("garbled.jsonl");
+    let mut text = std::fs::read_to_string(&catalog).expect("catalog");
+    text = text.replacen("{\"id\":\"sku-000\"", "{\"id\":\"sku-000\" garbage", 1);
+    std::fs::write(&garbled, text).expect("garbled");
+    let p = plan(&night(&root, "night-7", &model), &garbled, Some(&snap2));
+    assert_eq!(
+        (p["deleted"].as_u64(), p["deletions_held"].as_u64()),
+        (Some(0), Some(1)),
+        "{p}"
+    );
+}
+
+/// `plan` that must fail; its stderr.
+fn plan_err(n: &Night, catalog: &Path, previous: &Path, extra: &[&str]) -> String {
+    let mut args = vec![
+        "plan",
+        "--catalog",
+        s(catalog),
+        "--pipeline",
+        s(&n.pipeline),
+        "--night",
+        s(&n.dir),
+        "--text-column",
+        "title",
+        "--previous",
+        s(previous),
+    ];
+    args.extend(extra);
+    let out = clipstream(&args);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    err
 }
 
 #[test]
@@ -469,7 +535,7 @@ fn removed_products_become_tombstones_on_the_embeddings_topic() {
     let stack = stack::Stack::start(&root, &[("embeddings", 1)], &["unused"]);
     let images = root.join("catalog");
     std::fs::create_dir_all(&images).expect("images");
-    let mut products: Vec<(String, String, String)> = (0..6u32)
+    let mut products: Vec<(String, String, String)> = (0..20u32)
         .map(|k| {
             (
                 format!("sku-{k}"),
@@ -531,26 +597,27 @@ fn removed_products_become_tombstones_on_the_embeddings_topic() {
     let snap2 = root.join("snap-2");
     let out = snap(&n2, Some(&snap1), &snap2);
     assert!(out.contains("tombstones: 2 on embeddings"), "{out}");
-    // A rerun of the night's snapshot publishes them again.
+    // A rerun of a finished night's snapshot keeps it: its tombstones went
+    // out before it was in place.
     let out = snap(&n2, Some(&snap1), &snap2);
-    assert!(out.contains("finished snapshot (kept)"), "{out}");
-    assert!(out.contains("tombstones: 2 on embeddings"), "{out}");
+    assert!(out.contains("finished snapshot (kept"), "{out}");
+    assert!(!out.contains("tombstones:"), "{out}");
 
     let msgs = stack::read_topic(
         &stack.brokers(),
         "embeddings",
         1,
         std::time::Duration::from_secs(30),
-        |m| m.len() >= 10,
+        |m| m.len() >= 22,
     );
     let tombstones: Vec<&str> = msgs
         .iter()
         .filter(|m| m.null)
         .filter_map(|m| m.key.as_deref())
         .collect();
-    assert_eq!(tombstones, ["sku-1", "sku-4", "sku-1", "sku-4"], "{msgs:?}");
-    // Night 1's six embeddings came first, every one with a value.
-    assert_eq!(msgs.iter().filter(|m| !m.null).count(), 6, "{msgs:?}");
+    assert_eq!(tombstones, ["sku-1", "sku-4"], "{msgs:?}");
+    // Night 1's twenty embeddings came first, every one with a value.
+    assert_eq!(msgs.iter().filter(|m| !m.null).count(), 20, "{msgs:?}");
     let first_tombstone = msgs.iter().position(|m| m.null).expect("tombstones");
     assert!(msgs[..first_tombstone].iter().all(|m| !m.null));
 }
@@ -610,7 +677,7 @@ fn the_nightly_script_runs_night_after_night() {
     );
     let again = night("2026-12-02");
     assert!(again.contains("already holds a plan"), "{again}");
-    assert!(again.contains("finished snapshot (kept)"), "{again}");
+    assert!(again.contains("finished snapshot (kept"), "{again}");
     let rows = rows_by_id(&state.join("snapshots/2026-12-02"));
     assert_eq!(rows.len(), 8);
     assert_eq!(rows["sku-2"]["text"], "renamed");

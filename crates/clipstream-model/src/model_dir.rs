@@ -200,10 +200,11 @@ impl ModelDir {
 
     /// What determines the model's outputs, as a hash: the bytes of both
     /// towers' ONNX files for `variant` (with their external data files),
-    /// of `preprocessor_config.json` and of the tokenizer's files. Neither
-    /// the directory's name nor `config.json` counts, so a renamed or
-    /// re-described copy has the same fingerprint and a changed weight does
-    /// not. `sha256:` and 64 hex digits.
+    /// of `preprocessor_config.json` and of the tokenizer's files, and the
+    /// text length `config.json` sets. Neither the directory's name nor the
+    /// rest of `config.json` counts, so a renamed or re-described copy has
+    /// the same fingerprint and a changed weight does not. `sha256:` and 64
+    /// hex digits.
     pub fn fingerprint(&self, variant: &Variant) -> Result<String, ModelError> {
         use sha2::{Digest, Sha256};
         let mut parts: Vec<(&str, PathBuf)> = Vec::new();
@@ -227,6 +228,15 @@ impl ModelDir {
             }
         }
         let mut hash = Sha256::new();
+        // config.json counts only for what changes outputs: how far texts
+        // are cut.
+        hash.update(
+            format!(
+                "max_position_embeddings={:?}\0",
+                self.config.text_config.max_position_embeddings
+            )
+            .as_bytes(),
+        );
         let mut buf = vec![0u8; 1 << 20];
         for (name, path) in &parts {
             let io = |e: std::io::Error| ModelError::BadFile {
@@ -234,8 +244,10 @@ impl ModelDir {
                 reason: format!("reading it: {e}"),
             };
             let mut f = std::fs::File::open(path).map_err(io)?;
+            let len = f.metadata().map_err(io)?.len();
             hash.update(name.as_bytes());
             hash.update([0]);
+            hash.update(len.to_le_bytes());
             loop {
                 let n = std::io::Read::read(&mut f, &mut buf).map_err(io)?;
                 if n == 0 {

@@ -117,14 +117,33 @@ pub fn read_catalog(
     match ext.as_str() {
         "jsonl" | "ndjson" | "json" => {
             use std::io::BufRead;
-            for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
-                let n = i as u64 + 1;
-                let line =
-                    line.with_context(|| format!("reading {} at line {n}", path.display()))?;
+            let mut reader = std::io::BufReader::new(file);
+            let mut raw = Vec::new();
+            let mut n = 0u64;
+            loop {
+                raw.clear();
+                let read = reader
+                    .read_until(b'\n', &mut raw)
+                    .with_context(|| format!("reading {} at line {}", path.display(), n + 1))?;
+                if read == 0 {
+                    break;
+                }
+                n += 1;
+                // A byte-order mark on the first line is not part of it.
+                let bytes = if n == 1 {
+                    raw.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&raw)
+                } else {
+                    &raw
+                };
+                let Ok(line) = std::str::from_utf8(bytes) else {
+                    problems.unreadable += 1;
+                    problems.note(n, "not UTF-8");
+                    continue;
+                };
                 if line.trim().is_empty() {
                     continue;
                 }
-                let value: serde_json::Value = match serde_json::from_str(&line) {
+                let value: serde_json::Value = match serde_json::from_str(line) {
                     Ok(v @ serde_json::Value::Object(_)) => v,
                     Ok(_) => {
                         problems.unreadable += 1;
@@ -211,11 +230,14 @@ pub fn read_catalog(
             path.display()
         ),
     }
-    if usable == 0 && problems.no_id > 0 {
+    if usable == 0 {
         anyhow::bail!(
-            "no row of the catalog {} has an id in column {:?}",
+            "the catalog {} has no usable row ({} without an id in column {:?}, {} unreadable): \
+             an empty or broken export is not an empty catalog",
             path.display(),
-            columns.id
+            problems.no_id,
+            columns.id,
+            problems.unreadable
         );
     }
     Ok(problems)

@@ -37,6 +37,9 @@ pub struct PlanInput {
     pub out: PathBuf,
     /// Records/s of the fleet, for the estimate (none: no estimate).
     pub rate: Option<f64>,
+    /// The most products a night may delete, as a share of the products in
+    /// earlier output (a broken export must not empty the index).
+    pub max_deleted_share: f64,
 }
 
 /// Why a product is embedded tonight.
@@ -90,6 +93,9 @@ pub struct PlanSummary {
     pub unchanged: u64,
     /// Products in earlier output and not in the catalog.
     pub deleted: u64,
+    /// Deletions not made because catalog rows could not be read.
+    #[serde(default)]
+    pub deletions_held: u64,
     /// Events written (`new + changed_*`).
     pub planned: u64,
     /// Products in earlier output.
@@ -196,6 +202,14 @@ pub fn plan(
     mut progress: impl FnMut(&str, usize, usize),
 ) -> anyhow::Result<(PlanSummary, bool)> {
     if !replan && let Some(summary) = existing(&input.out)? {
+        anyhow::ensure!(
+            summary.fingerprint == input.fingerprint,
+            "{} holds a plan for the model {}, and this pipeline's model is {}: \
+             plan the night again with --replan (its run output so far is from the other model)",
+            input.out.display(),
+            summary.fingerprint,
+            input.fingerprint
+        );
         return Ok((summary, false));
     }
     std::fs::create_dir_all(&input.out)
@@ -217,14 +231,13 @@ pub fn plan(
         }
     })?;
     summary.bad_rows = problems.total();
-    summary.problems = problems.examples;
+    summary.problems = problems.examples.clone();
     summary.products = products.len() as u64;
 
-    let catalog_dir = input
-        .catalog
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default();
+    let catalog_dir = match input.catalog.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
     let catalog_dir = std::fs::canonicalize(&catalog_dir).unwrap_or(catalog_dir);
     let remote: Vec<String> = products
         .values()
@@ -261,7 +274,11 @@ pub fn plan(
             Some(old) if old.fingerprint.as_deref() != Some(input.fingerprint.as_str()) => {
                 Some(Reason::Model)
             }
-            Some(old) if old.token != token => Some(Reason::Image),
+            Some(old)
+                if old.token != token || old.image != previous::text_hash(image.as_deref()) =>
+            {
+                Some(Reason::Image)
+            }
             Some(old) if old.text != previous::text_hash(p.text.as_deref()) => Some(Reason::Text),
             Some(_) => None,
         };
@@ -296,6 +313,31 @@ pub fn plan(
         .filter(|id| !products.contains_key(*id))
         .collect();
     deleted.sort();
+    // Deletions only from a catalog read cleanly, and not too many of them:
+    // a row that could not be read is a product we know nothing about, not
+    // one that is gone.
+    if problems.unreadable > 0 && !deleted.is_empty() {
+        summary.deletions_held = deleted.len() as u64;
+        summary.problems.insert(
+            0,
+            format!(
+                "{} deletions held back: {} catalog rows could not be read",
+                deleted.len(),
+                problems.unreadable
+            ),
+        );
+        deleted.clear();
+    }
+    if !deleted.is_empty() && deleted.len() as f64 > input.max_deleted_share * prior.len() as f64 {
+        anyhow::bail!(
+            "the catalog {} would delete {} of the {} products in earlier output (more than {:.0}%): \
+             refusing (a partial export?); --max-deleted-percent raises the limit",
+            input.catalog.display(),
+            deleted.len(),
+            prior.len(),
+            100.0 * input.max_deleted_share
+        );
+    }
     summary.deleted = deleted.len() as u64;
     summary.estimated_seconds = input
         .rate

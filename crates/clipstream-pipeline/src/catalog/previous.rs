@@ -22,6 +22,9 @@ pub struct Prior {
     pub token: Option<String>,
     /// A hash of its text ([`text_hash`]).
     pub text: u64,
+    /// A hash of its image URI ([`text_hash`]): an image that moved is
+    /// another image, whatever its token says.
+    pub image: u64,
     /// The fingerprint of the model that wrote it (from the file's
     /// metadata; `None` for files written before fingerprints were kept).
     pub fingerprint: Option<Arc<str>>,
@@ -104,8 +107,9 @@ fn read_file(path: &Path, out: &mut HashMap<String, Prior>) -> anyhow::Result<()
                 .and_then(|c| c.as_any().downcast_ref::<StringArray>())
                 .ok_or_else(|| bad(format!("column {name:?} is not text")))
         };
-        let (ids, etags, texts, attrs) = (
+        let (ids, uris, etags, texts, attrs) = (
             text_col("id")?,
+            text_col("image_uri")?,
             text_col("image_etag")?,
             text_col("text")?,
             text_col("attributes")?,
@@ -133,6 +137,7 @@ fn read_file(path: &Path, out: &mut HashMap<String, Prior>) -> anyhow::Result<()
                 Prior {
                     token,
                     text: text_hash(get(texts, i)),
+                    image: text_hash(get(uris, i)),
                     fingerprint: fingerprint.clone(),
                     processed_at: at,
                 },

@@ -57,6 +57,11 @@ pub struct SnapshotSummary {
     pub missing: u64,
     /// Files written.
     pub files: u64,
+    /// Products planned tonight that have no row from tonight (their image
+    /// or text failed: see the run's dead letters); those with an earlier
+    /// row keep it, stale.
+    #[serde(default)]
+    pub planned_not_done: u64,
 }
 
 fn summary_path(out: &Path) -> PathBuf {
@@ -64,9 +69,11 @@ fn summary_path(out: &Path) -> PathBuf {
 }
 
 /// Writes the snapshot (or returns the one already in `input.out`, with
-/// false). `progress` gets (done, total) input files.
+/// false). `before_publish` runs once the files are complete and before
+/// they are renamed into place. `progress` gets (done, total) input files.
 pub fn snapshot(
     input: &SnapshotInput,
+    before_publish: &mut dyn FnMut() -> anyhow::Result<()>,
     mut progress: impl FnMut(usize, usize),
 ) -> anyhow::Result<(SnapshotSummary, bool)> {
     if input.out.exists() {
@@ -93,29 +100,11 @@ pub fn snapshot(
     };
     let total = tonight.len() + previous.len();
 
-    // Tonight's newest row per product: (file, row) by processed_at.
-    let mut best: HashMap<String, (usize, usize, i64)> = HashMap::new();
-    for (f, path) in tonight.iter().enumerate() {
-        let (file, _) = open(path, &["id", "processed_at"])?;
-        let mut row = 0;
-        for batch in file {
-            let batch = batch.with_context(|| format!("reading {}", path.display()))?;
-            let (idc, at) = (ids_of(&batch, path)?, times_of(&batch, path)?);
-            for i in 0..batch.num_rows() {
-                if idc.is_null(i) || !ids.contains(idc.value(i)) {
-                    continue;
-                }
-                let t = if at.is_null(i) { 0 } else { at.value(i) };
-                let e = best
-                    .entry(idc.value(i).to_string())
-                    .or_insert((f, row + i, t));
-                if t > e.2 {
-                    *e = (f, row + i, t);
-                }
-            }
-            row += batch.num_rows();
-        }
-    }
+    // Tonight's newest row per product: (file, row) by processed_at; and
+    // the previous snapshot's newest row of every other product (the row
+    // `plan` compared with, should that folder hold an id twice).
+    let best = newest_rows(&tonight, &ids, &HashMap::new())?;
+    let carried = newest_rows(&previous, &ids, &best)?;
 
     let parent = input
         .out
@@ -141,63 +130,112 @@ pub fn snapshot(
         files: 0,
     };
     let mut summary = SnapshotSummary::default();
-    let mut written: HashSet<String> = HashSet::new();
     let mut done = 0;
-    // The previous snapshot's rows of products that tonight did not touch.
-    for path in &previous {
-        let (file, fp) = open(path, &[])?;
-        for batch in file {
-            let batch = batch.with_context(|| format!("reading {}", path.display()))?;
-            let idc = ids_of(&batch, path)?;
-            let keep: BooleanArray = (0..batch.num_rows())
-                .map(|i| {
-                    let id = (!idc.is_null(i)).then(|| idc.value(i));
-                    Some(id.is_some_and(|id| {
-                        ids.contains(id) && !best.contains_key(id) && written.insert(id.into())
-                    }))
-                })
-                .collect();
-            summary.carried_over += out.write(&batch, &keep, fp.as_deref(), path)?;
+    // The previous snapshot's rows of products that tonight did not touch,
+    // then tonight's chosen rows.
+    for (files, chosen, is_tonight) in [(&previous, &carried, false), (&tonight, &best, true)] {
+        for (f, path) in files.iter().enumerate() {
+            let (file, fp) = open(path, &[])?;
+            let mut row = 0;
+            for batch in file {
+                let batch = batch.with_context(|| format!("reading {}", path.display()))?;
+                let idc = ids_of(&batch, path)?;
+                let keep: BooleanArray = (0..batch.num_rows())
+                    .map(|i| {
+                        Some(
+                            !idc.is_null(i)
+                                && chosen
+                                    .get(idc.value(i))
+                                    .is_some_and(|&(bf, br, _)| bf == f && br == row + i),
+                        )
+                    })
+                    .collect();
+                let n = out.write(&batch, &keep, fp.as_deref(), path)?;
+                if is_tonight {
+                    summary.from_tonight += n;
+                } else {
+                    summary.carried_over += n;
+                }
+                row += batch.num_rows();
+            }
+            done += 1;
+            progress(done, total);
         }
-        done += 1;
-        progress(done, total);
-    }
-    // Tonight's chosen rows.
-    for (f, path) in tonight.iter().enumerate() {
-        let (file, fp) = open(path, &[])?;
-        let mut row = 0;
-        for batch in file {
-            let batch = batch.with_context(|| format!("reading {}", path.display()))?;
-            let idc = ids_of(&batch, path)?;
-            let keep: BooleanArray = (0..batch.num_rows())
-                .map(|i| {
-                    Some(
-                        !idc.is_null(i)
-                            && best
-                                .get(idc.value(i))
-                                .is_some_and(|&(bf, br, _)| bf == f && br == row + i),
-                    )
-                })
-                .collect();
-            summary.from_tonight += out.write(&batch, &keep, fp.as_deref(), path)?;
-            row += batch.num_rows();
-        }
-        done += 1;
-        progress(done, total);
     }
     summary.files = out.finish()?;
     summary.rows = summary.from_tonight + summary.carried_over;
     summary.missing = ids.len() as u64 - summary.rows;
+    summary.planned_not_done = planned_ids(&input.night)?
+        .iter()
+        .filter(|id| ids.contains(*id) && !best.contains_key(*id))
+        .count() as u64;
     super::plan::write_atomic(&summary_path(&tmp), |f| {
         serde_json::to_writer_pretty(&mut *f, &summary)?;
         Ok(())
     })?;
+    // What must happen before the snapshot counts as finished (the
+    // tombstones): if it fails, or the process dies here, a rerun does it
+    // again, since the snapshot is not in place yet.
+    before_publish()?;
     std::fs::rename(&tmp, &input.out)
         .with_context(|| format!("renaming {} to {}", tmp.display(), input.out.display()))?;
     if let Ok(d) = std::fs::File::open(parent) {
         let _ = d.sync_all();
     }
     Ok((summary, true))
+}
+
+/// The ids of the night's planned events.
+fn planned_ids(night: &Path) -> anyhow::Result<Vec<String>> {
+    use std::io::BufRead;
+    let path = super::plan::events_path(night);
+    let f = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    let mut ids = Vec::new();
+    for line in std::io::BufReader::new(f).lines() {
+        let v: serde_json::Value = serde_json::from_str(&line?)
+            .with_context(|| format!("{}: not JSON lines", path.display()))?;
+        if let Some(id) = v["id"].as_str() {
+            ids.push(id.to_string());
+        }
+    }
+    Ok(ids)
+}
+
+/// Per id of `ids` not in `except`: the (file, row, processed_at) of its
+/// newest row in `files` (ties: the first).
+fn newest_rows(
+    files: &[PathBuf],
+    ids: &HashSet<String>,
+    except: &HashMap<String, (usize, usize, i64)>,
+) -> anyhow::Result<HashMap<String, (usize, usize, i64)>> {
+    let mut best: HashMap<String, (usize, usize, i64)> = HashMap::new();
+    for (f, path) in files.iter().enumerate() {
+        let (file, _) = open(path, &["id", "processed_at"])?;
+        let mut row = 0;
+        for batch in file {
+            let batch = batch.with_context(|| format!("reading {}", path.display()))?;
+            let (idc, at) = (ids_of(&batch, path)?, times_of(&batch, path)?);
+            for i in 0..batch.num_rows() {
+                if idc.is_null(i) {
+                    continue;
+                }
+                let id = idc.value(i);
+                if !ids.contains(id) || except.contains_key(id) {
+                    continue;
+                }
+                let t = if at.is_null(i) { 0 } else { at.value(i) };
+                match best.get_mut(id) {
+                    Some(e) if t > e.2 => *e = (f, row + i, t),
+                    Some(_) => {}
+                    None => {
+                        best.insert(id.to_string(), (f, row + i, t));
+                    }
+                }
+            }
+            row += batch.num_rows();
+        }
+    }
+    Ok(best)
 }
 
 /// Removes `.<name>.partial-<pid>` folders of processes that are gone (a
@@ -348,15 +386,7 @@ fn create(
     fp: Option<&str>,
     seq: usize,
 ) -> anyhow::Result<ArrowWriter<std::fs::File>> {
-    let tag: String = fp
-        .map(|f| {
-            f.trim_start_matches("sha256:")
-                .chars()
-                .filter(char::is_ascii_alphanumeric)
-                .take(12)
-                .collect()
-        })
-        .unwrap_or_else(|| "unknown".into());
+    let tag = fp.map_or_else(|| "unknown".to_string(), file_tag);
     let path = dir.join(format!("part-{tag}-{seq:05}.parquet"));
     let mut kv = Vec::new();
     if let Some(f) = fp {
@@ -372,4 +402,36 @@ fn create(
     let file =
         std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
     Ok(ArrowWriter::try_new(file, Arc::clone(schema), Some(props))?)
+}
+
+/// A file-name tag for a fingerprint: 12 hex digits of its hash, and its
+/// mode (`sha256:ab..+fast` → `ab..-fast`), so that two fingerprints never
+/// share a file.
+fn file_tag(fp: &str) -> String {
+    let (hash, mode) = fp.split_once('+').unwrap_or((fp, ""));
+    let clean = |s: &str, n: usize| -> String {
+        s.chars()
+            .filter(char::is_ascii_alphanumeric)
+            .take(n)
+            .collect()
+    };
+    let mut tag = clean(hash.trim_start_matches("sha256:"), 12);
+    if !mode.is_empty() {
+        tag.push('-');
+        tag.push_str(&clean(mode, 16));
+    }
+    tag
+}
+
+#[cfg(test)]
+mod tests {
+    use super::file_tag;
+
+    #[test]
+    fn exact_and_fast_mode_never_share_a_file() {
+        let a = file_tag("sha256:0123456789abcdef0123");
+        let b = file_tag("sha256:0123456789abcdef0123+fast");
+        assert_eq!(a, "0123456789ab");
+        assert_eq!(b, "0123456789ab-fast");
+    }
 }

@@ -61,6 +61,11 @@ pub struct PlanArgs {
     /// The fleet's records/s, for the estimate of the night's encode time.
     #[arg(long, value_name = "N")]
     pub rate: Option<f64>,
+    /// Refuse a night that would delete more than this share of the
+    /// products in earlier output (a partial export must not empty the
+    /// index).
+    #[arg(long, default_value_t = 10.0, value_name = "PERCENT")]
+    pub max_deleted_percent: f64,
     /// Write a new plan even if the night's folder holds one.
     #[arg(long)]
     pub replan: bool,
@@ -111,16 +116,23 @@ fn column(name: &str) -> Option<String> {
 }
 
 pub fn plan(args: PlanArgs) -> anyhow::Result<ExitCode> {
-    let (dir, variant, mode, s3) = match &args.pipeline {
+    let (dir, variant, mode, s3, buckets) = match &args.pipeline {
         Some(p) => {
             let cfg = PipelineConfig::load(p)?;
-            (cfg.model.dir, cfg.model.variant, cfg.image.mode, cfg.s3)
+            (
+                cfg.model.dir,
+                cfg.model.variant,
+                cfg.image.mode,
+                cfg.s3,
+                cfg.fetch.allowed_buckets,
+            )
         }
         None => (
             args.model.clone().unwrap_or_default(),
             args.variant.clone(),
             args.image_mode,
             Default::default(),
+            Vec::new(),
         ),
     };
     let fingerprint = format!(
@@ -140,9 +152,10 @@ pub fn plan(args: PlanArgs) -> anyhow::Result<ExitCode> {
         fingerprint,
         out: args.night.clone(),
         rate: args.rate,
+        max_deleted_share: args.max_deleted_percent / 100.0,
     };
     let progress = bar("plan");
-    let mut remote = |uris: &[String]| s3_etags(&s3, uris);
+    let mut remote = |uris: &[String]| s3_etags(&s3, &buckets, uris);
     let (summary, written) =
         planner::plan(&input, args.replan, &mut remote, |step, done, total| {
             if let Some(b) = &progress {
@@ -167,13 +180,17 @@ pub fn plan(args: PlanArgs) -> anyhow::Result<ExitCode> {
 /// common folder.
 fn s3_etags(
     cfg: &clipstream_pipeline::config::S3Config,
+    allowed: &[String],
     uris: &[String],
 ) -> anyhow::Result<(HashMap<String, String>, u64)> {
     use clipstream_pipeline::fetch::{Location, resolve};
     let mut by_bucket: BTreeMap<String, Vec<(String, &String)>> = BTreeMap::new();
     for uri in uris {
-        // Anything else is left out of the answer: "no such object".
-        if let Ok(Location::S3 { bucket, key }) = resolve(uri, &["s3".into()], Path::new("/")) {
+        // Anything else is left out of the answer: that product's image
+        // cannot be looked at (counted), and the run would refuse it too.
+        if let Ok(Location::S3 { bucket, key }) = resolve(uri, &["s3".into()], Path::new("/"))
+            && (allowed.is_empty() || allowed.contains(&bucket))
+        {
             by_bucket.entry(bucket).or_default().push((key, uri));
         }
     }
@@ -186,10 +203,18 @@ fn s3_etags(
         let (mut out, mut requests) = (HashMap::new(), 0);
         for (bucket, keys) in by_bucket {
             let prefix = common_folder(keys.iter().map(|(k, _)| k.as_str()));
-            let (etags, pages) = s3
-                .list_change_tokens(&bucket, &prefix)
-                .await
-                .map_err(|e| anyhow::anyhow!("listing s3://{bucket}/{prefix}: {e}"))?;
+            // A bucket that cannot be listed leaves its products as they
+            // were (counted), not the whole night undone.
+            let (etags, pages) = match s3.list_change_tokens(&bucket, &prefix).await {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!(
+                        "warning: cannot list s3://{bucket}/{prefix}: {e}; its {} products are skipped tonight",
+                        keys.len()
+                    );
+                    continue;
+                }
+            };
             requests += pages;
             let etags: HashMap<String, String> = etags.into_iter().collect();
             for (key, uri) in keys {
@@ -251,6 +276,12 @@ fn print_plan(s: &PlanSummary, args: &PlanArgs, written: bool) {
             s.listing_requests
         );
     }
+    if s.deletions_held > 0 {
+        println!(
+            "deletions held back: {} (catalog rows that could not be read may be those products)",
+            s.deletions_held
+        );
+    }
     if s.unreadable_images > 0 {
         println!(
             "skipped: {} products whose image cannot be looked at",
@@ -277,8 +308,44 @@ pub fn snapshot(args: SnapshotArgs) -> anyhow::Result<ExitCode> {
         previous: args.previous.clone(),
         out: args.out.clone(),
     };
+    // Tombstones go out before the snapshot is renamed into place, so that
+    // a night is finished only once they are acknowledged.
+    let tombstones = match &args.pipeline {
+        Some(p) => {
+            let cfg = PipelineConfig::load(p)?;
+            let kafka = cfg.sink.kafka.clone();
+            let topic = kafka.as_ref().and_then(|k| k.embeddings_topic.clone());
+            match (cfg.kafka_sink_brokers(), topic) {
+                (Some(brokers), Some(topic)) => {
+                    let options = kafka.map(|k| k.options).unwrap_or_default();
+                    Some((brokers, options, topic))
+                }
+                _ => {
+                    println!(
+                        "no tombstones: {} has no [sink.kafka] embeddings_topic",
+                        p.display()
+                    );
+                    None
+                }
+            }
+        }
+        None => None,
+    };
+    let mut sent = None;
+    let mut publish = || -> anyhow::Result<()> {
+        if let Some((brokers, options, topic)) = &tombstones {
+            let n = clipstream_pipeline::catalog::tombstones::publish(
+                brokers,
+                options,
+                topic,
+                &args.night,
+            )?;
+            sent = Some((n, topic.clone()));
+        }
+        Ok(())
+    };
     let progress = bar("snapshot");
-    let (s, written) = snapshotter::snapshot(&input, |done, total| {
+    let (s, written) = snapshotter::snapshot(&input, &mut publish, |done, total| {
         if let Some(b) = &progress {
             b.set_length(total as u64);
             b.set_position(done as u64);
@@ -288,7 +355,10 @@ pub fn snapshot(args: SnapshotArgs) -> anyhow::Result<ExitCode> {
         b.finish_and_clear();
     }
     if !written {
-        println!("{} is a finished snapshot (kept):", args.out.display());
+        println!(
+            "{} is a finished snapshot (kept; its tombstones went out before it was)",
+            args.out.display()
+        );
     }
     println!(
         "snapshot {}: {} rows in {} files ({} from tonight, {} carried over); {} products without a row",
@@ -299,34 +369,14 @@ pub fn snapshot(args: SnapshotArgs) -> anyhow::Result<ExitCode> {
         s.carried_over,
         s.missing
     );
-    if let Some(p) = &args.pipeline {
-        let cfg = PipelineConfig::load(p)?;
-        let topic = cfg
-            .sink
-            .kafka
-            .as_ref()
-            .and_then(|k| k.embeddings_topic.clone());
-        match (cfg.kafka_sink_brokers(), topic) {
-            (Some(brokers), Some(topic)) => {
-                let options = cfg
-                    .sink
-                    .kafka
-                    .as_ref()
-                    .map(|k| k.options.clone())
-                    .unwrap_or_default();
-                let n = clipstream_pipeline::catalog::tombstones::publish(
-                    &brokers,
-                    &options,
-                    &topic,
-                    &args.night,
-                )?;
-                println!("tombstones: {n} on {topic}");
-            }
-            _ => println!(
-                "no tombstones: {} has no [sink.kafka] embeddings_topic",
-                p.display()
-            ),
-        }
+    if s.planned_not_done > 0 {
+        println!(
+            "{} planned products got no row tonight (see the run's dead letters); those embedded before keep their earlier row",
+            s.planned_not_done
+        );
+    }
+    if let Some((n, topic)) = sent {
+        println!("tombstones: {n} on {topic}");
     }
     Ok(ExitCode::SUCCESS)
 }
