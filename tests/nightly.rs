@@ -682,3 +682,164 @@ fn the_nightly_script_runs_night_after_night() {
     assert_eq!(rows.len(), 8);
     assert_eq!(rows["sku-2"]["text"], "renamed");
 }
+
+/// The night as a worker fleet runs it (the "done when"): a catalog
+/// of `s3://` images (s3s-fs), `plan --publish` puts the work on the events
+/// topic (tansu), two workers of one consumer group embed it, `snapshot`
+/// writes the table. On night 2 (10 images replaced, 5 titles edited, 4
+/// new products, 2 removed) only those 19 are embedded, the snapshot has
+/// one row per product, and the removed ones are tombstones.
+#[test]
+fn a_two_worker_fleet_runs_two_nights() {
+    use support::streaming::{
+        GROUP, PARTITIONS, TOPIC, TOPICS, pipeline_config, terminate, worker,
+    };
+    let root = scratch("nightly-fleet");
+    let stack = stack::Stack::start(&root, &TOPICS, &["images", "output"]);
+    let objects = stack.s3_dir.join("images").join("cat");
+    std::fs::create_dir_all(&objects).expect("objects");
+    let mut products: Vec<(String, String, String)> = (0..200u32)
+        .map(|k| {
+            image(&objects, &format!("p{k:03}.png"), k);
+            (
+                format!("sku-{k:03}"),
+                format!("s3://images/cat/p{k:03}.png"),
+                format!("product {k}"),
+            )
+        })
+        .collect();
+    let catalog = root.join("catalog.jsonl");
+    write_catalog(&catalog, &products);
+    let aws = |cmd: &mut std::process::Command| {
+        cmd.env("AWS_ACCESS_KEY_ID", stack::ACCESS_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", stack::SECRET_KEY)
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_EC2_METADATA_DISABLED", "true");
+    };
+    let run_ok = |args: &[&str]| -> String {
+        let mut cmd = std::process::Command::new(bin());
+        cmd.args(args);
+        aws(&mut cmd);
+        let out = cmd.output().expect("clipstream runs");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "clipstream {args:?}:\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    };
+    // One night: plan and publish, two workers until the group has
+    // committed everything, snapshot (with tombstones).
+    let night = |name: &str, previous: Option<&Path>| -> (PathBuf, Value, String) {
+        let dir = root.join(name);
+        std::fs::create_dir_all(&dir).expect("night dir");
+        let mut cfg = pipeline_config(&dir, &stack.brokers(), &stack.s3_endpoint(), "fleet");
+        cfg.sink.parquet.url = None;
+        cfg.sink.parquet.spool_dir = None;
+        cfg.sink.parquet.dir = Some(dir.join("out"));
+        let pipeline = write_pipeline(&dir, "pipeline", &cfg);
+        let mut args = vec![
+            "plan",
+            "--json",
+            "--publish",
+            "--catalog",
+            s(&catalog),
+            "--pipeline",
+            s(&pipeline),
+            "--night",
+            s(&dir),
+            "--text-column",
+            "title",
+        ];
+        if let Some(p) = previous {
+            args.extend(["--previous", s(p)]);
+        }
+        let before: i64 = stack::committed(&stack.brokers(), GROUP, TOPIC, PARTITIONS)
+            .values()
+            .filter(|o| **o > 0)
+            .sum();
+        let plan: Value = serde_json::from_str(&run_ok(&args)).expect("plan --json");
+        let target = before + plan["published"].as_i64().expect("published");
+        let workers = [worker(&dir, &pipeline, "a"), worker(&dir, &pipeline, "b")];
+        support::streaming::poll_committed(
+            &stack.brokers(),
+            std::time::Duration::from_secs(180),
+            std::time::Duration::from_millis(500),
+            &format!("group {GROUP} did not commit {target} records"),
+            |c| c.values().filter(|o| **o > 0).sum::<i64>() >= target,
+        );
+        for w in workers {
+            assert_eq!(terminate(w), Some(0));
+        }
+        let snap = root.join("snapshots").join(name);
+        let output = dir.join("out");
+        let mut args = vec![
+            "snapshot",
+            "--night",
+            s(&dir),
+            "--output",
+            s(&output),
+            "--out",
+            s(&snap),
+            "--pipeline",
+            s(&pipeline),
+        ];
+        let prev;
+        if let Some(p) = previous {
+            prev = p.to_path_buf();
+            args.extend(["--previous", s(&prev)]);
+        }
+        let out = run_ok(&args);
+        (dir, plan, out)
+    };
+
+    let (n1, p1, out) = night("night-1", None);
+    assert_eq!(
+        (p1["planned"].as_u64(), p1["published"].as_u64()),
+        (Some(200), Some(200)),
+        "{p1}"
+    );
+    assert_eq!(read_parquet(&n1.join("out")).len(), 200, "night 1's output");
+    assert!(out.contains("200 rows"), "{out}");
+    let snap1 = root.join("snapshots/night-1");
+
+    for k in [3usize, 17, 42, 60, 77, 91, 110, 133, 150, 199] {
+        image(&objects, &format!("p{k:03}.png"), k as u32 + 300);
+    }
+    for k in [5usize, 25, 45, 65, 85] {
+        products[k].2 = format!("product {k}, renamed");
+    }
+    for k in 200..204u32 {
+        image(&objects, &format!("p{k:03}.png"), k);
+        products.push((
+            format!("sku-{k:03}"),
+            format!("s3://images/cat/p{k:03}.png"),
+            format!("product {k}"),
+        ));
+    }
+    products.retain(|p| p.0 != "sku-010" && p.0 != "sku-011");
+    write_catalog(&catalog, &products);
+    let (n2, p2, out) = night("night-2", Some(&snap1));
+    let got = [
+        "new",
+        "changed_image",
+        "changed_text",
+        "deleted",
+        "planned",
+        "published",
+    ]
+    .map(|k| p2[k].as_u64().unwrap_or(u64::MAX));
+    assert_eq!(got, [4, 10, 5, 2, 19, 19], "{p2}");
+    // Only the planned products were embedded by the fleet.
+    assert_eq!(read_parquet(&n2.join("out")).len(), 19, "night 2's output");
+    assert!(
+        out.contains("202 rows in 1 files (19 from tonight, 183 carried over)"),
+        "{out}"
+    );
+    assert!(out.contains("tombstones: 2 on embeddings"), "{out}");
+    let rows = rows_by_id(&root.join("snapshots/night-2"));
+    assert_eq!(rows.len(), 202);
+    assert!(!rows.contains_key("sku-010") && rows.contains_key("sku-203"));
+    assert_eq!(rows["sku-025"]["text"], "product 25, renamed");
+}

@@ -100,6 +100,9 @@ pub struct PlanSummary {
     pub planned: u64,
     /// Products in earlier output.
     pub previous_products: u64,
+    /// Events handed to the fleet's topic (`--publish`).
+    #[serde(default)]
+    pub published: Option<u64>,
     /// Listing requests made for remote images' ETags.
     #[serde(default)]
     pub listing_requests: u64,
@@ -195,10 +198,15 @@ fn needs_remote(p: &Product) -> Option<&str> {
 
 /// Plans the night (or keeps the plan already in `input.out`; `replan`
 /// writes a new one). `progress` gets (step, done, total).
+/// Hands the planned events to the fleet (a Kafka topic); returns how many
+/// the brokers acknowledged.
+pub type Publish<'a> = &'a mut dyn FnMut(&[serde_json::Value]) -> anyhow::Result<u64>;
+
 pub fn plan(
     input: &PlanInput,
     replan: bool,
     remote_tokens: RemoteTokens,
+    publish: Option<Publish>,
     mut progress: impl FnMut(&str, usize, usize),
 ) -> anyhow::Result<(PlanSummary, bool)> {
     if !replan && let Some(summary) = existing(&input.out)? {
@@ -355,6 +363,11 @@ pub fn plan(
             .keys()
             .map(|id| serde_json::Value::from(id.as_str())),
     )?;
+    // Published before the plan counts as complete: a plan that died on
+    // the way is planned (and published) again, never kept unpublished.
+    if let Some(publish) = publish {
+        summary.published = Some(publish(&events)?);
+    }
     write_atomic(&summary_path(&input.out), |f| {
         serde_json::to_writer_pretty(&mut *f, &summary)?;
         f.write_all(b"\n")?;

@@ -66,6 +66,11 @@ pub struct PlanArgs {
     /// index).
     #[arg(long, default_value_t = 10.0, value_name = "PERCENT")]
     pub max_deleted_percent: f64,
+    /// Also send the planned events to the pipeline's Kafka topic (its
+    /// [source] topics[0], keyed by product id) for the worker fleet, before
+    /// the plan is complete.
+    #[arg(long, requires = "pipeline")]
+    pub publish: bool,
     /// Write a new plan even if the night's folder holds one.
     #[arg(long)]
     pub replan: bool,
@@ -116,17 +121,18 @@ fn column(name: &str) -> Option<String> {
 }
 
 pub fn plan(args: PlanArgs) -> anyhow::Result<ExitCode> {
-    let (dir, variant, mode, s3, buckets) = match &args.pipeline {
-        Some(p) => {
-            let cfg = PipelineConfig::load(p)?;
-            (
-                cfg.model.dir,
-                cfg.model.variant,
-                cfg.image.mode,
-                cfg.s3,
-                cfg.fetch.allowed_buckets,
-            )
-        }
+    let cfg = match &args.pipeline {
+        Some(p) => Some(PipelineConfig::load(p)?),
+        None => None,
+    };
+    let (dir, variant, mode, s3, buckets) = match &cfg {
+        Some(cfg) => (
+            cfg.model.dir.clone(),
+            cfg.model.variant.clone(),
+            cfg.image.mode,
+            cfg.s3.clone(),
+            cfg.fetch.allowed_buckets.clone(),
+        ),
         None => (
             args.model.clone().unwrap_or_default(),
             args.variant.clone(),
@@ -134,6 +140,24 @@ pub fn plan(args: PlanArgs) -> anyhow::Result<ExitCode> {
             Default::default(),
             Vec::new(),
         ),
+    };
+    // Where --publish sends the events: the fleet's topic.
+    let fleet = match (&cfg, args.publish) {
+        (Some(cfg), true) => match &cfg.source {
+            clipstream_pipeline::config::SourceConfig::Kafka(k) => Some((
+                k.brokers.clone(),
+                cfg.sink
+                    .kafka
+                    .as_ref()
+                    .map(|s| s.options.clone())
+                    .unwrap_or_default(),
+                k.topics.first().cloned().unwrap_or_default(),
+            )),
+            _ => anyhow::bail!(
+                "--publish needs a pipeline that reads from Kafka ([source] kind = \"kafka\")"
+            ),
+        },
+        _ => None,
     };
     let fingerprint = format!(
         "{}{}",
@@ -156,14 +180,37 @@ pub fn plan(args: PlanArgs) -> anyhow::Result<ExitCode> {
     };
     let progress = bar("plan");
     let mut remote = |uris: &[String]| s3_etags(&s3, &buckets, uris);
-    let (summary, written) =
-        planner::plan(&input, args.replan, &mut remote, |step, done, total| {
+    let mut send = |events: &[serde_json::Value]| -> anyhow::Result<u64> {
+        let Some((brokers, options, topic)) = &fleet else {
+            return Ok(0);
+        };
+        let messages: Vec<(String, Option<Vec<u8>>)> = events
+            .iter()
+            .map(|e| {
+                let id = e["id"].as_str().unwrap_or_default().to_string();
+                (id, Some(e.to_string().into_bytes()))
+            })
+            .collect();
+        clipstream_pipeline::catalog::tombstones::send(brokers, options, topic, &messages)
+    };
+    let publish: Option<planner::Publish> = if fleet.is_some() {
+        Some(&mut send)
+    } else {
+        None
+    };
+    let (summary, written) = planner::plan(
+        &input,
+        args.replan,
+        &mut remote,
+        publish,
+        |step: &str, done: usize, total: usize| {
             if let Some(b) = &progress {
                 b.set_message(step.to_string());
                 b.set_length(total as u64);
                 b.set_position(done as u64);
             }
-        })?;
+        },
+    )?;
     if let Some(b) = progress {
         b.finish_and_clear();
     }
@@ -290,6 +337,9 @@ fn print_plan(s: &PlanSummary, args: &PlanArgs, written: bool) {
     }
     for p in s.problems.iter().take(10) {
         println!("  {p}");
+    }
+    if let Some(n) = s.published {
+        println!("published: {n} events to the fleet's topic");
     }
     if let Some(secs) = s.estimated_seconds {
         println!("estimated encode time: {secs:.0} s at the given rate");
