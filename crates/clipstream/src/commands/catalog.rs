@@ -11,7 +11,7 @@ use clipstream_model::preprocess::ImageMode;
 use clipstream_model::{ModelDir, Variant};
 use clipstream_pipeline::catalog::plan::{PlanInput, PlanSummary};
 use clipstream_pipeline::catalog::snapshot::SnapshotInput;
-use clipstream_pipeline::catalog::{Columns, plan as planner, snapshot as snapshotter};
+use clipstream_pipeline::catalog::{Columns, plan as planner, s3_folder, snapshot as snapshotter};
 use clipstream_pipeline::config::PipelineConfig;
 
 #[derive(Debug, Args)]
@@ -33,7 +33,8 @@ pub struct PlanArgs {
     #[arg(long, default_value = "exact", value_name = "MODE")]
     pub image_mode: ImageMode,
     /// Folder of earlier output: the last snapshot, or earlier nights' run
-    /// output (repeatable; a missing folder is a first night).
+    /// output; local or s3:// (repeatable; a missing folder is a first
+    /// night).
     #[arg(long, value_name = "DIR")]
     pub previous: Vec<PathBuf>,
     /// The night's folder: the plan is written there (events.jsonl,
@@ -77,6 +78,10 @@ pub struct PlanArgs {
     /// Print the summary as JSON instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Where `s3://` folders are copied to be read (default: the system's
+    /// temporary folder); removed afterwards.
+    #[arg(long, value_name = "DIR")]
+    pub spool: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -84,16 +89,22 @@ pub struct SnapshotArgs {
     /// The night's folder (written by `clipstream plan`).
     #[arg(long, value_name = "DIR")]
     pub night: PathBuf,
-    /// Tonight's run output (the pipeline's [sink.parquet] dir; repeatable).
+    /// Tonight's run output (the pipeline's [sink.parquet] dir or url;
+    /// local or s3://; repeatable).
     #[arg(long, value_name = "DIR", required = true)]
     pub output: Vec<PathBuf>,
-    /// The previous night's snapshot (none on a first night).
+    /// The previous night's snapshot, local or s3:// (none on a first night).
     #[arg(long, value_name = "DIR")]
     pub previous: Option<PathBuf>,
-    /// Where the snapshot goes: a new folder (a finished snapshot there is
-    /// kept as it is).
+    /// Where the snapshot goes: a new folder, local or s3:// (a finished
+    /// snapshot there is kept as it is).
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
+    /// Where `s3://` folders are copied to be read and the snapshot is
+    /// written before its upload (default: the system's temporary folder);
+    /// removed afterwards.
+    #[arg(long, value_name = "DIR")]
+    pub spool: Option<PathBuf>,
     /// The night's pipeline: when it has a [sink.kafka] embeddings_topic,
     /// the removed products' tombstones (the id as key, no value) are
     /// published there once the snapshot is in place (again on a rerun:
@@ -114,6 +125,44 @@ fn bar(what: &str) -> Option<indicatif::ProgressBar> {
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     Some(bar)
+}
+
+/// A spool folder for this command, removed when dropped.
+struct Spool(PathBuf);
+
+impl Spool {
+    fn new(base: Option<&PathBuf>, what: &str) -> anyhow::Result<Spool> {
+        let base = base.cloned().unwrap_or_else(std::env::temp_dir);
+        let dir = base.join(format!("clipstream-{what}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        Ok(Spool(dir))
+    }
+
+    /// `folder` itself, or for an `s3://` one a local copy of its Parquet
+    /// files (an empty folder when there are none: a first night).
+    fn local(
+        &self,
+        s3: &clipstream_pipeline::config::S3Config,
+        folder: &Path,
+        k: usize,
+    ) -> anyhow::Result<PathBuf> {
+        if !s3_folder::is_s3(folder) {
+            return Ok(folder.to_path_buf());
+        }
+        let url = folder.to_string_lossy();
+        let dest = self.0.join(format!("in-{k}"));
+        std::fs::create_dir_all(&dest)?;
+        let n = s3_folder::download(s3, &url, &dest)?;
+        eprintln!("copied {n} Parquet files of {url}");
+        Ok(dest)
+    }
+}
+
+impl Drop for Spool {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 fn column(name: &str) -> Option<String> {
@@ -164,6 +213,13 @@ pub fn plan(args: PlanArgs) -> anyhow::Result<ExitCode> {
         ModelDir::open(&dir)?.fingerprint(&variant)?,
         mode.fingerprint_suffix()
     );
+    let spool = Spool::new(args.spool.as_ref(), "plan")?;
+    let previous = args
+        .previous
+        .iter()
+        .enumerate()
+        .map(|(k, p)| spool.local(&s3, p, k))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let input = PlanInput {
         catalog: args.catalog.clone(),
         columns: Columns {
@@ -172,7 +228,7 @@ pub fn plan(args: PlanArgs) -> anyhow::Result<ExitCode> {
             text: column(&args.text_column),
             change: args.change_column.clone(),
         },
-        previous: args.previous.clone(),
+        previous,
         fingerprint,
         out: args.night.clone(),
         rate: args.rate,
@@ -352,17 +408,43 @@ fn print_plan(s: &PlanSummary, args: &PlanArgs, written: bool) {
 }
 
 pub fn snapshot(args: SnapshotArgs) -> anyhow::Result<ExitCode> {
+    let cfg = match &args.pipeline {
+        Some(p) => Some(PipelineConfig::load(p)?),
+        None => None,
+    };
+    let s3 = cfg.as_ref().map(|c| c.s3.clone()).unwrap_or_default();
+    let remote_out = s3_folder::is_s3(&args.out).then(|| args.out.to_string_lossy().into_owned());
+    if let Some(url) = &remote_out
+        && s3_folder::has(&s3, url, "_snapshot.json")?
+    {
+        println!("{url} is a finished snapshot (kept; its tombstones went out before it was)");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let spool = Spool::new(args.spool.as_ref(), "snapshot")?;
+    let outputs = args
+        .output
+        .iter()
+        .enumerate()
+        .map(|(k, p)| spool.local(&s3, p, k))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let previous = match &args.previous {
+        Some(p) => Some(spool.local(&s3, p, args.output.len())?),
+        None => None,
+    };
     let input = SnapshotInput {
         night: args.night.clone(),
-        outputs: args.output.clone(),
-        previous: args.previous.clone(),
-        out: args.out.clone(),
+        outputs,
+        previous,
+        out: match &remote_out {
+            Some(_) => spool.0.join("snapshot"),
+            None => args.out.clone(),
+        },
     };
-    // Tombstones go out before the snapshot is renamed into place, so that
-    // a night is finished only once they are acknowledged.
-    let tombstones = match &args.pipeline {
-        Some(p) => {
-            let cfg = PipelineConfig::load(p)?;
+    // Tombstones go out before the snapshot is in place (renamed, or its
+    // marker uploaded), so that a night is finished only once they are
+    // acknowledged.
+    let tombstones = match (&args.pipeline, &cfg) {
+        (Some(p), Some(cfg)) => {
             let kafka = cfg.sink.kafka.clone();
             let topic = kafka.as_ref().and_then(|k| k.embeddings_topic.clone());
             match (cfg.kafka_sink_brokers(), topic) {
@@ -379,7 +461,7 @@ pub fn snapshot(args: SnapshotArgs) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        None => None,
+        _ => None,
     };
     let mut sent = None;
     let mut publish = || -> anyhow::Result<()> {
@@ -403,6 +485,12 @@ pub fn snapshot(args: SnapshotArgs) -> anyhow::Result<ExitCode> {
     })?;
     if let Some(b) = progress {
         b.finish_and_clear();
+    }
+    if let Some(url) = &remote_out {
+        // The files, then the marker: a snapshot with `_snapshot.json` is
+        // complete. A rerun after a partial upload finds its own objects.
+        let tag = format!("clipstream-snapshot {url}");
+        s3_folder::upload(&s3, &input.out, url, "_snapshot.json", &tag)?;
     }
     if !written {
         println!(
