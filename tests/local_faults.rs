@@ -278,7 +278,9 @@ fn a_full_disk_ends_the_run_with_its_reason_and_a_rerun_completes() {
 #[test]
 fn idle_connections_cannot_starve_the_metrics_server() {
     let dir = scratch("local-slowloris");
-    let input = build_input(&dir, 6000, 19);
+    // Enough records that the run outlives the test (it is stopped at the
+    // end): a run that ended would reset the scrape waiting in its backlog.
+    let input = build_input(&dir, 60000, 19);
     let out = dir.join("out");
     let pipeline = local_pipeline(&dir, &input.manifest, &out, 200);
     let addr = format!("127.0.0.1:{}", support::stack::free_port());
@@ -300,6 +302,10 @@ fn idle_connections_cannot_starve_the_metrics_server() {
     let opened = Instant::now();
     let (status, body) = http_get(&addr, "/metrics");
     let waited = opened.elapsed();
+    assert!(
+        child.try_wait().expect("status").is_none(),
+        "the run ended during the test: give it more records"
+    );
     assert_eq!(status, 200);
     assert!(body.contains("clipstream_records_read_total"));
     assert!(

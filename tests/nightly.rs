@@ -857,3 +857,110 @@ fn a_two_worker_fleet_runs_two_nights() {
         assert_eq!(terminate(w), Some(0));
     }
 }
+
+/// Snapshots on S3 are finished only with their marker: a half-uploaded
+/// one is refused as a previous snapshot, a rerun completes it (its own
+/// objects, same content), and a folder holding other files is refused.
+#[test]
+fn s3_snapshots_are_finished_only_with_their_marker() {
+    let root = scratch("nightly-s3-snapshots");
+    let stack = stack::Stack::s3_only(&root, &["output"]);
+    let images = root.join("catalog");
+    std::fs::create_dir_all(&images).expect("images");
+    let products: Vec<(String, String, String)> = (0..10u32)
+        .map(|k| {
+            (
+                format!("sku-{k}"),
+                image(&images, &format!("p{k}.png"), k),
+                format!("product {k}"),
+            )
+        })
+        .collect();
+    let catalog = images.join("catalog.jsonl");
+    write_catalog(&catalog, &products);
+    let dir = root.join("night-1");
+    std::fs::create_dir_all(&dir).expect("night");
+    let text = format!(
+        "{model}\n[source]\nkind = \"files\"\nmanifest = \"{manifest}\"\n\n\
+         [s3]\nendpoint = \"{endpoint}\"\nforce_path_style = true\n\n\
+         [fetch]\nroot = \"{root}\"\n\n[sink.parquet]\ndir = \"{out}\"\n",
+        model = model_section(),
+        manifest = dir.join("events.jsonl").display(),
+        endpoint = stack.s3_endpoint(),
+        root = support::root().display(),
+        out = dir.join("out").display(),
+    );
+    let pipeline = write_pipeline(&dir, "pipeline", &parse_pipeline(&text, &dir));
+    let n = Night {
+        dir: dir.clone(),
+        pipeline: pipeline.clone(),
+    };
+    plan(&n, &catalog, None);
+    run(&n);
+    let with_s3 = |args: &[&str]| {
+        std::process::Command::new(bin())
+            .args(args)
+            .env("AWS_ACCESS_KEY_ID", stack::ACCESS_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", stack::SECRET_KEY)
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .output()
+            .expect("clipstream runs")
+    };
+    let snapshot_to = |url: &str| {
+        with_s3(&[
+            "snapshot",
+            "--night",
+            s(&dir),
+            "--output",
+            s(&dir.join("out")),
+            "--out",
+            url,
+            "--pipeline",
+            s(&pipeline),
+        ])
+    };
+    let out = snapshot_to("s3://output/snaps/n1/");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let marker = stack.s3_dir.join("output/snaps/n1/_snapshot.json");
+    assert!(marker.is_file());
+    // An upload that died before its marker.
+    std::fs::remove_file(&marker).expect("remove marker");
+    let n2 = night(&root, "night-2", &model());
+    let out = with_s3(&[
+        "plan",
+        "--catalog",
+        s(&catalog),
+        "--pipeline",
+        s(&pipeline),
+        "--night",
+        s(&n2.dir),
+        "--previous",
+        "s3://output/snaps/n1/",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("unfinished snapshot"), "{err}");
+    // Its rerun finds its own objects and finishes it.
+    let out = snapshot_to("s3://output/snaps/n1/");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(marker.is_file(), "the rerun finished the snapshot");
+    assert_eq!(rows_by_id(&stack.s3_dir.join("output/snaps/n1")).len(), 10);
+    // A folder with someone else's file is not written into.
+    let other = stack.s3_dir.join("output/snaps/n1b");
+    std::fs::create_dir_all(&other).expect("dir");
+    std::fs::write(other.join("part-zzz-00000.parquet"), b"not ours").expect("file");
+    let out = snapshot_to("s3://output/snaps/n1b/");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("not a file of this snapshot"), "{err}");
+    assert!(!other.join("_snapshot.json").exists());
+}

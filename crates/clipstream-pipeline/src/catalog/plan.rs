@@ -218,6 +218,20 @@ pub fn plan(
             summary.fingerprint,
             input.fingerprint
         );
+        // A kept plan that was never published is published now (once).
+        if let Some(publish) = publish
+            && summary.published.is_none()
+        {
+            let mut summary = summary;
+            let events = read_events(&events_path(&input.out))?;
+            summary.published = Some(publish(&events)?);
+            write_atomic(&summary_path(&input.out), |f| {
+                serde_json::to_writer_pretty(&mut *f, &summary)?;
+                f.write_all(b"\n")?;
+                Ok(())
+            })?;
+            return Ok((summary, false));
+        }
         return Ok((summary, false));
     }
     std::fs::create_dir_all(&input.out)
@@ -421,4 +435,14 @@ pub fn read_ids(night: &Path) -> anyhow::Result<std::collections::HashSet<String
         ids.insert(id);
     }
     Ok(ids)
+}
+
+fn read_events(path: &Path) -> anyhow::Result<Vec<serde_json::Value>> {
+    use std::io::BufRead;
+    let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    std::io::BufReader::new(f)
+        .lines()
+        .map(|l| Ok(serde_json::from_str(&l?)?))
+        .collect::<anyhow::Result<Vec<_>>>()
+        .with_context(|| format!("reading {}", path.display()))
 }

@@ -42,9 +42,26 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
+/// What an `s3://` folder to read is expected to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// A snapshot: it must be finished (hold `_snapshot.json`).
+    Snapshot,
+    /// A snapshot or earlier run output: not an unfinished snapshot (files
+    /// named `part-*` without the marker), and not empty (a mistyped
+    /// prefix is not a first night).
+    Earlier,
+    /// Run output: anything, even nothing.
+    Output,
+}
+
+/// The marker of a finished snapshot.
+pub const MARKER: &str = "_snapshot.json";
+
 /// Copies the Parquet files under the `s3://` folder `url` into `dest`
-/// (keeping their paths below the folder); returns how many.
-pub fn download(cfg: &S3Config, url: &str, dest: &Path) -> anyhow::Result<usize> {
+/// (keeping their paths below the folder), after checking that the folder
+/// is what `expect` says; returns how many.
+pub fn download(cfg: &S3Config, url: &str, dest: &Path, expect: Expect) -> anyhow::Result<usize> {
     let (bucket, prefix) = split(url)?;
     runtime()?.block_on(async {
         let s3 = S3::connect(cfg, Arc::new(Stats::default())).await;
@@ -52,10 +69,15 @@ pub fn download(cfg: &S3Config, url: &str, dest: &Path) -> anyhow::Result<usize>
             .list(&bucket, &prefix, None)
             .await
             .map_err(|e| anyhow::anyhow!("listing {url}: {e}"))?;
-        let budget = crate::budget::Budget::new(u64::MAX);
-        let mut n = 0;
-        for key in keys {
-            let rel = &key[prefix.len()..];
+        let mut files = Vec::new();
+        let mut finished = false;
+        for key in &keys {
+            let Some(rel) = key.strip_prefix(&prefix) else {
+                continue;
+            };
+            if rel == MARKER {
+                finished = true;
+            }
             // Hidden and underscore names are not data (as in local folders).
             if !rel.ends_with(".parquet")
                 || rel
@@ -64,9 +86,36 @@ pub fn download(cfg: &S3Config, url: &str, dest: &Path) -> anyhow::Result<usize>
             {
                 continue;
             }
+            // Only plain relative paths land in the spool.
+            anyhow::ensure!(
+                !rel.split('/').any(str::is_empty),
+                "s3://{bucket}/{key}: an empty path segment; refusing to copy it"
+            );
+            files.push((key.clone(), rel.to_string()));
+        }
+        let unfinished_snapshot = !finished
+            && files
+                .iter()
+                .any(|(_, rel)| !rel.contains('/') && rel.starts_with("part-"));
+        match expect {
+            Expect::Snapshot => anyhow::ensure!(
+                finished,
+                "{url} is not a finished snapshot (no {MARKER}): an upload that died part way?"
+            ),
+            Expect::Earlier => {
+                anyhow::ensure!(
+                    !unfinished_snapshot,
+                    "{url} looks like an unfinished snapshot (part-* files, no {MARKER})"
+                );
+                anyhow::ensure!(!files.is_empty(), "{url} holds no Parquet files");
+            }
+            Expect::Output => {}
+        }
+        let budget = crate::budget::Budget::new(u64::MAX);
+        for (key, rel) in &files {
             let memory = tokio::sync::Mutex::new(budget.charge(0));
             let (bytes, _) = s3
-                .get(&bucket, &key, 64 << 30, &memory)
+                .get(&bucket, key, 64 << 30, &memory)
                 .await
                 .map_err(|e| anyhow::anyhow!("reading s3://{bucket}/{key}: {e}"))?;
             let path = dest.join(rel);
@@ -74,9 +123,8 @@ pub fn download(cfg: &S3Config, url: &str, dest: &Path) -> anyhow::Result<usize>
                 std::fs::create_dir_all(parent)?;
             }
             std::fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))?;
-            n += 1;
         }
-        Ok(n)
+        Ok(files.len())
     })
 }
 
@@ -95,10 +143,12 @@ pub fn has(cfg: &S3Config, url: &str, name: &str) -> anyhow::Result<bool> {
 }
 
 /// Uploads every file of `dir` into the `s3://` folder `url`, `last` after
-/// all the others. An object that is already there from an earlier attempt
-/// of the same snapshot (same `tag`) counts as uploaded; one from anyone
-/// else is an error: nothing is replaced.
-pub fn upload(cfg: &S3Config, dir: &Path, url: &str, last: &str, tag: &str) -> anyhow::Result<()> {
+/// all the others and only once the folder holds exactly these files. Each
+/// object is tagged with its content's hash: one already there with the
+/// same content (an earlier attempt of the same snapshot) counts as
+/// uploaded; anything else is an error, and nothing is replaced.
+pub fn upload(cfg: &S3Config, dir: &Path, url: &str, last: &str) -> anyhow::Result<()> {
+    use sha2::{Digest, Sha256};
     let (bucket, prefix) = split(url)?;
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_context(|| format!("listing {}", dir.display()))?
@@ -108,26 +158,50 @@ pub fn upload(cfg: &S3Config, dir: &Path, url: &str, last: &str, tag: &str) -> a
     files.sort_by_key(|p| (p.file_name().is_some_and(|n| n == last), p.clone()));
     runtime()?.block_on(async {
         let s3 = S3::connect(cfg, Arc::new(Stats::default())).await;
+        let mut ours = std::collections::HashSet::new();
         for path in &files {
             let name = path
                 .file_name()
                 .and_then(|n| n.to_str())
                 .with_context(|| format!("{}: not a UTF-8 name", path.display()))?;
             let key = format!("{prefix}{name}");
+            if name == last {
+                // Only over exactly this snapshot's files.
+                let there = s3
+                    .list(&bucket, &prefix, None)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("listing {url}: {e}"))?;
+                if let Some(other) = there.iter().find(|k| !ours.contains(*k)) {
+                    anyhow::bail!(
+                        "s3://{bucket}/{other} is not a file of this snapshot (an earlier \
+                         attempt from other inputs?): remove it or choose another --out"
+                    );
+                }
+            }
+            let bytes =
+                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            let tag = format!(
+                "clipstream-snapshot sha256:{}",
+                Sha256::digest(&bytes)
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<String>()
+            );
             match s3
-                .put_new_file(path, &bucket, &key, 16 << 20, tag, &|| true)
+                .put_new_file(path, &bucket, &key, 16 << 20, &tag, &|| true)
                 .await
             {
                 Ok(()) => {}
                 Err(PutError::Exists) => anyhow::bail!(
-                    "s3://{bucket}/{key} exists and was not written by this snapshot: refusing to \
-                     replace it"
+                    "s3://{bucket}/{key} exists with other content: refusing to replace it \
+                     (an earlier attempt from other inputs? remove it or choose another --out)"
                 ),
                 Err(PutError::NotOwned) => anyhow::bail!("s3://{bucket}/{key}: not owned"),
                 Err(PutError::Failed(e)) => {
                     anyhow::bail!("uploading {} to s3://{bucket}/{key}: {e}", path.display())
                 }
             }
+            ours.insert(key);
         }
         Ok(())
     })

@@ -133,7 +133,10 @@ struct Spool(PathBuf);
 impl Spool {
     fn new(base: Option<&PathBuf>, what: &str) -> anyhow::Result<Spool> {
         let base = base.cloned().unwrap_or_else(std::env::temp_dir);
-        let dir = base.join(format!("clipstream-{what}-{}", std::process::id()));
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let dir = base.join(format!("clipstream-{what}-{}-{nanos}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
         Ok(Spool(dir))
@@ -146,6 +149,7 @@ impl Spool {
         s3: &clipstream_pipeline::config::S3Config,
         folder: &Path,
         k: usize,
+        expect: s3_folder::Expect,
     ) -> anyhow::Result<PathBuf> {
         if !s3_folder::is_s3(folder) {
             return Ok(folder.to_path_buf());
@@ -153,7 +157,7 @@ impl Spool {
         let url = folder.to_string_lossy();
         let dest = self.0.join(format!("in-{k}"));
         std::fs::create_dir_all(&dest)?;
-        let n = s3_folder::download(s3, &url, &dest)?;
+        let n = s3_folder::download(s3, &url, &dest, expect)?;
         eprintln!("copied {n} Parquet files of {url}");
         Ok(dest)
     }
@@ -193,14 +197,13 @@ pub fn plan(args: PlanArgs) -> anyhow::Result<ExitCode> {
     // Where --publish sends the events: the fleet's topic.
     let fleet = match (&cfg, args.publish) {
         (Some(cfg), true) => match &cfg.source {
+            // The source cluster's own settings (security), and its limit
+            // on an event's size.
             clipstream_pipeline::config::SourceConfig::Kafka(k) => Some((
                 k.brokers.clone(),
-                cfg.sink
-                    .kafka
-                    .as_ref()
-                    .map(|s| s.options.clone())
-                    .unwrap_or_default(),
+                k.options.clone(),
                 k.topics.first().cloned().unwrap_or_default(),
+                k.max_event_bytes,
             )),
             _ => anyhow::bail!(
                 "--publish needs a pipeline that reads from Kafka ([source] kind = \"kafka\")"
@@ -218,7 +221,7 @@ pub fn plan(args: PlanArgs) -> anyhow::Result<ExitCode> {
         .previous
         .iter()
         .enumerate()
-        .map(|(k, p)| spool.local(&s3, p, k))
+        .map(|(k, p)| spool.local(&s3, p, k, s3_folder::Expect::Earlier))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let input = PlanInput {
         catalog: args.catalog.clone(),
@@ -237,16 +240,23 @@ pub fn plan(args: PlanArgs) -> anyhow::Result<ExitCode> {
     let progress = bar("plan");
     let mut remote = |uris: &[String]| s3_etags(&s3, &buckets, uris);
     let mut send = |events: &[serde_json::Value]| -> anyhow::Result<u64> {
-        let Some((brokers, options, topic)) = &fleet else {
+        let Some((brokers, options, topic, max_bytes)) = &fleet else {
             return Ok(0);
         };
-        let messages: Vec<(String, Option<Vec<u8>>)> = events
-            .iter()
-            .map(|e| {
-                let id = e["id"].as_str().unwrap_or_default().to_string();
-                (id, Some(e.to_string().into_bytes()))
-            })
-            .collect();
+        let mut messages: Vec<(String, Option<Vec<u8>>)> = Vec::with_capacity(events.len());
+        for e in events {
+            let id = e["id"].as_str().unwrap_or_default().to_string();
+            let bytes = e.to_string().into_bytes();
+            // The workers would refuse it: say so here, and send the rest.
+            if bytes.len() > *max_bytes {
+                eprintln!(
+                    "warning: the event of {id:?} is {} bytes, over the source's max_event_bytes ({max_bytes}): not published",
+                    bytes.len()
+                );
+                continue;
+            }
+            messages.push((id, Some(bytes)));
+        }
         clipstream_pipeline::catalog::tombstones::send(brokers, options, topic, &messages)
     };
     let publish: Option<planner::Publish> = if fleet.is_some() {
@@ -425,10 +435,10 @@ pub fn snapshot(args: SnapshotArgs) -> anyhow::Result<ExitCode> {
         .output
         .iter()
         .enumerate()
-        .map(|(k, p)| spool.local(&s3, p, k))
+        .map(|(k, p)| spool.local(&s3, p, k, s3_folder::Expect::Output))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let previous = match &args.previous {
-        Some(p) => Some(spool.local(&s3, p, args.output.len())?),
+        Some(p) => Some(spool.local(&s3, p, args.output.len(), s3_folder::Expect::Snapshot)?),
         None => None,
     };
     let input = SnapshotInput {
@@ -489,8 +499,7 @@ pub fn snapshot(args: SnapshotArgs) -> anyhow::Result<ExitCode> {
     if let Some(url) = &remote_out {
         // The files, then the marker: a snapshot with `_snapshot.json` is
         // complete. A rerun after a partial upload finds its own objects.
-        let tag = format!("clipstream-snapshot {url}");
-        s3_folder::upload(&s3, &input.out, url, "_snapshot.json", &tag)?;
+        s3_folder::upload(&s3, &input.out, url, s3_folder::MARKER)?;
     }
     if !written {
         println!(
