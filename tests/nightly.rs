@@ -524,6 +524,30 @@ fn s3_images_are_compared_by_their_listed_etags() {
         events.contains("sku-04") && !events.contains("sku-07"),
         "{events}"
     );
+
+    // The catalog itself may be on S3: the same night, the same plan.
+    let shelf = stack.s3_dir.join("shop").join("catalogs");
+    std::fs::create_dir_all(&shelf).expect("dir");
+    std::fs::copy(&catalog, shelf.join("catalog.jsonl")).expect("copy");
+    let n3 = night("night-3");
+    let p3: Value = serde_json::from_str(&with_s3(&[
+        "plan",
+        "--json",
+        "--catalog",
+        "s3://shop/catalogs/catalog.jsonl",
+        "--pipeline",
+        s(&n3.pipeline),
+        "--night",
+        s(&n3.dir),
+        "--text-column",
+        "title",
+        "--previous",
+        s(&snap1),
+    ]))
+    .expect("plan --json");
+    for k in ["changed_image", "unreadable_images", "unchanged", "planned"] {
+        assert_eq!(p3[k], p[k], "{k}: {p3}");
+    }
 }
 
 /// The products a night removed become tombstones on the embeddings topic

@@ -226,8 +226,9 @@ pub fn read_catalog(
                 keep(product, &mut problems);
             }
         }
+        "parquet" => read_parquet_catalog(path, file, columns, &mut problems, &mut keep)?,
         other => anyhow::bail!(
-            "the catalog {}: unknown format {other:?} (use .jsonl or .csv)",
+            "the catalog {}: unknown format {other:?} (use .jsonl, .csv or .parquet)",
             path.display()
         ),
     }
@@ -242,6 +243,103 @@ pub fn read_catalog(
         );
     }
     Ok(problems)
+}
+
+/// One column's value of a row, as text.
+type TextColumn<'a> = Box<dyn Fn(usize) -> Option<String> + 'a>;
+
+/// A Parquet catalog: the configured columns, as text (strings, integers);
+/// a row's line is its 1-based row number.
+fn read_parquet_catalog(
+    path: &Path,
+    file: std::fs::File,
+    columns: &Columns,
+    problems: &mut RowProblems,
+    keep: &mut impl FnMut(Product, &mut RowProblems),
+) -> anyhow::Result<()> {
+    use arrow_array::{Array, Int32Array, Int64Array, LargeStringArray, StringArray, UInt64Array};
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let bad = |what: String| anyhow::anyhow!("the catalog {}: {what}", path.display());
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(|e| bad(format!("not a readable Parquet file ({e})")))?;
+    let schema = builder.schema().clone();
+    let wanted: Vec<&String> = [
+        Some(&columns.id),
+        columns.image.as_ref(),
+        columns.text.as_ref(),
+        columns.change.as_ref(),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    for c in &wanted {
+        if schema.field_with_name(c).is_err() {
+            return Err(bad(format!(
+                "no column {c:?} (its columns: {})",
+                schema
+                    .fields()
+                    .iter()
+                    .map(|f| f.name().as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+    }
+    let reader = builder
+        .with_batch_size(8192)
+        .build()
+        .map_err(|e| bad(e.to_string()))?;
+    let mut line = 0u64;
+    for batch in reader {
+        let batch = batch.map_err(|e| bad(e.to_string()))?;
+        // Each configured column as a text getter.
+        let getter = |name: &Option<String>| -> anyhow::Result<Option<TextColumn<'_>>> {
+            let Some(name) = name else { return Ok(None) };
+            let col = batch
+                .column_by_name(name)
+                .ok_or_else(|| bad(format!("no column {name:?}")))?;
+            let any = col.as_any();
+            let f: Box<dyn Fn(usize) -> Option<String>> =
+                if let Some(a) = any.downcast_ref::<StringArray>() {
+                    Box::new(move |i| (!a.is_null(i)).then(|| a.value(i).trim().to_string()))
+                } else if let Some(a) = any.downcast_ref::<LargeStringArray>() {
+                    Box::new(move |i| (!a.is_null(i)).then(|| a.value(i).trim().to_string()))
+                } else if let Some(a) = any.downcast_ref::<Int64Array>() {
+                    Box::new(move |i| (!a.is_null(i)).then(|| a.value(i).to_string()))
+                } else if let Some(a) = any.downcast_ref::<Int32Array>() {
+                    Box::new(move |i| (!a.is_null(i)).then(|| a.value(i).to_string()))
+                } else if let Some(a) = any.downcast_ref::<UInt64Array>() {
+                    Box::new(move |i| (!a.is_null(i)).then(|| a.value(i).to_string()))
+                } else {
+                    return Err(bad(format!(
+                        "column {name:?} is {}; text or integers expected",
+                        col.data_type()
+                    )));
+                };
+            Ok(Some(f))
+        };
+        let (id, image, text, change) = (
+            getter(&Some(columns.id.clone()))?,
+            getter(&columns.image)?,
+            getter(&columns.text)?,
+            getter(&columns.change)?,
+        );
+        let get = |g: &Option<TextColumn<'_>>, i: usize| {
+            g.as_ref().and_then(|g| g(i)).filter(|v| !v.is_empty())
+        };
+        for i in 0..batch.num_rows() {
+            line += 1;
+            let product = Product {
+                line,
+                id: get(&id, i).unwrap_or_default(),
+                image: get(&image, i),
+                text: get(&text, i),
+                change: get(&change, i),
+            };
+            keep(product, problems);
+        }
+    }
+    Ok(())
 }
 
 /// A JSON scalar as text (`null` and empty strings are absent).
@@ -331,6 +429,55 @@ mod tests {
             ),
             (1, 2, 1)
         );
+    }
+
+    #[test]
+    fn parquet_catalogs_are_read_by_column_name() {
+        use arrow_array::{ArrayRef, Int64Array, RecordBatch, StringArray};
+        use std::sync::Arc;
+        let dir =
+            std::env::temp_dir().join(format!("clipstream-catalog-pq-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("c.parquet");
+        let batch = RecordBatch::try_from_iter([
+            (
+                "sku",
+                Arc::new(Int64Array::from(vec![Some(7), None, Some(9)])) as ArrayRef,
+            ),
+            (
+                "img",
+                Arc::new(StringArray::from(vec![Some("a.jpg"), Some("b.jpg"), None])) as ArrayRef,
+            ),
+            (
+                "title",
+                Arc::new(StringArray::from(vec![
+                    Some(" t "),
+                    Some("x"),
+                    Some("only text"),
+                ])) as ArrayRef,
+            ),
+            (
+                "sum",
+                Arc::new(StringArray::from(vec![Some("s1"), Some("s2"), None])) as ArrayRef,
+            ),
+        ])
+        .expect("batch");
+        let f = std::fs::File::create(&path).expect("file");
+        let mut w = parquet::arrow::ArrowWriter::try_new(f, batch.schema(), None).expect("writer");
+        w.write(&batch).expect("write");
+        w.close().expect("close");
+        let mut rows = Vec::new();
+        let problems = read_catalog(&path, &columns(), |p| rows.push(p)).expect("reads");
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].id, "7");
+        assert_eq!(rows[0].text.as_deref(), Some("t"));
+        assert_eq!(rows[1].image, None);
+        assert_eq!(rows[1].line, 3);
+        assert_eq!(problems.no_id, 1);
+        let mut c = columns();
+        c.text = Some("nope".into());
+        let err = read_catalog(&path, &c, |_| {}).expect_err("missing column");
+        assert!(err.to_string().contains("no column \"nope\""), "{err}");
     }
 
     #[test]

@@ -128,6 +128,27 @@ pub fn download(cfg: &S3Config, url: &str, dest: &Path, expect: Expect) -> anyho
     })
 }
 
+/// Copies the object `url` (`s3://bucket/key`) to the file `dest`.
+pub fn download_object(cfg: &S3Config, url: &str, dest: &Path) -> anyhow::Result<()> {
+    let rest = url
+        .strip_prefix("s3://")
+        .with_context(|| format!("{url} is not an s3:// URL"))?;
+    let (bucket, key) = rest
+        .split_once('/')
+        .filter(|(b, k)| !b.is_empty() && !k.is_empty())
+        .with_context(|| format!("{url} is not s3://bucket/key"))?;
+    runtime()?.block_on(async {
+        let s3 = S3::connect(cfg, Arc::new(Stats::default())).await;
+        let budget = crate::budget::Budget::new(u64::MAX);
+        let memory = tokio::sync::Mutex::new(budget.charge(0));
+        let (bytes, _) = s3
+            .get(bucket, key, 64 << 30, &memory)
+            .await
+            .map_err(|e| anyhow::anyhow!("reading {url}: {e}"))?;
+        std::fs::write(dest, bytes).with_context(|| format!("writing {}", dest.display()))
+    })
+}
+
 /// Whether `url` holds the object `name` (a finished snapshot's marker).
 pub fn has(cfg: &S3Config, url: &str, name: &str) -> anyhow::Result<bool> {
     let (bucket, prefix) = split(url)?;

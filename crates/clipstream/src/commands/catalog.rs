@@ -16,7 +16,8 @@ use clipstream_pipeline::config::PipelineConfig;
 
 #[derive(Debug, Args)]
 pub struct PlanArgs {
-    /// Tonight's catalog export: JSON Lines (.jsonl) or CSV (.csv).
+    /// Tonight's catalog export: JSON Lines (.jsonl), CSV (.csv) or Parquet
+    /// (.parquet); local or s3://bucket/key.
     #[arg(long, value_name = "FILE")]
     pub catalog: PathBuf,
     /// The pipeline that will embed the plan: its model (and image mode)
@@ -223,8 +224,23 @@ pub fn plan(args: PlanArgs) -> anyhow::Result<ExitCode> {
         .enumerate()
         .map(|(k, p)| spool.local(&s3, p, k, s3_folder::Expect::Earlier))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    // A catalog on S3 is copied into the spool first (keeping its name, so
+    // that its format is known).
+    let catalog = if s3_folder::is_s3(&args.catalog) {
+        let url = args.catalog.to_string_lossy().into_owned();
+        let name = url
+            .rsplit('/')
+            .next()
+            .filter(|n| !n.is_empty())
+            .unwrap_or("catalog");
+        let local = spool.0.join(name);
+        s3_folder::download_object(&s3, &url, &local)?;
+        local
+    } else {
+        args.catalog.clone()
+    };
     let input = PlanInput {
-        catalog: args.catalog.clone(),
+        catalog,
         columns: Columns {
             id: args.id_column.clone(),
             image: column(&args.image_column),
