@@ -103,6 +103,10 @@ pub struct PlanSummary {
     /// Events handed to the fleet's topic (`--publish`).
     #[serde(default)]
     pub published: Option<u64>,
+    /// Where they ended, per partition of that topic (the offset after the
+    /// last one): the group has done the night once it committed these.
+    #[serde(default)]
+    pub published_ends: BTreeMap<i32, i64>,
     /// Listing requests made for remote images' ETags.
     #[serde(default)]
     pub listing_requests: u64,
@@ -200,7 +204,8 @@ fn needs_remote(p: &Product) -> Option<&str> {
 /// writes a new one). `progress` gets (step, done, total).
 /// Hands the planned events to the fleet (a Kafka topic); returns how many
 /// the brokers acknowledged.
-pub type Publish<'a> = &'a mut dyn FnMut(&[serde_json::Value]) -> anyhow::Result<u64>;
+pub type Publish<'a> =
+    &'a mut dyn FnMut(&[serde_json::Value]) -> anyhow::Result<(u64, BTreeMap<i32, i64>)>;
 
 pub fn plan(
     input: &PlanInput,
@@ -224,7 +229,9 @@ pub fn plan(
         {
             let mut summary = summary;
             let events = read_events(&events_path(&input.out))?;
-            summary.published = Some(publish(&events)?);
+            let (n, ends) = publish(&events)?;
+            summary.published = Some(n);
+            summary.published_ends = ends;
             write_atomic(&summary_path(&input.out), |f| {
                 serde_json::to_writer_pretty(&mut *f, &summary)?;
                 f.write_all(b"\n")?;
@@ -380,7 +387,9 @@ pub fn plan(
     // Published before the plan counts as complete: a plan that died on
     // the way is planned (and published) again, never kept unpublished.
     if let Some(publish) = publish {
-        summary.published = Some(publish(&events)?);
+        let (n, ends) = publish(&events)?;
+        summary.published = Some(n);
+        summary.published_ends = ends;
     }
     write_atomic(&summary_path(&input.out), |f| {
         serde_json::to_writer_pretty(&mut *f, &summary)?;

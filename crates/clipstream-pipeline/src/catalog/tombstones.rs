@@ -12,15 +12,17 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
 /// Sends `messages` (key, value; no value: a tombstone) to `topic` and
-/// waits until the brokers acknowledged every one; returns how many.
+/// waits until the brokers acknowledged every one; returns how many, and
+/// per partition the offset after the last one (where a consumer group
+/// that has read them all has committed).
 pub fn send(
     brokers: &str,
     options: &BTreeMap<String, String>,
     topic: &str,
     messages: &[(String, Option<Vec<u8>>)],
-) -> anyhow::Result<u64> {
+) -> anyhow::Result<(u64, BTreeMap<i32, i64>)> {
     if messages.is_empty() {
-        return Ok(0);
+        return Ok((0, BTreeMap::new()));
     }
     let producer: FutureProducer = crate::sink::kafka::producer_config(brokers, options)
         .create()
@@ -53,15 +55,78 @@ pub fn send(
             }
         }
         let mut sent = 0;
+        let mut ends = BTreeMap::new();
         for (key, delivery) in pending {
             match delivery.await {
-                Ok(Ok(_)) => sent += 1,
+                Ok(Ok(d)) => {
+                    sent += 1;
+                    let end = ends.entry(d.partition).or_insert(0);
+                    *end = (*end).max(d.offset + 1);
+                }
                 Ok(Err((e, _))) => anyhow::bail!("the message of {key:?}: {e}"),
                 Err(_) => anyhow::bail!("the message of {key:?}: the producer went away"),
             }
         }
-        Ok(sent)
+        Ok((sent, ends))
     })
+}
+
+/// Waits until consumer group `group` has committed, on `topic`, at least
+/// `ends` (partition → offset), checking every two seconds for at most
+/// `timeout`; says how far it got when it gives up.
+pub fn wait_committed(
+    brokers: &str,
+    options: &BTreeMap<String, String>,
+    group: &str,
+    topic: &str,
+    ends: &BTreeMap<i32, i64>,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{Offset, TopicPartitionList};
+    if ends.is_empty() {
+        return Ok(());
+    }
+    let mut config = rdkafka::config::ClientConfig::new();
+    config.set("bootstrap.servers", brokers);
+    for (k, v) in options {
+        config.set(k, v);
+    }
+    // Reads the group's offsets; never subscribes, so never joins it.
+    let consumer: BaseConsumer = config
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .map_err(|e| anyhow::anyhow!("cannot create a Kafka client: {e}"))?;
+    let mut tpl = TopicPartitionList::new();
+    for p in ends.keys() {
+        tpl.add_partition(topic, *p);
+    }
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let committed = consumer
+            .committed_offsets(tpl.clone(), Duration::from_secs(10))
+            .map_err(|e| anyhow::anyhow!("reading group {group:?}'s offsets: {e}"))?;
+        let behind: Vec<String> = ends
+            .iter()
+            .filter_map(|(p, end)| {
+                let at = match committed.find_partition(topic, *p).map(|e| e.offset()) {
+                    Some(Offset::Offset(o)) => o,
+                    _ => -1,
+                };
+                (at < *end).then(|| format!("{topic}[{p}] at {at} of {end}"))
+            })
+            .collect();
+        if behind.is_empty() {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the fleet has not finished the night: group {group:?} is behind on {}",
+            behind.join(", ")
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    }
 }
 
 /// Publishes one tombstone per id of the night's `deletions.jsonl` on
@@ -92,5 +157,5 @@ pub fn publish(
         ids.push(id.to_string());
     }
     let messages: Vec<(String, Option<Vec<u8>>)> = ids.into_iter().map(|id| (id, None)).collect();
-    send(brokers, options, topic, &messages)
+    Ok(send(brokers, options, topic, &messages)?.0)
 }

@@ -6,6 +6,7 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::Args;
 use clipstream_model::preprocess::ImageMode;
 use clipstream_model::{ModelDir, Variant};
@@ -101,6 +102,11 @@ pub struct SnapshotArgs {
     /// snapshot there is kept as it is).
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
+    /// With a fleet (`plan --publish`): first wait up to this many seconds
+    /// for the pipeline's consumer group to have committed every event the
+    /// plan published, and fail, saying how far it got, if it has not.
+    #[arg(long, value_name = "SECONDS", requires = "pipeline")]
+    pub wait: Option<u64>,
     /// Where `s3://` folders are copied to be read and the snapshot is
     /// written before its upload (default: the system's temporary folder);
     /// removed afterwards.
@@ -255,9 +261,9 @@ pub fn plan(args: PlanArgs) -> anyhow::Result<ExitCode> {
     };
     let progress = bar("plan");
     let mut remote = |uris: &[String]| s3_etags(&s3, &buckets, uris);
-    let mut send = |events: &[serde_json::Value]| -> anyhow::Result<u64> {
+    let mut send = |events: &[serde_json::Value]| -> anyhow::Result<(u64, BTreeMap<i32, i64>)> {
         let Some((brokers, options, topic, max_bytes)) = &fleet else {
-            return Ok(0);
+            return Ok((0, BTreeMap::new()));
         };
         let mut messages: Vec<(String, Option<Vec<u8>>)> = Vec::with_capacity(events.len());
         for e in events {
@@ -445,6 +451,31 @@ pub fn snapshot(args: SnapshotArgs) -> anyhow::Result<ExitCode> {
     {
         println!("{url} is a finished snapshot (kept; its tombstones went out before it was)");
         return Ok(ExitCode::SUCCESS);
+    }
+    if let (Some(secs), Some(cfg)) = (args.wait, &cfg) {
+        let clipstream_pipeline::config::SourceConfig::Kafka(k) = &cfg.source else {
+            anyhow::bail!("--wait needs a pipeline that reads from Kafka (the fleet's)");
+        };
+        let plan = planner::existing(&args.night)?.with_context(|| {
+            format!(
+                "{}: no plan (run `clipstream plan` first)",
+                args.night.display()
+            )
+        })?;
+        let topic = k.topics.first().cloned().unwrap_or_default();
+        eprintln!(
+            "waiting for group {:?} to finish the night's {} events ...",
+            k.group_id,
+            plan.published.unwrap_or(0)
+        );
+        clipstream_pipeline::catalog::tombstones::wait_committed(
+            &k.brokers,
+            &k.options,
+            &k.group_id,
+            &topic,
+            &plan.published_ends,
+            std::time::Duration::from_secs(secs),
+        )?;
     }
     let spool = Spool::new(args.spool.as_ref(), "snapshot")?;
     let outputs = args
