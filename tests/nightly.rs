@@ -978,3 +978,77 @@ fn s3_snapshots_are_finished_only_with_their_marker() {
     assert!(err.contains("not a file of this snapshot"), "{err}");
     assert!(!other.join("_snapshot.json").exists());
 }
+
+/// `snapshot --wait` gives up, naming what is behind, when nobody
+/// consumes the night's published events (and writes no snapshot).
+#[test]
+fn snapshot_wait_gives_up_on_a_fleet_that_is_behind() {
+    use support::streaming::{TOPICS, pipeline_config};
+    let root = scratch("nightly-wait");
+    let stack = stack::Stack::start(&root, &TOPICS, &["images", "output"]);
+    let objects = stack.s3_dir.join("images").join("cat");
+    std::fs::create_dir_all(&objects).expect("objects");
+    let products: Vec<(String, String, String)> = (0..5u32)
+        .map(|k| {
+            image(&objects, &format!("p{k}.png"), k);
+            (
+                format!("sku-{k}"),
+                format!("s3://images/cat/p{k}.png"),
+                format!("product {k}"),
+            )
+        })
+        .collect();
+    let catalog = root.join("catalog.jsonl");
+    write_catalog(&catalog, &products);
+    let cfg = pipeline_config(&root, &stack.brokers(), &stack.s3_endpoint(), "idle");
+    let pipeline = write_pipeline(&root, "idle", &cfg);
+    let night = root.join("night");
+    let with_s3 = |args: &[&str]| {
+        std::process::Command::new(bin())
+            .args(args)
+            .env("AWS_ACCESS_KEY_ID", stack::ACCESS_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", stack::SECRET_KEY)
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .output()
+            .expect("clipstream runs")
+    };
+    let out = with_s3(&[
+        "plan",
+        "--publish",
+        "--catalog",
+        s(&catalog),
+        "--pipeline",
+        s(&pipeline),
+        "--night",
+        s(&night),
+        "--text-column",
+        "title",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let snap = root.join("snapshot");
+    let out = with_s3(&[
+        "snapshot",
+        "--wait",
+        "3",
+        "--night",
+        s(&night),
+        "--output",
+        s(&root.join("nothing")),
+        "--out",
+        s(&snap),
+        "--pipeline",
+        s(&pipeline),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("has not finished the night"), "{err}");
+    assert!(
+        !snap.exists(),
+        "a snapshot was written before the fleet finished"
+    );
+}
