@@ -352,6 +352,18 @@ fn scalar_text(v: &serde_json::Value) -> Option<String> {
     }
 }
 
+/// The model fingerprint a clipstream Parquet file records in its
+/// metadata (`None`: written before fingerprints were kept).
+pub(crate) fn file_fingerprint(meta: &parquet::file::metadata::ParquetMetaData) -> Option<String> {
+    meta.file_metadata()
+        .key_value_metadata()
+        .and_then(|kv| {
+            kv.iter()
+                .find(|k| k.key == crate::sink::parquet::FINGERPRINT_KEY)
+        })
+        .and_then(|k| k.value.clone())
+}
+
 /// The Parquet files under `dir`, recursively, in name order (files being
 /// written, `.tmp` and names starting with `.` or `_`, are left out).
 pub fn parquet_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {

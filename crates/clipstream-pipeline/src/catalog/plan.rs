@@ -229,14 +229,8 @@ pub fn plan(
         {
             let mut summary = summary;
             let events = read_events(&events_path(&input.out))?;
-            let (n, ends) = publish(&events)?;
-            summary.published = Some(n);
-            summary.published_ends = ends;
-            write_atomic(&summary_path(&input.out), |f| {
-                serde_json::to_writer_pretty(&mut *f, &summary)?;
-                f.write_all(b"\n")?;
-                Ok(())
-            })?;
+            publish_into(&mut summary, publish, &events)?;
+            write_summary(&input.out, &summary)?;
             return Ok((summary, false));
         }
         return Ok((summary, false));
@@ -387,16 +381,31 @@ pub fn plan(
     // Published before the plan counts as complete: a plan that died on
     // the way is planned (and published) again, never kept unpublished.
     if let Some(publish) = publish {
-        let (n, ends) = publish(&events)?;
-        summary.published = Some(n);
-        summary.published_ends = ends;
+        publish_into(&mut summary, publish, &events)?;
     }
-    write_atomic(&summary_path(&input.out), |f| {
-        serde_json::to_writer_pretty(&mut *f, &summary)?;
+    write_summary(&input.out, &summary)?;
+    Ok((summary, true))
+}
+
+/// Publishes `events` and records how many, and where they ended.
+fn publish_into(
+    summary: &mut PlanSummary,
+    publish: Publish,
+    events: &[serde_json::Value],
+) -> anyhow::Result<()> {
+    let (n, ends) = publish(events)?;
+    summary.published = Some(n);
+    summary.published_ends = ends;
+    Ok(())
+}
+
+/// Writes `plan.json`: the mark of a complete plan.
+fn write_summary(night: &Path, summary: &PlanSummary) -> anyhow::Result<()> {
+    write_atomic(&summary_path(night), |f| {
+        serde_json::to_writer_pretty(&mut *f, summary)?;
         f.write_all(b"\n")?;
         Ok(())
-    })?;
-    Ok((summary, true))
+    })
 }
 
 fn write_lines<T: Serialize>(path: &Path, lines: impl Iterator<Item = T>) -> anyhow::Result<()> {

@@ -12,8 +12,6 @@ use arrow_array::{Array, StringArray, TimestampMillisecondArray};
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
-use crate::sink::parquet::FINGERPRINT_KEY;
-
 /// The newest row written for a product.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Prior {
@@ -78,13 +76,7 @@ fn read_file(path: &Path, out: &mut HashMap<String, Prior>) -> anyhow::Result<()
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let builder = ParquetRecordBatchReaderBuilder::try_new(file)
         .map_err(|e| bad(format!("not a readable Parquet file ({e})")))?;
-    let fingerprint: Option<Arc<str>> = builder
-        .metadata()
-        .file_metadata()
-        .key_value_metadata()
-        .and_then(|kv| kv.iter().find(|k| k.key == FINGERPRINT_KEY))
-        .and_then(|k| k.value.as_deref())
-        .map(Arc::from);
+    let fingerprint: Option<Arc<str>> = super::file_fingerprint(builder.metadata()).map(Arc::from);
     let schema = builder.schema().clone();
     for c in COLUMNS {
         if schema.field_with_name(c).is_err() {

@@ -269,12 +269,7 @@ fn open(path: &Path, columns: &[&str]) -> anyhow::Result<(Reader, Option<String>
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let builder = ParquetRecordBatchReaderBuilder::try_new(file)
         .map_err(|e| bad(format!("not a readable Parquet file ({e})")))?;
-    let fp = builder
-        .metadata()
-        .file_metadata()
-        .key_value_metadata()
-        .and_then(|kv| kv.iter().find(|k| k.key == FINGERPRINT_KEY))
-        .and_then(|k| k.value.clone());
+    let fp = super::file_fingerprint(builder.metadata());
     for c in ["id", "processed_at"] {
         if builder.schema().field_with_name(c).is_err() {
             return Err(bad(format!("no column {c:?}: not clipstream output")));

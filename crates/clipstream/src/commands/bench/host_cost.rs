@@ -30,15 +30,8 @@ const THREAD: libc::c_int = libc::RUSAGE_THREAD;
 const THREAD: libc::c_int = libc::RUSAGE_SELF;
 
 /// CPU seconds (user + system) used so far by `who`.
-#[allow(unsafe_code)]
 fn cpu_seconds(who: libc::c_int) -> f64 {
-    // SAFETY: getrusage writes one `rusage` into the zeroed value we own.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    if unsafe { libc::getrusage(who, &mut ru) } != 0 {
-        return f64::NAN;
-    }
-    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
-    t(ru.ru_utime) + t(ru.ru_stime)
+    super::usage(who).0
 }
 
 /// One line of the table.

@@ -79,6 +79,19 @@ pub struct BenchArgs {
     pub keep_nightly: bool,
 }
 
+/// CPU seconds (user + system) used so far by `who` (`RUSAGE_SELF`,
+/// `RUSAGE_CHILDREN`, ...), and its peak RSS in KiB.
+#[allow(unsafe_code)]
+fn usage(who: libc::c_int) -> (f64, i64) {
+    // SAFETY: getrusage writes one `rusage` into the zeroed value we own.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(who, &mut ru) } != 0 {
+        return (f64::NAN, 0);
+    }
+    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    (t(ru.ru_utime) + t(ru.ru_stime), ru.ru_maxrss)
+}
+
 struct Figure {
     name: &'static str,
     per_s: f64,

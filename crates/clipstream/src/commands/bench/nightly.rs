@@ -28,16 +28,9 @@ use super::BenchArgs;
 const DIM: usize = 512;
 const ROWS_PER_FILE: usize = 100_000;
 
-/// Resource use of a finished child process.
-#[allow(unsafe_code)]
+/// CPU seconds and peak RSS (KiB) of the finished child processes.
 fn children() -> (f64, i64) {
-    // SAFETY: getrusage writes one `rusage` into the zeroed value we own.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    if unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) } != 0 {
-        return (f64::NAN, 0);
-    }
-    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
-    (t(ru.ru_utime) + t(ru.ru_stime), ru.ru_maxrss)
+    super::usage(libc::RUSAGE_CHILDREN)
 }
 
 fn pseudo(i: usize, salt: u64) -> f32 {
