@@ -60,6 +60,12 @@ def avg_of(hist: str, extra: str = "", by: str = "") -> str:
 # partition once even while a rebalance leaves a stale copy on another pod.
 LAG_BY_PARTITION = f"max by (topic, partition)(clipstream_kafka_consumer_lag_records{s()})"
 LAG_TOTAL = f"sum({LAG_BY_PARTITION})"
+# A night's progress: what `clipstream plan --publish` planned (every pod
+# that read one of its events reports it), and of that, what the group has
+# not yet committed (the lag, at most the planned count).
+NIGHT_PLANNED = f"max by (night)(clipstream_night_planned{s()})"
+NIGHT_DONE = f"clamp_min({NIGHT_PLANNED} - on() group_left() {LAG_TOTAL}, 0)"
+NIGHT_REMAINING = f"{NIGHT_PLANNED} - {NIGHT_DONE}"
 
 
 # --------------------------------------------------------------------------
@@ -381,6 +387,12 @@ def overview() -> dict:
         "Rows and encodings / s", "Parquet rows written, images and texts encoded, per second.", "ops",
         [(rate("clipstream_rows_written_total"), "rows written"), (rate("clipstream_images_encoded_total"), "images encoded"),
          (rate("clipstream_texts_encoded_total"), "texts encoded")]))
+
+    p.append(row("Nightly re-embedding"))
+    p.append(stat("Night: planned", "Events the night's `clipstream plan --publish` sent to the fleet (from their headers; the two nights seen last).", "short", NIGHT_PLANNED, w=6, graph=False))
+    p.append(stat("Night: done", "Share of the night's planned events the group has committed: planned minus what is still on the topic. Counts the night's events only while nothing else is published on the topic.", "percentunit", f"({NIGHT_DONE}) / ({NIGHT_PLANNED})", w=6, graph=False))
+    p.append(stat("Night: remaining", "Planned events not yet committed by the group (the consumer lag, at most the night's planned count).", "short", NIGHT_REMAINING, w=6))
+    p.append(stat("Night: ETA", "Remaining events divided by the current finish rate: when the night's work is done at this throughput.", "s", f"({NIGHT_REMAINING}) / on() group_left() {rate('clipstream_records_finished_total')}", w=6, steps=((3600, "orange"), (6 * 3600, "red"))))
 
     p.append(row("Latency by stage (p50 / p95)"))
     for title, hist, extra, desc in STAGES:

@@ -22,6 +22,10 @@ fn worker_names() -> BTreeSet<String> {
     stats.dead_letter(Stage::Fetch, Kind::ObjectNotFound);
     stats.kafka_lag.with_label_values(&["events", "0"]).set(1);
     stats.encoder("model", "cpu");
+    stats.night(&clipstream_pipeline::catalog::progress::NightMark {
+        night: "n".into(),
+        planned: 1,
+    });
     stats
         .s3_seconds
         .with_label_values(&[S3Op::GetObject.as_str()])

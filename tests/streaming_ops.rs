@@ -39,7 +39,18 @@ fn prometheus_scrapes_two_workers_and_every_dashboard_panel_has_data() {
             worker(&dir, &p, pod)
         })
         .collect();
-    let delivered = stack::produce(&brokers, TOPIC, &ev.messages);
+    // Marked as a night's events, as `clipstream plan --publish` does (the
+    // night's progress panels).
+    let planned = ev.messages.len().to_string();
+    let delivered = stack::produce_with_headers(
+        &brokers,
+        TOPIC,
+        &ev.messages,
+        &[
+            ("clipstream.night", "2026-12-02"),
+            ("clipstream.night.planned", &planned),
+        ],
+    );
     wait_committed(&brokers, &ends(&delivered), Duration::from_secs(240));
 
     // The live /metrics of a Kafka worker passes promtool's lint.
@@ -54,6 +65,7 @@ fn prometheus_scrapes_two_workers_and_every_dashboard_panel_has_data() {
                 "clipstream_kafka_messages_produced_total",
                 "clipstream_kafka_source_paused",
                 "clipstream_kafka_source_pauses_total",
+                "clipstream_night_planned",
                 "clipstream_s3_requests_total",
                 "clipstream_s3_retries_total",
             ],

@@ -51,7 +51,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 CHART = ROOT / "helm" / "clipstream"
-REQUIRED_SCENARIOS = ("gpu", "autoscaling", "s3-sasl")
+REQUIRED_SCENARIOS = ("gpu", "autoscaling", "s3-sasl", "nightly")
 RELEASE, NAMESPACE = "ops-check", "ml"
 
 try:
@@ -392,6 +392,7 @@ def check_scenario(chart, label: str, values: dict, defaults: dict, kube_version
         c.ok(gpu["resourceName"] not in limits, f"{label}: no GPU requested")
     model_mounts = [m for m in ctr.get("volumeMounts", []) if m["mountPath"] == merged["pipeline"]["model"]["dir"]]
     c.ok(bool(model_mounts) == (merged["model"]["source"] != "image"), f"{label}: model volume mounted at pipeline.model.dir only when model.source is not image")
+    check_nightly(c, label, docs, merged, binary, rendered, chart)
     if any(d["kind"] == "ConfigMap" and "-dashboard-" in d["metadata"]["name"] for _, d in docs):
         for cm in (d for _, d in docs if d["kind"] == "ConfigMap" and "-dashboard-" in d["metadata"]["name"]):
             c.ok(all(cm["metadata"]["labels"].get(k) == v for k, v in merged["dashboards"]["labels"].items()),
@@ -447,6 +448,63 @@ def check_scenario(chart, label: str, values: dict, defaults: dict, kube_version
     run_validate(c, label, toml_text, labels_text, refs, binary, mode)
 
 
+def check_nightly(c: Checks, label: str, docs, merged: dict, binary: str | None, rendered: dict, chart) -> None:
+    """The nightly CronJob: present exactly when nightly.enabled; its pods are
+    not the workers' (no selector picks them up), run `clipstream night` on
+    the rendered pipeline with flags the binary knows, never two at once,
+    and are not killed while they wait for the fleet."""
+    jobs = find(docs, "CronJob")
+    n = merged["nightly"]
+    if not c.ok(len(jobs) == (1 if n["enabled"] else 0), f"{label}: a nightly CronJob exactly when nightly.enabled", str(len(jobs))):
+        return
+    if not jobs:
+        return
+    cj = jobs[0]
+    job = cj["spec"]["jobTemplate"]["spec"]
+    pod = job["template"]
+    spec = pod["spec"]
+    ctr = spec["containers"][0]
+    labels = pod["metadata"]["labels"]
+    selectors = [("Deployment", d["spec"]["selector"]["matchLabels"]) for d in find(docs, "Deployment")]
+    selectors += [("Service", s["spec"]["selector"]) for s in find(docs, "Service")]
+    selectors += [("PodDisruptionBudget", p["spec"]["selector"]["matchLabels"]) for p in find(docs, "PodDisruptionBudget")]
+    for kind, sel in selectors:
+        c.ok(not matches(sel, labels), f"{label}: the {kind} does not select the nightly job's pods", str(sel))
+    c.ok(cj["spec"]["concurrencyPolicy"] == "Forbid", f"{label}: never two nights at once (concurrencyPolicy Forbid)")
+    c.ok(spec["restartPolicy"] == "Never", f"{label}: nightly pods are not restarted in place")
+    args = ctr["args"]
+    c.ok(args[0] == "night", f"{label}: the job runs `clipstream night`", str(args[:1]))
+    flag = lambda f: args[args.index(f) + 1] if f in args else None  # noqa: E731
+    c.ok(flag("--pipeline") == "/config/pipeline.toml", f"{label}: the job reads the rendered pipeline")
+    c.ok(flag("--catalog") == n["catalog"] and flag("--snapshots") == n["snapshots"], f"{label}: catalog and snapshots as given")
+    wait = int(flag("--wait") or 0)
+    c.ok(wait == n["waitSeconds"] and job["activeDeadlineSeconds"] > wait,
+         f"{label}: activeDeadlineSeconds {job['activeDeadlineSeconds']} above the wait {wait}")
+    mounts = {m["mountPath"]: m["name"] for m in ctr.get("volumeMounts", [])}
+    vols = {v["name"]: v for v in spec.get("volumes", [])}
+    c.ok(all(mounts.get(p) in vols for p in ("/config", "/tmp", "/work")), f"{label}: /config, /tmp and /work are mounted volumes", str(mounts))
+    c.ok(vols.get(mounts.get("/config"), {}).get("configMap", {}).get("name") in {m["metadata"]["name"] for m in find(docs, "ConfigMap")},
+         f"{label}: the job's /config is the rendered ConfigMap")
+    if n["workVolume"]:
+        c.ok({k: v for k, v in vols[mounts["/work"]].items() if k != "name"} == n["workVolume"], f"{label}: /work is nightly.workVolume")
+    model_mounted = merged["pipeline"]["model"]["dir"] in mounts
+    c.ok(model_mounted == (merged["model"]["source"] != "image"), f"{label}: the job sees the model (plan fingerprints it)")
+    csc = ctr.get("securityContext", {})
+    c.ok(csc.get("readOnlyRootFilesystem") is True and spec.get("securityContext", {}).get("runAsNonRoot") is True,
+         f"{label}: the job runs non-root on a read-only root filesystem")
+    config_src = rendered[f"{chart.name}/templates/configmap.yaml"]
+    c.ok(pod["metadata"]["annotations"].get("checksum/config") == hashlib.sha256(config_src.encode()).hexdigest(),
+         f"{label}: the job's checksum/config is the hash of the rendered ConfigMap")
+    if binary:
+        # Every flag the job passes is one `clipstream night` knows.
+        cp = subprocess.run([binary, "night", "--help"], capture_output=True, text=True, timeout=60)
+        known = set(re.findall(r"--[a-z][a-z-]+", cp.stdout))
+        unknown = [a for a in args if a.startswith("--") and a not in known]
+        c.ok(cp.returncode == 0 and not unknown, f"{label}: `clipstream night` knows every flag of the job", str(unknown or cp.stderr[-200:]))
+    else:
+        print(f"    {label}: the job's flags are not checked against a binary (none given)")
+
+
 # Values that must be rejected, and a piece of the message each must show.
 BAD_VALUES = [
     ("replicaCount: -1", {"replicaCount": -1}, "at '/replicaCount': minimum"),
@@ -479,6 +537,11 @@ BAD_VALUES = [
     ("KEDA idle not below min", {"autoscaling": {"enabled": True, "minReplicas": 0, "keda": {"idleReplicaCount": 0}}}, "idleReplicaCount (0) must be below autoscaling.minReplicas (0)"),
     ("HPA with minReplicas 0", {"autoscaling": {"enabled": True, "kind": "hpa", "minReplicas": 0}}, "minReplicas must be at least 1 with kind hpa"),
     ("ServiceMonitor without Service", {"metrics": {"service": {"enabled": False}, "serviceMonitor": {"enabled": True}}}, "needs metrics.service.enabled"),
+    ("nightly without a catalog", {"nightly": {"enabled": True, "snapshots": "s3://b/snaps/"}}, "nightly.catalog"),
+    ("nightly without snapshots", {"nightly": {"enabled": True, "catalog": "s3://b/c.parquet"}}, "nightly.snapshots"),
+    ("nightly catalog not on S3", {"nightly": {"catalog": "/data/c.parquet"}}, "/nightly/catalog"),
+    ("nightly deadline not above the wait", {"nightly": {"enabled": True, "catalog": "s3://b/c.parquet", "snapshots": "s3://b/s/", "waitSeconds": 3600, "activeDeadlineSeconds": 3600}}, "must be above nightly.waitSeconds (3600)"),
+    ("nightly unknown key", {"nightly": {"scedule": "@daily"}}, "additional properties 'scedule' not allowed"),
     ("librdkafka option with a nested value", {"pipeline": {"source": {"options": {"fetch.max.bytes": {"x": 1}}}}}, "/pipeline/source/options/fetch.max.bytes"),
 ]
 

@@ -354,6 +354,23 @@ impl Stack {
 
 /// Produces `(key, value)` pairs; returns (partition, offset) of each.
 pub fn produce(brokers: &str, topic: &str, messages: &[(String, Vec<u8>)]) -> Vec<(i32, i64)> {
+    produce_with_headers(brokers, topic, messages, &[])
+}
+
+/// [`produce`], every message with `headers`.
+pub fn produce_with_headers(
+    brokers: &str,
+    topic: &str,
+    messages: &[(String, Vec<u8>)],
+    headers: &[(&str, &str)],
+) -> Vec<(i32, i64)> {
+    use rdkafka::message::{Header, OwnedHeaders};
+    let hs = headers.iter().fold(OwnedHeaders::new(), |hs, (k, v)| {
+        hs.insert(Header {
+            key: k,
+            value: Some(v.as_bytes()),
+        })
+    });
     let producer: FutureProducer = client(brokers)
         .set("enable.idempotence", "true")
         .set("linger.ms", "5")
@@ -370,7 +387,8 @@ pub fn produce(brokers: &str, topic: &str, messages: &[(String, Vec<u8>)]) -> Ve
                 producer.send(
                     FutureRecord::to(topic)
                         .key(k.as_bytes())
-                        .payload(v.as_slice()),
+                        .payload(v.as_slice())
+                        .headers(hs.clone()),
                     Duration::from_secs(30),
                 )
             })

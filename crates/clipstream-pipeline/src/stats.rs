@@ -262,6 +262,8 @@ pub struct Stats {
     pub memory_budget: IntGauge,
     /// Messages delivered to output topics, by output.
     pub kafka_produced: IntCounterVec,
+    /// Events planned per night (`clipstream plan --publish`'s headers).
+    night_planned: IntGaugeVec,
     /// Readiness: the source is assigned (or needs no assignment) and the
     /// sinks answered.
     pub ready: std::sync::atomic::AtomicBool,
@@ -275,6 +277,8 @@ struct Detail {
     dead_by_kind: BTreeMap<&'static str, u64>,
     top1: BTreeMap<String, u64>,
     files: Vec<String>,
+    /// The nights shown, least recently seen first.
+    nights: Vec<String>,
 }
 
 /// A consistent copy of the detailed counters.
@@ -445,6 +449,11 @@ impl Default for Stats {
             "Messages delivered to output topics, by output.",
             &["output"],
         );
+        let night_planned = vec_gauge(
+            "clipstream_night_planned",
+            "Events a night planned (from the headers of its events; the two nights seen last).",
+            &["night"],
+        );
         let kafka_assigned = gauge(
             &r,
             "clipstream_kafka_assigned_partitions",
@@ -526,6 +535,7 @@ impl Default for Stats {
             memory_in_flight,
             memory_budget,
             kafka_produced,
+            night_planned,
             ready: std::sync::atomic::AtomicBool::new(false),
             fatal: std::sync::Arc::new(crate::fatal::Fatal::default()),
             read: counter(
@@ -665,6 +675,21 @@ impl Stats {
         self.parquet_files.inc();
         self.parquet_bytes.inc_by(bytes);
         self.detail().files.push(name);
+    }
+
+    /// Shows how many events a night planned, keeping the two nights seen
+    /// last: a fleet that runs every night does not grow a series a night.
+    pub fn night(&self, mark: &crate::catalog::progress::NightMark) {
+        let mut d = self.detail();
+        d.nights.retain(|n| *n != mark.night);
+        d.nights.push(mark.night.clone());
+        while d.nights.len() > 2 {
+            let old = d.nights.remove(0);
+            let _ = self.night_planned.remove_label_values(&[&old]);
+        }
+        self.night_planned
+            .with_label_values(&[&mark.night])
+            .set(i64::try_from(mark.planned).unwrap_or(i64::MAX));
     }
 
     /// The detailed counters.

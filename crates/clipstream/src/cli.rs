@@ -59,6 +59,11 @@ pub enum Command {
     /// write the night's complete table, one row per product, carrying
     /// unchanged rows over from the previous snapshot.
     Snapshot(crate::commands::catalog::SnapshotArgs),
+    /// A whole night for a worker fleet (what the Helm chart's CronJob
+    /// runs): plan and publish what changed since the newest earlier
+    /// snapshot, wait for the fleet, write tonight's snapshot and
+    /// tombstones. Rerun with the same --work folder to finish a night.
+    Night(crate::commands::night::NightArgs),
 }
 
 /// Where the model is and how to run it.

@@ -284,3 +284,69 @@ drain_deadline_secs = {{ $p.shutdown.drain_deadline_secs }}
 [metrics]
 listen = {{ printf "0.0.0.0:%d" (int .Values.metrics.port) | toJson }}
 {{ end }}
+
+{{/* Env of the Kafka SASL and S3 credentials (worker and nightly job). */}}
+{{- define "clipstream.credentialsEnv" -}}
+{{- if .Values.kafka.sasl.enabled }}
+- name: KAFKA_USERNAME
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.kafka.sasl.existingSecret }}
+      key: {{ .Values.kafka.sasl.usernameKey }}
+- name: KAFKA_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.kafka.sasl.existingSecret }}
+      key: {{ .Values.kafka.sasl.passwordKey }}
+{{- end }}
+{{- with .Values.s3.credentials }}
+{{- if .existingSecret }}
+- name: AWS_ACCESS_KEY_ID
+  valueFrom:
+    secretKeyRef:
+      name: {{ .existingSecret }}
+      key: {{ .accessKeyIdKey }}
+- name: AWS_SECRET_ACCESS_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ .existingSecret }}
+      key: {{ .secretAccessKeyKey }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The model directory's mount, unless it is baked into the image. */}}
+{{- define "clipstream.modelMount" -}}
+{{- if ne .Values.model.source "image" }}
+- name: model
+  mountPath: {{ .Values.pipeline.model.dir }}
+  readOnly: true
+  {{- if and (eq .Values.model.source "pvc") .Values.model.pvc.subPath }}
+  subPath: {{ .Values.model.pvc.subPath }}
+  {{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The model directory's volume, unless it is baked into the image. */}}
+{{- define "clipstream.modelVolume" -}}
+{{- if eq .Values.model.source "pvc" }}
+- name: model
+  persistentVolumeClaim:
+    claimName: {{ .Values.model.pvc.claimName }}
+    readOnly: true
+{{- else if eq .Values.model.source "volume" }}
+- name: model
+  {{- toYaml .Values.model.volume | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* Labels of the nightly job: not the worker's selector (component). */}}
+{{- define "clipstream.nightlyLabels" -}}
+helm.sh/chart: {{ include "clipstream.chart" . }}
+app.kubernetes.io/name: {{ include "clipstream.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: nightly
+app.kubernetes.io/version: {{ .Values.image.tag | default .Chart.AppVersion | trunc 63 | quote }}
+app.kubernetes.io/part-of: clipstream
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}

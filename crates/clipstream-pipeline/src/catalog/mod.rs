@@ -19,6 +19,7 @@
 
 pub mod plan;
 pub mod previous;
+pub mod progress;
 pub mod s3_folder;
 pub mod snapshot;
 pub mod tombstones;

@@ -163,6 +163,46 @@ pub fn has(cfg: &S3Config, url: &str, name: &str) -> anyhow::Result<bool> {
     })
 }
 
+/// The names of the finished snapshots (folders holding [`MARKER`]) right
+/// under the folder `url` (local or `s3://`), sorted.
+pub fn finished_snapshots(cfg: &S3Config, url: &Path) -> anyhow::Result<Vec<String>> {
+    let mut names = Vec::new();
+    if is_s3(url) {
+        let url = url.to_string_lossy();
+        let (bucket, prefix) = split(&url)?;
+        let keys = runtime()?.block_on(async {
+            let s3 = S3::connect(cfg, Arc::new(Stats::default())).await;
+            s3.list(&bucket, &prefix, None)
+                .await
+                .map_err(|e| anyhow::anyhow!("listing {url}: {e}"))
+        })?;
+        for key in keys {
+            if let Some(name) = key
+                .strip_prefix(&prefix)
+                .and_then(|rel| rel.strip_suffix(&format!("/{MARKER}")))
+                .filter(|n| !n.is_empty() && !n.contains('/') && !n.starts_with('.'))
+            {
+                names.push(name.to_string());
+            }
+        }
+    } else {
+        let entries = match std::fs::read_dir(url) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(names),
+            Err(e) => return Err(e).with_context(|| format!("listing {}", url.display())),
+        };
+        for e in entries {
+            let e = e.with_context(|| format!("listing {}", url.display()))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !name.starts_with('.') && e.path().join(MARKER).is_file() {
+                names.push(name);
+            }
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
 /// Uploads every file of `dir` into the `s3://` folder `url`, `last` after
 /// all the others and only once the folder holds exactly these files. Each
 /// object is tagged with its content's hash: one already there with the

@@ -11,16 +11,18 @@ use anyhow::Context;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
-/// Sends `messages` (key, value; no value: a tombstone) to `topic` and
-/// waits until the brokers acknowledged every one; returns how many, and
-/// per partition the offset after the last one (where a consumer group
-/// that has read them all has committed).
+/// Sends `messages` (key, value; no value: a tombstone) to `topic`, each
+/// with `headers`, and waits until the brokers acknowledged every one;
+/// returns how many, and per partition the offset after the last one
+/// (where a consumer group that has read them all has committed).
 pub fn send(
     brokers: &str,
     options: &BTreeMap<String, String>,
     topic: &str,
     messages: &[(String, Option<Vec<u8>>)],
+    headers: &[(&str, String)],
 ) -> anyhow::Result<(u64, BTreeMap<i32, i64>)> {
+    use rdkafka::message::{Header, OwnedHeaders};
     if messages.is_empty() {
         return Ok((0, BTreeMap::new()));
     }
@@ -39,6 +41,15 @@ pub fn send(
         for (key, value) in messages {
             loop {
                 let mut rec = FutureRecord::<str, [u8]>::to(topic).key(key.as_str());
+                if !headers.is_empty() {
+                    let hs = headers.iter().fold(OwnedHeaders::new(), |hs, (k, v)| {
+                        hs.insert(Header {
+                            key: k,
+                            value: Some(v.as_bytes()),
+                        })
+                    });
+                    rec = rec.headers(hs);
+                }
                 if let Some(v) = value {
                     rec = rec.payload(v.as_slice());
                 }
@@ -157,5 +168,5 @@ pub fn publish(
         ids.push(id.to_string());
     }
     let messages: Vec<(String, Option<Vec<u8>>)> = ids.into_iter().map(|id| (id, None)).collect();
-    Ok(send(brokers, options, topic, &messages)?.0)
+    Ok(send(brokers, options, topic, &messages, &[])?.0)
 }

@@ -12,7 +12,9 @@ use clipstream_model::preprocess::ImageMode;
 use clipstream_model::{ModelDir, Variant};
 use clipstream_pipeline::catalog::plan::{PlanInput, PlanSummary};
 use clipstream_pipeline::catalog::snapshot::SnapshotInput;
-use clipstream_pipeline::catalog::{Columns, plan as planner, s3_folder, snapshot as snapshotter};
+use clipstream_pipeline::catalog::{
+    Columns, plan as planner, progress, s3_folder, snapshot as snapshotter,
+};
 use clipstream_pipeline::config::PipelineConfig;
 
 #[derive(Debug, Args)]
@@ -120,7 +122,7 @@ pub struct SnapshotArgs {
     pub pipeline: Option<PathBuf>,
 }
 
-fn bar(what: &str) -> Option<indicatif::ProgressBar> {
+pub(crate) fn bar(what: &str) -> Option<indicatif::ProgressBar> {
     if !std::io::stderr().is_terminal() {
         return None;
     }
@@ -279,7 +281,19 @@ pub fn plan(args: PlanArgs) -> anyhow::Result<ExitCode> {
             }
             messages.push((id, Some(bytes)));
         }
-        clipstream_pipeline::catalog::tombstones::send(brokers, options, topic, &messages)
+        // Marked with the night and its size: the fleet's dashboard shows
+        // the night's progress from them.
+        let mark = progress::NightMark {
+            night: progress::night_name(&args.night),
+            planned: messages.len() as u64,
+        };
+        clipstream_pipeline::catalog::tombstones::send(
+            brokers,
+            options,
+            topic,
+            &messages,
+            &progress::headers(&mark),
+        )
     };
     let publish: Option<planner::Publish> = if fleet.is_some() {
         Some(&mut send)

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod catalog;
 pub mod http;
+pub mod night;
 pub mod run;
 
 use std::io::Write;
@@ -60,6 +61,7 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Validate(a) => run::validate(a),
         Command::Plan(a) => catalog::plan(a),
         Command::Snapshot(a) => catalog::snapshot(a),
+        Command::Night(a) => night::night(a),
     }
 }
 

@@ -608,6 +608,7 @@ impl KafkaSource {
         let commit_every = Duration::from_millis(self.cfg.commit_interval_ms);
         let mut last_commit = Instant::now();
         let mut last_seen: HashMap<PartitionKey, Instant> = HashMap::new();
+        let mut night: Option<crate::catalog::progress::NightMark> = None;
         let mut flushed: HashMap<PartitionKey, u64> = HashMap::new();
         let mut stop = ctx.stop.clone();
         let stopped = |s: &mut tokio::sync::watch::Receiver<bool>| *s.borrow_and_update();
@@ -753,12 +754,22 @@ impl KafkaSource {
                 ctx.budget
                     .charge(2 * m.payload().map_or(0, <[u8]>::len) as u64),
             );
+            let headers = headers::read(&m);
+            // A night's events say how many it planned (the dashboard's
+            // progress); shown when it changes, not on every event.
+            if !headers.is_empty()
+                && let Some(mark) = crate::catalog::progress::parse(&headers)
+                && night.as_ref() != Some(&mark)
+            {
+                ctx.stats.night(&mark);
+                night = Some(mark);
+            }
             let received = Received {
                 origin: Origin {
                     partition: key,
                     position,
                     key: m.key().map(Arc::from),
-                    headers: headers::read(&m),
+                    headers,
                     raw: Arc::from(m.payload().unwrap_or_default()),
                     event_time_ms: m.timestamp().to_millis(),
                 },

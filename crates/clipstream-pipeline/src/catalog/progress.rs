@@ -1,0 +1,182 @@
+//! A night's progress, for the fleet's dashboard.
+//!
+//! `clipstream plan --publish` marks each event it sends with two Kafka
+//! headers: the night's name and how many events it planned. A worker that
+//! reads a marked event shows the figure as
+//! `clipstream_night_planned{night="..."}`; the overview dashboard puts it
+//! beside the group's consumer lag (what is left) and the finish rate (the
+//! ETA). The headers come from the topic, so they are read as hostile: a
+//! name of other characters or a count that is not a plain number is
+//! ignored (progress is not data; the event itself is processed as usual).
+
+use crate::dead_letter::Headers;
+
+/// Header naming the night (`[A-Za-z0-9._:-]`, at most [`MAX_NAME`] bytes).
+pub const NIGHT_HEADER: &str = "clipstream.night";
+/// Header with the number of events the night planned (decimal digits).
+pub const PLANNED_HEADER: &str = "clipstream.night.planned";
+/// The longest night name kept.
+pub const MAX_NAME: usize = 64;
+/// The largest planned count believed (a trillion events).
+const MAX_PLANNED: u64 = 1_000_000_000_000;
+
+/// A night and how many events it planned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NightMark {
+    /// The night's name (a label value).
+    pub night: String,
+    /// Events planned for it.
+    pub planned: u64,
+}
+
+fn name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')
+}
+
+/// The name a night is published under: its folder's name, other
+/// characters replaced by `_`, at most [`MAX_NAME`] bytes.
+pub fn night_name(folder: &std::path::Path) -> String {
+    let raw = folder
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut name: String = raw
+        .chars()
+        .map(|c| if name_char(c) { c } else { '_' })
+        .take(MAX_NAME)
+        .collect();
+    if name.is_empty() {
+        name.push_str("night");
+    }
+    name
+}
+
+/// The two headers of a night's events.
+pub fn headers(mark: &NightMark) -> [(&'static str, String); 2] {
+    [
+        (NIGHT_HEADER, mark.night.clone()),
+        (PLANNED_HEADER, mark.planned.to_string()),
+    ]
+}
+
+/// The night mark of a message's headers, if it has a valid one (both
+/// headers, once each).
+pub fn parse(headers: &Headers) -> Option<NightMark> {
+    let mut night = None;
+    let mut planned = None;
+    for (name, value) in headers.iter() {
+        let slot = match name.as_str() {
+            NIGHT_HEADER => &mut night,
+            PLANNED_HEADER => &mut planned,
+            _ => continue,
+        };
+        if slot.is_some() {
+            // Twice: which one is meant is not known.
+            return None;
+        }
+        *slot = Some(value.as_deref()?);
+    }
+    let night = std::str::from_utf8(night?).ok()?;
+    if night.is_empty() || night.len() > MAX_NAME || !night.chars().all(name_char) {
+        return None;
+    }
+    let planned = std::str::from_utf8(planned?).ok()?;
+    if planned.is_empty() || planned.len() > 13 || !planned.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let planned: u64 = planned.parse().ok()?;
+    (planned <= MAX_PLANNED).then(|| NightMark {
+        night: night.to_string(),
+        planned,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn h(pairs: &[(&str, Option<&[u8]>)]) -> Headers {
+        pairs
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.map(<[u8]>::to_vec)))
+            .collect::<Vec<_>>()
+            .into()
+    }
+
+    #[test]
+    fn a_published_mark_reads_back() {
+        let mark = NightMark {
+            night: night_name(std::path::Path::new("/nights/2026-12-02")),
+            planned: 4321,
+        };
+        assert_eq!(mark.night, "2026-12-02");
+        let hs: Headers = Arc::from(
+            headers(&mark)
+                .iter()
+                .map(|(n, v)| (n.to_string(), Some(v.as_bytes().to_vec())))
+                .collect::<Vec<_>>(),
+        );
+        assert_eq!(parse(&hs), Some(mark));
+    }
+
+    #[test]
+    fn night_names_are_made_safe() {
+        let long = "x".repeat(100);
+        assert_eq!(night_name(std::path::Path::new(&long)).len(), MAX_NAME);
+        assert_eq!(night_name(std::path::Path::new("a b/\"{}\"")), "____");
+        assert_eq!(night_name(std::path::Path::new("/")), "night");
+    }
+
+    #[test]
+    fn hostile_marks_are_ignored() {
+        let ok: &[u8] = b"n1";
+        for bad in [
+            h(&[(NIGHT_HEADER, Some(ok))]),
+            h(&[(PLANNED_HEADER, Some(b"5"))]),
+            h(&[(NIGHT_HEADER, None), (PLANNED_HEADER, Some(b"5"))]),
+            h(&[(NIGHT_HEADER, Some(ok)), (PLANNED_HEADER, None)]),
+            h(&[
+                (NIGHT_HEADER, Some(b"\xff\xfe")),
+                (PLANNED_HEADER, Some(b"5")),
+            ]),
+            h(&[(NIGHT_HEADER, Some(b"a\"b")), (PLANNED_HEADER, Some(b"5"))]),
+            h(&[(NIGHT_HEADER, Some(b"")), (PLANNED_HEADER, Some(b"5"))]),
+            h(&[
+                (NIGHT_HEADER, Some(&[b'a'; 65])),
+                (PLANNED_HEADER, Some(b"5")),
+            ]),
+            h(&[(NIGHT_HEADER, Some(ok)), (PLANNED_HEADER, Some(b"-5"))]),
+            h(&[(NIGHT_HEADER, Some(ok)), (PLANNED_HEADER, Some(b"+5"))]),
+            h(&[(NIGHT_HEADER, Some(ok)), (PLANNED_HEADER, Some(b"5e3"))]),
+            h(&[(NIGHT_HEADER, Some(ok)), (PLANNED_HEADER, Some(b""))]),
+            h(&[
+                (NIGHT_HEADER, Some(ok)),
+                (PLANNED_HEADER, Some(b"99999999999999999999")),
+            ]),
+            h(&[
+                (NIGHT_HEADER, Some(ok)),
+                (PLANNED_HEADER, Some(b"1000000000001")),
+            ]),
+            h(&[
+                (NIGHT_HEADER, Some(ok)),
+                (NIGHT_HEADER, Some(b"n2")),
+                (PLANNED_HEADER, Some(b"5")),
+            ]),
+        ] {
+            assert_eq!(parse(&bad), None, "{bad:?}");
+        }
+        let good = h(&[
+            ("other", Some(b"\xff")),
+            (PLANNED_HEADER, Some(b"0")),
+            (NIGHT_HEADER, Some(b"nightly:2026-12-02_a.b")),
+        ]);
+        assert_eq!(
+            parse(&good),
+            Some(NightMark {
+                night: "nightly:2026-12-02_a.b".into(),
+                planned: 0
+            })
+        );
+    }
+}
