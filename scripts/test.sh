@@ -19,14 +19,15 @@ scripts/build-deps.sh
 step "ONNX Runtime"
 scripts/fetch-onnxruntime.sh
 
-step "Python test helpers (pyarrow reads the Parquet output independently; kafka-python sends odd messages)"
+step "Python test helpers (pyarrow reads the Parquet output independently; kafka-python sends odd messages; numpy recomputes eval's figures)"
 # pyarrow 26 (older ones, 22 for one, fail on null fixed-size lists in Parquet).
 venv=.cache/test-venv
 pyarrow_version=26.0.1
 kafka_python_version=3.0.12
-if ! "$venv/bin/python" -c "import pyarrow, kafka, sys; sys.exit(pyarrow.__version__ != '$pyarrow_version' or kafka.__version__ != '$kafka_python_version')" 2>/dev/null; then
+numpy_version=2.3.5
+if ! "$venv/bin/python" -c "import pyarrow, kafka, numpy, sys; sys.exit(pyarrow.__version__ != '$pyarrow_version' or kafka.__version__ != '$kafka_python_version' or numpy.__version__ != '$numpy_version')" 2>/dev/null; then
   python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check "pyarrow==$pyarrow_version" "kafka-python==$kafka_python_version"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "pyarrow==$pyarrow_version" "kafka-python==$kafka_python_version" "numpy==$numpy_version"
 fi
 export CLIPSTREAM_TEST_PYTHON="$PWD/$venv/bin/python"
 

@@ -51,6 +51,7 @@ pub mod catalog;
 pub mod config;
 pub mod dead_letter;
 pub mod engine;
+pub mod eval;
 pub mod fatal;
 pub mod fetch;
 pub mod prep;

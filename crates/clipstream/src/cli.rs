@@ -64,6 +64,11 @@ pub enum Command {
     /// snapshot, wait for the fleet, write tonight's snapshot and
     /// tombstones. Rerun with the same --work folder to finish a night.
     Night(crate::commands::night::NightArgs),
+    /// How good are the labels: accuracy, per-class precision / recall /
+    /// F1, the most-confused pairs, calibration, and the score threshold
+    /// for a target precision, against true labels in the records'
+    /// attributes; as text, JSON and an HTML report with charts.
+    Eval(crate::commands::eval::EvalArgs),
 }
 
 /// Where the model is and how to run it.

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod catalog;
+pub mod eval;
 pub mod http;
 pub mod night;
 pub mod run;
@@ -42,6 +43,16 @@ struct TokenizeLine<'a> {
     attention_mask: &'a [i64],
 }
 
+/// Writes a command's report to stdout. A reader that went away (`| head`)
+/// is not an error: what it wanted it got.
+pub(crate) fn print_out(text: &str) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
 fn write_line(out: &mut impl Write, line: &impl Serialize) -> anyhow::Result<()> {
     serde_json::to_writer(&mut *out, line)?;
     out.write_all(b"\n")?;
@@ -62,6 +73,7 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Plan(a) => catalog::plan(a),
         Command::Snapshot(a) => catalog::snapshot(a),
         Command::Night(a) => night::night(a),
+        Command::Eval(a) => eval::eval(a),
     }
 }
 

@@ -1,0 +1,298 @@
+//! `clipstream eval` on the bundled shapes evaluation set and tiny CLIP:
+//! its figures (printed, JSON) agree with an independent numpy computation
+//! (`tests/eval_check.py`) to the last digit printed, its HTML report holds
+//! well-formed SVG charts of the right shape, it reads a run's output
+//! without re-encoding, and bad inputs are clear errors or counted skips.
+
+#[path = "support/mod.rs"]
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+use support::*;
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf8 path")
+}
+
+fn manifest() -> PathBuf {
+    root().join("pipelines/samples/shapes.jsonl")
+}
+
+fn labels(name: &str) -> PathBuf {
+    fixtures().join(name)
+}
+
+fn ok(out: &Output, what: &str) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{what}:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+fn err(out: &Output, what: &str) -> String {
+    assert!(!out.status.success(), "{what} succeeded");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Runs tests/eval_check.py on a report; panics with its output on a
+/// mismatch.
+fn independent_check(json: &Path, stdout: &str, dir: &Path, html: Option<&Path>) {
+    let text = dir.join(format!(
+        "{}.stdout.txt",
+        json.file_stem().unwrap_or_default().to_string_lossy()
+    ));
+    std::fs::write(&text, stdout).expect("stdout");
+    let mut cmd = Command::new(python());
+    cmd.arg(root().join("tests/eval_check.py"))
+        .arg(json)
+        .arg(&text);
+    if let Some(h) = html {
+        cmd.arg(h);
+    }
+    let out = cmd.output().expect("eval_check.py runs");
+    let report = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{report}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "the independent computation disagrees"
+    );
+    assert!(report.contains("eval_check: ok"), "{report}");
+}
+
+#[test]
+fn figures_agree_with_an_independent_computation_and_the_report_has_its_charts() {
+    let dir = scratch("eval");
+    let (json, html) = (dir.join("report.json"), dir.join("report.html"));
+    let out = clipstream(&[
+        "eval",
+        "--manifest",
+        s(&manifest()),
+        "--model",
+        s(&model()),
+        "--labels",
+        s(&labels("shapes-labels.toml")),
+        "--labels",
+        s(&labels("shapes-labels-plain.toml")),
+        "--json",
+        s(&json),
+        "--html",
+        s(&html),
+        "--svg",
+        s(&dir.join("svg")),
+    ]);
+    let stdout = ok(&out, "eval");
+    // The README's pictures are these charts.
+    for chart in ["confusion", "reliability", "precision-coverage"] {
+        let name = format!("shapes-labels-plain-{chart}.svg");
+        assert_eq!(
+            std::fs::read_to_string(dir.join("svg").join(&name)).expect("written"),
+            std::fs::read_to_string(root().join("docs/eval").join(&name)).expect("docs"),
+            "docs/eval/{name} is not what eval draws today: regenerate it (README, Label quality)"
+        );
+    }
+    independent_check(&json, &stdout, &dir, Some(&html));
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("json")).expect("json");
+    let sets = report["sets"].as_array().expect("sets");
+    assert_eq!(sets.len(), 2);
+    // The fixture's 200 labelled images; its 16 unlabelled events and 2
+    // lines that are not events are counted, not evaluated.
+    assert_eq!(sets[0]["metrics"]["records"], 200);
+    assert_eq!(sets[0]["skipped"]["no_truth"], 16);
+    assert_eq!(report["unreadable"], 2);
+    // The tiny model knows its shapes; the bare prompts do worse, and
+    // their thresholds are reachable (the curve has something to show).
+    let top1 = |k: usize| sets[k]["metrics"]["top1"].as_f64().expect("top1");
+    assert!(
+        top1(0) >= 0.95 && top1(1) < top1(0),
+        "{} {}",
+        top1(0),
+        top1(1)
+    );
+    assert!(
+        sets[1]["metrics"]["operating"]
+            .as_array()
+            .expect("operating")
+            .iter()
+            .all(|o| o["threshold"].is_number()),
+        "{}",
+        sets[1]["metrics"]["operating"]
+    );
+    assert!(stdout.contains("label set"), "no side-by-side table");
+}
+
+#[test]
+fn a_runs_output_is_evaluated_without_encoding() {
+    let dir = scratch("eval-output");
+    let out = dir.join("out");
+    let mut cfg = local_config(&dir, &manifest(), &out, 1000);
+    cfg.model.labels = Some(labels("shapes-labels.toml"));
+    let pipeline = write_pipeline(&dir, "pipeline", &cfg);
+    clipstream(&["run", "--no-progress", s(&pipeline)]);
+    assert!(!read_parquet(&out).is_empty(), "the run wrote nothing");
+    let json = dir.join("output.json");
+    // True labels from the rows' own attributes.
+    let stdout = ok(
+        &clipstream(&[
+            "eval",
+            "--output",
+            s(&out),
+            "--labels",
+            s(&labels("shapes-labels.toml")),
+            "--json",
+            s(&json),
+        ]),
+        "eval --output",
+    );
+    independent_check(&json, &stdout, &dir, None);
+    let from_output: Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("json")).expect("json");
+    // The same figures as labelling the manifest here.
+    let json2 = dir.join("model.json");
+    ok(
+        &clipstream(&[
+            "eval",
+            "--manifest",
+            s(&manifest()),
+            "--model",
+            s(&model()),
+            "--labels",
+            s(&labels("shapes-labels.toml")),
+            "--json",
+            s(&json2),
+        ]),
+        "eval --model",
+    );
+    let from_model: Value =
+        serde_json::from_str(&std::fs::read_to_string(&json2).expect("json")).expect("json");
+    let m = |v: &Value, k: &str| v["sets"][0]["metrics"][k].clone();
+    for k in ["records", "top1", "topk", "macro_f1", "matrix"] {
+        assert_eq!(m(&from_output, k), m(&from_model, k), "{k}");
+    }
+    // The true labels may come from the manifest instead (matched by id).
+    let with_manifest = ok(
+        &clipstream(&["eval", "--output", s(&out), "--manifest", s(&manifest())]),
+        "eval --output --manifest",
+    );
+    assert!(
+        with_manifest.contains("records evaluated   200"),
+        "{with_manifest}"
+    );
+}
+
+#[test]
+fn bad_inputs_are_clear_errors_or_counted_skips() {
+    let dir = scratch("eval-bad");
+    let (manifest, model, set) = (manifest(), model(), labels("shapes-labels.toml"));
+    let base = |extra: &[&str]| -> Output {
+        let mut args = vec![
+            "eval",
+            "--manifest",
+            s(&manifest),
+            "--model",
+            s(&model),
+            "--labels",
+            s(&set),
+        ];
+        args.extend_from_slice(extra);
+        clipstream(&args)
+    };
+    // A field no record has.
+    let e = err(&base(&["--truth-field", "colour"]), "no truth field");
+    assert!(
+        e.contains("no record") && e.contains("attributes.colour") && e.contains("--truth-field"),
+        "{e}"
+    );
+    // A precision that is not one.
+    let e = err(&base(&["--precision", "1.5"]), "precision 1.5");
+    assert!(e.contains("between 0 and 1"), "{e}");
+    // A label set that lacks some of the true labels: those are counted.
+    let half = dir.join("half.toml");
+    std::fs::write(
+        &half,
+        "templates = [\"a photo of a {}.\"]\nclasses = [\"red circle\", \"red square\", \"blue circle\", \"blue square\"]\n",
+    )
+    .expect("half");
+    let out = ok(
+        &clipstream(&[
+            "eval",
+            "--manifest",
+            s(&manifest),
+            "--model",
+            s(&model),
+            "--labels",
+            s(&half),
+        ]),
+        "eval with a partial label set",
+    );
+    assert!(out.contains("with a label not in the label set"), "{out}");
+    let evaluated: usize = out
+        .lines()
+        .find_map(|l| l.strip_prefix("records evaluated"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("records evaluated");
+    assert_eq!(evaluated, 5 + 5 + 5 + 9, "{out}");
+
+    // Outputs: an empty folder, another schema, not Parquet, two models.
+    let empty = dir.join("empty");
+    std::fs::create_dir_all(&empty).expect("empty");
+    let from = |d: &Path| clipstream(&["eval", "--output", s(d)]);
+    let e = err(&from(&empty), "empty output");
+    assert!(e.contains("no Parquet files"), "{e}");
+    let e = err(&from(&dir.join("missing")), "missing output");
+    assert!(e.contains("not a directory"), "{e}");
+    let other = dir.join("other");
+    std::fs::create_dir_all(&other).expect("other");
+    let script = "import pyarrow as pa, pyarrow.parquet as pq, sys; \
+                  pq.write_table(pa.table({'x': [1, 2]}), sys.argv[1])";
+    let made = Command::new(python())
+        .args(["-c", script])
+        .arg(other.join("x.parquet"))
+        .status()
+        .expect("python");
+    assert!(made.success());
+    let e = err(&from(&other), "another schema");
+    assert!(e.contains("x.parquet") && e.contains("no column"), "{e}");
+    let garbage = dir.join("garbage");
+    std::fs::create_dir_all(&garbage).expect("garbage");
+    std::fs::write(garbage.join("g.parquet"), b"PAR1 not really").expect("garbage");
+    let e = err(&from(&garbage), "not Parquet");
+    assert!(
+        e.contains("g.parquet") && e.contains("not a readable Parquet"),
+        "{e}"
+    );
+    // A run's output, one file rewritten as if another model wrote it.
+    let out = dir.join("out");
+    let mut cfg = local_config(&dir, &manifest, &out, 50);
+    cfg.model.labels = Some(labels("shapes-labels.toml"));
+    let pipeline = write_pipeline(&dir, "pipeline", &cfg);
+    clipstream(&["run", "--no-progress", s(&pipeline)]);
+    let first = std::fs::read_dir(&out)
+        .expect("out")
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "parquet"))
+        .expect("a Parquet file");
+    let script = "import pyarrow as pa, pyarrow.parquet as pq, sys; \
+                  t = pq.read_table(sys.argv[1]); \
+                  i = t.schema.get_field_index('model_id'); \
+                  t = t.set_column(i, t.schema.field(i), pa.array(['other-model'] * t.num_rows)); \
+                  pq.write_table(t, sys.argv[1], compression='zstd')";
+    let made = Command::new(python())
+        .args(["-c", script])
+        .arg(&first)
+        .status()
+        .expect("python");
+    assert!(made.success());
+    let e = err(&from(&out), "two models");
+    assert!(
+        e.contains("more than one model") && e.contains("other-model"),
+        "{e}"
+    );
+}
