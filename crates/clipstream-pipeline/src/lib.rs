@@ -58,6 +58,7 @@ pub mod prep;
 pub mod record;
 pub mod retry;
 pub mod s3;
+pub mod search;
 pub mod sink;
 pub mod source;
 pub mod stats;

@@ -69,6 +69,10 @@ pub enum Command {
     /// for a target precision, against true labels in the records'
     /// attributes; as text, JSON and an HTML report with charts.
     Eval(crate::commands::eval::EvalArgs),
+    /// Query what a run produced: the records whose image (or text)
+    /// embeddings are nearest a text or an image, by an exact scan of its
+    /// Parquet output, with the model that wrote it.
+    Search(crate::commands::search::SearchArgs),
 }
 
 /// Where the model is and how to run it.

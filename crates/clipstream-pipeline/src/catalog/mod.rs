@@ -355,7 +355,7 @@ fn scalar_text(v: &serde_json::Value) -> Option<String> {
 
 /// The model fingerprint a clipstream Parquet file records in its
 /// metadata (`None`: written before fingerprints were kept).
-pub(crate) fn file_fingerprint(meta: &parquet::file::metadata::ParquetMetaData) -> Option<String> {
+pub fn file_fingerprint(meta: &parquet::file::metadata::ParquetMetaData) -> Option<String> {
     meta.file_metadata()
         .key_value_metadata()
         .and_then(|kv| {

@@ -137,10 +137,10 @@ pub(crate) fn bar(what: &str) -> Option<indicatif::ProgressBar> {
 }
 
 /// A spool folder for this command, removed when dropped.
-struct Spool(PathBuf);
+pub(crate) struct Spool(pub(crate) PathBuf);
 
 impl Spool {
-    fn new(base: Option<&PathBuf>, what: &str) -> anyhow::Result<Spool> {
+    pub(crate) fn new(base: Option<&PathBuf>, what: &str) -> anyhow::Result<Spool> {
         let base = base.cloned().unwrap_or_else(std::env::temp_dir);
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -153,7 +153,7 @@ impl Spool {
 
     /// `folder` itself, or for an `s3://` one a local copy of its Parquet
     /// files (an empty folder when there are none: a first night).
-    fn local(
+    pub(crate) fn local(
         &self,
         s3: &clipstream_pipeline::config::S3Config,
         folder: &Path,

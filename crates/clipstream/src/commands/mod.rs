@@ -6,6 +6,7 @@ pub mod eval;
 pub mod http;
 pub mod night;
 pub mod run;
+pub mod search;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -74,6 +75,7 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Snapshot(a) => catalog::snapshot(a),
         Command::Night(a) => night::night(a),
         Command::Eval(a) => eval::eval(a),
+        Command::Search(a) => search::search(a),
     }
 }
 

@@ -12,6 +12,7 @@
 mod corpus;
 mod host_cost;
 mod nightly;
+mod search;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -77,6 +78,11 @@ pub struct BenchArgs {
     /// Keep `--nightly`'s data.
     #[arg(long)]
     pub keep_nightly: bool,
+    /// Time an exact `clipstream search` over N rows of 512-d embeddings:
+    /// Parquet decoding, a plain read of the decoded floats, and the scan,
+    /// side by side (the data goes under --nightly-dir).
+    #[arg(long, value_name = "N")]
+    pub search: Option<usize>,
 }
 
 /// CPU seconds (user + system) used so far by `who` (`RUSAGE_SELF`,
@@ -120,6 +126,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     }
     if let Some(n) = args.nightly {
         nightly::run(&args, n)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let Some(n) = args.search {
+        search::run(&args, n)?;
         return Ok(ExitCode::SUCCESS);
     }
     let want = |part: &str| args.only.is_empty() || args.only.iter().any(|p| p == part);

@@ -42,7 +42,7 @@ fn pseudo(i: usize, salt: u64) -> f32 {
     (x >> 40) as f32 / (1u64 << 23) as f32 - 1.0
 }
 
-fn row(k: usize, token: &str, title: &str, at: i64) -> OutputRow {
+pub(super) fn row(k: usize, token: &str, title: &str, at: i64) -> OutputRow {
     let emb = |salt| (0..DIM).map(|d| pseudo(k * DIM + d, salt)).collect();
     OutputRow {
         id: format!("sku-{k:07}"),
@@ -63,7 +63,7 @@ fn row(k: usize, token: &str, title: &str, at: i64) -> OutputRow {
 }
 
 /// Writes `rows` into Parquet files of `ROWS_PER_FILE` under `dir`.
-fn write_rows(
+pub(super) fn write_rows(
     dir: &Path,
     fingerprint: &str,
     rows: impl Iterator<Item = OutputRow>,
