@@ -42,7 +42,7 @@ fn err(out: &Output, what: &str) -> String {
 
 /// Runs tests/eval_check.py on a report; panics with its output on a
 /// mismatch.
-fn independent_check(json: &Path, stdout: &str, dir: &Path, html: Option<&Path>) {
+fn independent_check(json: &Path, stdout: &str, dir: &Path, html: Option<&Path>, extra: &[&str]) {
     let text = dir.join(format!(
         "{}.stdout.txt",
         json.file_stem().unwrap_or_default().to_string_lossy()
@@ -55,6 +55,7 @@ fn independent_check(json: &Path, stdout: &str, dir: &Path, html: Option<&Path>)
     if let Some(h) = html {
         cmd.arg(h);
     }
+    cmd.args(extra);
     let out = cmd.output().expect("eval_check.py runs");
     let report = String::from_utf8_lossy(&out.stdout);
     eprintln!("{report}{}", String::from_utf8_lossy(&out.stderr));
@@ -96,7 +97,7 @@ fn figures_agree_with_an_independent_computation_and_the_report_has_its_charts()
             "docs/eval/{name} is not what eval draws today: regenerate it (README, Label quality)"
         );
     }
-    independent_check(&json, &stdout, &dir, Some(&html));
+    independent_check(&json, &stdout, &dir, Some(&html), &[]);
     let report: Value =
         serde_json::from_str(&std::fs::read_to_string(&json).expect("json")).expect("json");
     let sets = report["sets"].as_array().expect("sets");
@@ -133,6 +134,8 @@ fn a_runs_output_is_evaluated_without_encoding() {
     let out = dir.join("out");
     let mut cfg = local_config(&dir, &manifest(), &out, 1000);
     cfg.model.labels = Some(labels("shapes-labels.toml"));
+    // Five labels per row: top-5 accuracy compares with model mode's.
+    cfg.model.top_k = 5;
     let pipeline = write_pipeline(&dir, "pipeline", &cfg);
     clipstream(&["run", "--no-progress", s(&pipeline)]);
     assert!(!read_parquet(&out).is_empty(), "the run wrote nothing");
@@ -150,7 +153,19 @@ fn a_runs_output_is_evaluated_without_encoding() {
         ]),
         "eval --output",
     );
-    independent_check(&json, &stdout, &dir, None);
+    // The records it evaluated are read independently from the files.
+    independent_check(
+        &json,
+        &stdout,
+        &dir,
+        None,
+        &[
+            "--output",
+            s(&out),
+            "--labels",
+            s(&labels("shapes-labels.toml")),
+        ],
+    );
     let from_output: Value =
         serde_json::from_str(&std::fs::read_to_string(&json).expect("json")).expect("json");
     // The same figures as labelling the manifest here.
@@ -172,9 +187,54 @@ fn a_runs_output_is_evaluated_without_encoding() {
     let from_model: Value =
         serde_json::from_str(&std::fs::read_to_string(&json2).expect("json")).expect("json");
     let m = |v: &Value, k: &str| v["sets"][0]["metrics"][k].clone();
-    for k in ["records", "top1", "topk", "macro_f1", "matrix"] {
+    for k in ["records", "k", "top1", "topk", "macro_f1", "matrix"] {
         assert_eq!(m(&from_output, k), m(&from_model, k), "{k}");
     }
+    // With a label set that lacks most classes: records of other classes
+    // are counted out, and predictions outside it are misses.
+    // (Each of these four classes has a record predicted as a class
+    // outside it.)
+    let half = dir.join("half.toml");
+    std::fs::write(
+        &half,
+        "templates = [\"a photo of a {}.\"]\nclasses = [\"red circle\", \"blue circle\", \"blue star\", \"yellow square\"]\n",
+    )
+    .expect("half");
+    let json3 = dir.join("half.json");
+    let stdout = ok(
+        &clipstream(&[
+            "eval",
+            "--output",
+            s(&out),
+            "--labels",
+            s(&half),
+            "--json",
+            s(&json3),
+        ]),
+        "eval --output with a partial label set",
+    );
+    independent_check(
+        &json3,
+        &stdout,
+        &dir,
+        None,
+        &["--output", s(&out), "--labels", s(&half)],
+    );
+    let partial: Value =
+        serde_json::from_str(&std::fs::read_to_string(&json3).expect("json")).expect("json");
+    let set = &partial["sets"][0];
+    let outside = set["samples"]
+        .as_array()
+        .expect("samples")
+        .iter()
+        .filter(|x| {
+            !set["classes"]
+                .as_array()
+                .expect("classes")
+                .contains(&x["ranked"][0][0])
+        })
+        .count();
+    assert!(outside >= 4, "{outside} predictions outside the label set");
     // The true labels may come from the manifest instead (matched by id).
     let with_manifest = ok(
         &clipstream(&["eval", "--output", s(&out), "--manifest", s(&manifest())]),

@@ -4,7 +4,12 @@ from the samples in the JSON report (each record's true label and its
 ranked labels with scores), and compares with what the command printed (to
 the last digit) and wrote as JSON; then checks the HTML report's charts.
 
-    python3 tests/eval_check.py REPORT.json STDOUT.txt [REPORT.html]
+    python3 tests/eval_check.py REPORT.json STDOUT.txt [REPORT.html] [--output DIR --field F [--labels F.toml]]
+
+With --output (the report of `eval --output DIR`), the records themselves
+are also read independently (pyarrow): the newest row per id, its true
+label from its attributes, its labels; the report must have evaluated
+exactly those, with the same true labels, labels and skip counts.
 
 Exit 0 when everything agrees; otherwise the differences are listed.
 The definitions are those of crates/clipstream-pipeline/src/eval/mod.rs,
@@ -134,6 +139,18 @@ def check_json(s: dict, f: dict) -> None:
     for c, (t, cov, p) in zip(m["curve"], f["curve"]):
         check(c["threshold"] == t and close(c["coverage"], cov) and close(c["precision"], p), f"{s['name']}: curve at {t}")
     check([[a, b, n] for (a, b), n in f["confused"]] == m["confused"], f"{s['name']}: JSON confused pairs")
+    check(m["k"] == f["k"] and m["records"] == f["n"], f"{s['name']}: JSON k / records")
+    for c, p, r, f1, sup in zip(m["classes"], f["prec"], f["rec"], f["f1"], f["support"]):
+        check(close(c["precision"], p) and close(c["recall"], r) and close(c["f1"], f1) and c["support"] == sup,
+              f"{s['name']}: JSON class {c['class']}")
+    check(all(close(a, b) for a, b in zip((m["macro_precision"], m["macro_recall"], m["macro_f1"]), f["macro"])),
+          f"{s['name']}: JSON macro figures")
+    for o, want in zip(m["operating"], f["operating"]):
+        if want is None:
+            check(o["threshold"] is None, f"{s['name']}: JSON target {o['target']} should be unreachable")
+        else:
+            check(o["threshold"] == want[0] and close(o["coverage"], want[1]) and close(o["precision"], want[2]),
+                  f"{s['name']}: JSON target {o['target']}")
 
 
 
@@ -172,7 +189,54 @@ def check_html(path: str, report: dict) -> None:
                 check(False, f"unknown chart {cls}")
 
 
+def check_records(report: dict, output: str, field: str, labels: str | None) -> None:
+    """What `eval --output` must have evaluated, read here from the files."""
+    import glob
+    import tomllib
+    import pyarrow.parquet as pq
+    newest: dict[str, tuple] = {}
+    for f in sorted(glob.glob(output + "/**/*.parquet", recursive=True)):
+        if any(part.startswith((".", "_")) for part in f[len(output):].split("/")):
+            continue
+        t = pq.read_table(f, columns=["id", "attributes", "labels", "processed_at"]).to_pylist()
+        for row in t:
+            at = row["processed_at"]
+            if row["id"] not in newest or newest[row["id"]][0] <= at:
+                newest[row["id"]] = (at, row)
+    classes = set(tomllib.load(open(labels, "rb"))["classes"]) if labels else None
+    want, no_truth, unknown, no_labels = {}, 0, 0, 0
+    for rid, (_, row) in newest.items():
+        attrs = json.loads(row["attributes"]) if row["attributes"] else {}
+        truth = attrs.get(field) if isinstance(attrs, dict) else None
+        if not isinstance(truth, str):
+            no_truth += 1
+            continue
+        if classes is not None and truth not in classes:
+            unknown += 1
+            continue
+        ranked = [(l["label"], float(np.float32(l["score"]))) for l in (row["labels"] or [])]
+        if not ranked:
+            no_labels += 1
+            continue
+        want[rid] = (truth, ranked)
+    s = report["sets"][0]
+    got = {x["id"]: (x["truth"], [(l, sc) for l, sc in x["ranked"]]) for x in s["samples"]}
+    check(set(got) == set(want), f"--output: evaluated ids differ: {sorted(set(got) ^ set(want))[:5]}")
+    for rid in set(got) & set(want):
+        check(got[rid][0] == want[rid][0] and [l for l, _ in got[rid][1]] == [l for l, _ in want[rid][1]]
+              and all(abs(a[1] - b[1]) < 1e-6 for a, b in zip(got[rid][1], want[rid][1])), f"--output: record {rid}")
+    sk = s["skipped"]
+    check(sk["no_truth"] == no_truth and sum(sk["unknown_truth"].values()) == unknown and sk["no_labels"] == no_labels,
+          f"--output: skipped {sk} vs no_truth {no_truth}, unknown {unknown}, no_labels {no_labels}")
+
+
 def main() -> int:
+    args = sys.argv[1:]
+    opts = {}
+    while len(args) >= 2 and args[-2].startswith("--"):
+        opts[args[-2]] = args[-1]
+        args = args[:-2]
+    sys.argv = [sys.argv[0]] + args
     report = json.load(open(sys.argv[1], encoding="utf-8"))
     stdout = open(sys.argv[2], encoding="utf-8").read()
     texts = sections(stdout)
@@ -185,6 +249,8 @@ def main() -> int:
         print(f"{s['name']}: {f['n']} records, top-1 {f4(f['top1'])}, ECE {f4(f['ece'])}: recomputed")
     if len(sys.argv) > 3:
         check_html(sys.argv[3], report)
+    if "--output" in opts:
+        check_records(report, opts["--output"], opts.get("--field", "true_label"), opts.get("--labels"))
     for p in problems:
         print("MISMATCH:", p)
     print("eval_check:", "ok" if not problems else f"{len(problems)} mismatches")

@@ -147,10 +147,18 @@ pub fn evaluate(samples: &[Sample], classes: &[String], targets: &[f64]) -> Metr
         .map(|(i, c)| (c.as_str(), i))
         .collect();
     let mut matrix = vec![vec![0usize; classes.len()]; classes.len()];
+    // Records per true class, whatever they were predicted as (a
+    // prediction outside the label set is a miss, not a lost record).
+    let mut support = vec![0usize; classes.len()];
     let (mut right, mut in_k) = (0, 0);
     let mut scored: Vec<(f64, bool)> = Vec::with_capacity(n);
     for s in samples {
-        let (pred, conf) = &s.ranked[0];
+        let Some((pred, conf)) = s.ranked.first() else {
+            continue;
+        };
+        if let Some(&t) = index.get(s.truth.as_str()) {
+            support[t] += 1;
+        }
         let ok = *pred == s.truth;
         right += usize::from(ok);
         in_k += usize::from(s.ranked.iter().take(k).any(|(l, _)| *l == s.truth));
@@ -165,7 +173,7 @@ pub fn evaluate(samples: &[Sample], classes: &[String], targets: &[f64]) -> Metr
         .map(|(c, name)| {
             let tp = matrix[c][c];
             let predicted: usize = matrix.iter().map(|row| row[c]).sum();
-            let support: usize = matrix[c].iter().sum();
+            let support = support[c];
             let precision = ratio(tp, predicted);
             let recall = ratio(tp, support);
             let f1 = if precision + recall == 0.0 {
@@ -286,7 +294,7 @@ fn curve(scored: &[(f64, bool)]) -> Vec<CurvePoint> {
     while i < n {
         let t = sorted[i].0;
         // Every record tied at this confidence is accepted with it.
-        while i < n && sorted[i].0 == t {
+        while i < n && sorted[i].0.total_cmp(&t).is_eq() {
             accepted += 1;
             right += usize::from(sorted[i].1);
             i += 1;
@@ -307,14 +315,20 @@ pub struct Skipped {
     pub no_truth: usize,
     /// With a true label that is not a class of the label set, by label.
     pub unknown_truth: BTreeMap<String, usize>,
-    /// Without labels (no image, or a dead letter).
+    /// Without labels (no image, an unreadable one, or a dead letter).
     pub no_labels: usize,
+    /// With a score that is not a number (NaN, infinite): a broken model
+    /// or file.
+    pub bad_scores: usize,
 }
 
 impl Skipped {
     /// All of them.
     pub fn total(&self) -> usize {
-        self.no_truth + self.no_labels + self.unknown_truth.values().sum::<usize>()
+        self.no_truth
+            + self.no_labels
+            + self.bad_scores
+            + self.unknown_truth.values().sum::<usize>()
     }
 }
 
@@ -347,6 +361,10 @@ pub fn admit(candidates: Vec<Candidate>, classes: &[String]) -> (Vec<Sample>, Sk
         }
         if ranked.is_empty() {
             skipped.no_labels += 1;
+            continue;
+        }
+        if ranked.iter().any(|(_, s)| !s.is_finite()) {
+            skipped.bad_scores += 1;
             continue;
         }
         out.push(Sample { id, truth, ranked });
@@ -415,6 +433,45 @@ mod tests {
         assert_eq!(m.operating[1].threshold, Some(0.7));
         let m = evaluate(&samples[..1], &classes, &[0.5]);
         assert_eq!(m.operating[0].threshold, None);
+    }
+
+    #[test]
+    fn a_prediction_outside_the_label_set_is_a_miss_of_its_true_class() {
+        let classes: Vec<String> = ["a", "b"].map(String::from).to_vec();
+        let samples = [
+            sample("a", &[("a", 0.9)]),
+            sample("a", &[("zebra", 0.8)]),
+            sample("b", &[("b", 0.7)]),
+        ];
+        let m = evaluate(&samples, &classes, &[]);
+        assert_eq!((m.classes[0].support, m.classes[0].recall), (2, 0.5));
+        assert_eq!(m.classes[0].precision, 1.0);
+        assert_eq!(m.top1, 2.0 / 3.0);
+    }
+
+    #[test]
+    fn scores_that_are_not_numbers_are_counted_not_evaluated() {
+        let classes: Vec<String> = ["a"].map(String::from).to_vec();
+        let (kept, skipped) = admit(
+            vec![
+                ("1".into(), Some("a".into()), vec![("a".into(), f64::NAN)]),
+                (
+                    "2".into(),
+                    Some("a".into()),
+                    vec![("a".into(), f64::INFINITY)],
+                ),
+                ("3".into(), Some("a".into()), vec![("a".into(), 0.5)]),
+            ],
+            &classes,
+        );
+        assert_eq!((kept.len(), skipped.bad_scores), (1, 2));
+        // And the curve ends even if one got through.
+        let m = evaluate(
+            &[sample("a", &[("a", f64::NAN)]), sample("a", &[("a", 0.5)])],
+            &classes,
+            &[0.5],
+        );
+        assert_eq!(m.curve.len(), 2);
     }
 
     #[test]

@@ -180,11 +180,23 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<ExitCode> {
     if let Some(dir) = &args.svg {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         for (k, set) in report.sets.iter().enumerate() {
-            let stem = Path::new(&set.name)
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .filter(|s| !s.is_empty())
-                .unwrap_or_else(|| format!("set-{k}"));
+            let stem_of = |name: &str| {
+                Path::new(name)
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .filter(|s| !s.is_empty())
+            };
+            let mut stem = stem_of(&set.name).unwrap_or_else(|| format!("set-{k}"));
+            // Two label sets of the same file name keep their own charts.
+            if report
+                .sets
+                .iter()
+                .filter(|o| stem_of(&o.name).as_deref() == Some(stem.as_str()))
+                .count()
+                > 1
+            {
+                stem = format!("{k}-{stem}");
+            }
             for (chart, svg) in report::charts(set)? {
                 let path = dir.join(format!("{stem}-{chart}.svg"));
                 std::fs::write(&path, svg)
@@ -246,7 +258,11 @@ fn from_model(args: &EvalArgs, model_dir: &Path) -> anyhow::Result<Report> {
                 wanted.push(l);
             }
             Some(_) => not_local += 1,
-            None => {}
+            // Nothing to label: counted as a record without labels.
+            None => {
+                paths.push(PathBuf::new());
+                wanted.push(l);
+            }
         }
     }
     if not_local > 0 {
@@ -257,12 +273,17 @@ fn from_model(args: &EvalArgs, model_dir: &Path) -> anyhow::Result<Report> {
     let mut failures = super::Failures::default();
     let mut embedded: std::collections::HashMap<PathBuf, Vec<f32>> = Default::default();
     let progress = crate::commands::catalog::bar("eval");
+    let images: Vec<PathBuf> = paths
+        .iter()
+        .filter(|p| !p.as_os_str().is_empty())
+        .cloned()
+        .collect();
     if let Some(b) = &progress {
-        b.set_length(paths.len() as u64);
+        b.set_length(images.len() as u64);
     }
     super::for_each_image_batch(
         &mut model,
-        &paths,
+        &images,
         args.batch_size,
         &mut failures,
         |ok, e| {
@@ -385,16 +406,24 @@ fn from_output(args: &EvalArgs, output: &Path) -> anyhow::Result<Report> {
             output.display()
         );
     }
+    anyhow::ensure!(
+        args.labels.len() <= 1,
+        "--output: give at most one --labels (the run wrote one label set's labels)"
+    );
     let (name, classes) = match args.labels.first() {
         Some(p) => {
             let set = LabelSet::from_file(p)?;
             (p.display().to_string(), set.classes.clone())
         }
         None => {
+            // The true labels and what was predicted for them: labels only
+            // ever ranked second are not classes of the evaluation.
             let mut seen = BTreeSet::new();
             for (_, truth, ranked) in &candidates {
-                seen.extend(truth.iter().cloned());
-                seen.extend(ranked.iter().map(|(l, _)| l.clone()));
+                if let Some(t) = truth {
+                    seen.insert(t.clone());
+                    seen.extend(ranked.first().map(|(l, _)| l.clone()));
+                }
             }
             (output.display().to_string(), seen.into_iter().collect())
         }

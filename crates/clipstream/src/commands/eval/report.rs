@@ -53,6 +53,12 @@ fn skipped_line(s: &SetReport, field: &str) -> String {
     if s.skipped.no_labels > 0 {
         parts.push(format!("{} without labels", s.skipped.no_labels));
     }
+    if s.skipped.bad_scores > 0 {
+        parts.push(format!(
+            "{} with scores that are not numbers (NaN, infinite)",
+            s.skipped.bad_scores
+        ));
+    }
     if parts.is_empty() {
         "none".into()
     } else {
