@@ -63,9 +63,12 @@ LAG_TOTAL = f"sum({LAG_BY_PARTITION})"
 # A night's progress: what `clipstream plan --publish` planned (every pod
 # that read one of its events reports it), and of that, what the group has
 # not yet committed (the lag, at most the planned count).
-NIGHT_PLANNED = f"max by (night)(clipstream_night_planned{s()})"
+# Only the newest night (by when it was published): pods keep the last two.
+NIGHT_LATEST = f"topk(1, max by (night)(clipstream_night_published_timestamp_seconds{s()}))"
+NIGHT_PLANNED = f"(max by (night)(clipstream_night_planned{s()}) and on(night) {NIGHT_LATEST})"
 NIGHT_DONE = f"clamp_min({NIGHT_PLANNED} - on() group_left() {LAG_TOTAL}, 0)"
-NIGHT_REMAINING = f"{NIGHT_PLANNED} - {NIGHT_DONE}"
+NIGHT_REMAINING = f"({NIGHT_PLANNED} - {NIGHT_DONE})"
+FINISH_RATE = "sum(rate(clipstream_records_finished_total" + "{" + SEL + "}" + "[$__rate_interval]))"
 
 
 # --------------------------------------------------------------------------
@@ -389,10 +392,10 @@ def overview() -> dict:
          (rate("clipstream_texts_encoded_total"), "texts encoded")]))
 
     p.append(row("Nightly re-embedding"))
-    p.append(stat("Night: planned", "Events the night's `clipstream plan --publish` sent to the fleet (from their headers; the two nights seen last).", "short", NIGHT_PLANNED, w=6, graph=False))
-    p.append(stat("Night: done", "Share of the night's planned events the group has committed: planned minus what is still on the topic. Counts the night's events only while nothing else is published on the topic.", "percentunit", f"({NIGHT_DONE}) / ({NIGHT_PLANNED})", w=6, graph=False))
+    p.append(stat("Night: planned", "Events the newest night's `clipstream plan --publish` sent to the fleet (from their headers).", "short", NIGHT_PLANNED, w=6, graph=False))
+    p.append(stat("Night: done", "Share of the night's planned events the group has committed: planned minus what is still on the topic. Counts the night's events only while nothing else is published on the topic.", "percentunit", f"({NIGHT_DONE}) / ({NIGHT_PLANNED} > 0)", w=6, graph=False))
     p.append(stat("Night: remaining", "Planned events not yet committed by the group (the consumer lag, at most the night's planned count).", "short", NIGHT_REMAINING, w=6))
-    p.append(stat("Night: ETA", "Remaining events divided by the current finish rate: when the night's work is done at this throughput.", "s", f"({NIGHT_REMAINING}) / on() group_left() {rate('clipstream_records_finished_total')}", w=6, steps=((3600, "orange"), (6 * 3600, "red"))))
+    p.append(stat("Night: ETA", "Remaining events divided by the current finish rate: when the night's work is done at this throughput (no value while nothing finishes).", "s", f"{NIGHT_REMAINING} / on() group_left() ({FINISH_RATE} > 0)", w=6, steps=((3600, "orange"), (6 * 3600, "red"))))
 
     p.append(row("Latency by stage (p50 / p95)"))
     for title, hist, extra, desc in STAGES:

@@ -25,6 +25,7 @@ fn worker_names() -> BTreeSet<String> {
     stats.night(&clipstream_pipeline::catalog::progress::NightMark {
         night: "n".into(),
         planned: 1,
+        published: 1,
     });
     stats
         .s3_seconds

@@ -49,6 +49,7 @@ fn prometheus_scrapes_two_workers_and_every_dashboard_panel_has_data() {
         &[
             ("clipstream.night", "2026-12-02"),
             ("clipstream.night.planned", &planned),
+            ("clipstream.night.published", "1796169600"),
         ],
     );
     wait_committed(&brokers, &ends(&delivered), Duration::from_secs(240));
@@ -66,6 +67,7 @@ fn prometheus_scrapes_two_workers_and_every_dashboard_panel_has_data() {
                 "clipstream_kafka_source_paused",
                 "clipstream_kafka_source_pauses_total",
                 "clipstream_night_planned",
+                "clipstream_night_published_timestamp_seconds",
                 "clipstream_s3_requests_total",
                 "clipstream_s3_retries_total",
             ],

@@ -478,8 +478,18 @@ def check_nightly(c: Checks, label: str, docs, merged: dict, binary: str | None,
     c.ok(flag("--pipeline") == "/config/pipeline.toml", f"{label}: the job reads the rendered pipeline")
     c.ok(flag("--catalog") == n["catalog"] and flag("--snapshots") == n["snapshots"], f"{label}: catalog and snapshots as given")
     wait = int(flag("--wait") or 0)
-    c.ok(wait == n["waitSeconds"] and job["activeDeadlineSeconds"] > wait,
-         f"{label}: activeDeadlineSeconds {job['activeDeadlineSeconds']} above the wait {wait}")
+    deadline = spec.get("activeDeadlineSeconds")
+    c.ok(wait == n["waitSeconds"] and isinstance(deadline, int) and deadline > wait and "activeDeadlineSeconds" not in job,
+         f"{label}: each pod's activeDeadlineSeconds {deadline} above the wait {wait} (not the Job's: retries get it again)")
+    c.ok((flag("--spool") or "").startswith("/work"), f"{label}: the job spools S3 folders on its work volume, not /tmp", str(flag("--spool")))
+    c.ok(spec.get("nodeSelector", {}) == n["nodeSelector"] and spec.get("tolerations", []) == n["tolerations"],
+         f"{label}: the job's placement is nightly's own, not the workers'")
+    env_names = {e["name"] for e in ctr.get("env", [])}
+    config_text = next((d["data"]["pipeline.toml"] for _, d in docs if d["kind"] == "ConfigMap" and "pipeline.toml" in d.get("data", {})), "")
+    missing = sorted(env_refs(config_text) - env_names)
+    c.ok(not missing or bool(ctr.get("envFrom")), f"{label}: every ${{VAR}} of pipeline.toml is in the job's env", str(missing))
+    extra = merged.get("extraVolumeMounts") or []
+    c.ok(all(m in ctr.get("volumeMounts", []) for m in extra), f"{label}: the job has the workers' extraVolumeMounts")
     mounts = {m["mountPath"]: m["name"] for m in ctr.get("volumeMounts", [])}
     vols = {v["name"]: v for v in spec.get("volumes", [])}
     c.ok(all(mounts.get(p) in vols for p in ("/config", "/tmp", "/work")), f"{label}: /config, /tmp and /work are mounted volumes", str(mounts))

@@ -55,7 +55,8 @@ GAUGES = {
     "clipstream_queue_capacity": [{"queue": q} for q in ("records", "fetched", "vision", "text", "done")],
     "clipstream_encoder_info": [{"model": "clip-tiny", "provider": "cpu"}],
     "clipstream_build_info": [{"version": "0.1.0"}],
-    "clipstream_night_planned": [{"night": "2026-12-01"}],
+    "clipstream_night_planned": [{"night": "2026-12-01"}, {"night": "2026-12-02"}],
+    "clipstream_night_published_timestamp_seconds": [{"night": "2026-12-01"}, {"night": "2026-12-02"}],
 }
 SECONDS_BUCKETS = [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10]
 BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128]
@@ -101,7 +102,9 @@ def exposition(omit: re.Pattern | None) -> str:
             elif name == "clipstream_kafka_assigned_partitions":
                 v = 4
             elif name == "clipstream_night_planned":
-                v = 20000
+                v = 20000 + 1000 * j
+            elif name == "clipstream_night_published_timestamp_seconds":
+                v = 1796083200 + 86400 * j
             elif name == "clipstream_kafka_source_paused":
                 v = int(t) % 2
             else:

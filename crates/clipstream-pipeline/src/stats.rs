@@ -264,6 +264,8 @@ pub struct Stats {
     pub kafka_produced: IntCounterVec,
     /// Events planned per night (`clipstream plan --publish`'s headers).
     night_planned: IntGaugeVec,
+    /// When each night was published (Unix seconds).
+    night_published: IntGaugeVec,
     /// Readiness: the source is assigned (or needs no assignment) and the
     /// sinks answered.
     pub ready: std::sync::atomic::AtomicBool,
@@ -454,6 +456,11 @@ impl Default for Stats {
             "Events a night planned (from the headers of its events; the two nights seen last).",
             &["night"],
         );
+        let night_published = vec_gauge(
+            "clipstream_night_published_timestamp_seconds",
+            "When a night's events were published (from their headers): the newest is tonight's.",
+            &["night"],
+        );
         let kafka_assigned = gauge(
             &r,
             "clipstream_kafka_assigned_partitions",
@@ -536,6 +543,7 @@ impl Default for Stats {
             memory_budget,
             kafka_produced,
             night_planned,
+            night_published,
             ready: std::sync::atomic::AtomicBool::new(false),
             fatal: std::sync::Arc::new(crate::fatal::Fatal::default()),
             read: counter(
@@ -686,10 +694,14 @@ impl Stats {
         while d.nights.len() > 2 {
             let old = d.nights.remove(0);
             let _ = self.night_planned.remove_label_values(&[&old]);
+            let _ = self.night_published.remove_label_values(&[&old]);
         }
         self.night_planned
             .with_label_values(&[&mark.night])
             .set(i64::try_from(mark.planned).unwrap_or(i64::MAX));
+        self.night_published
+            .with_label_values(&[&mark.night])
+            .set(i64::try_from(mark.published).unwrap_or(i64::MAX));
     }
 
     /// The detailed counters.

@@ -15,6 +15,9 @@ use crate::dead_letter::Headers;
 pub const NIGHT_HEADER: &str = "clipstream.night";
 /// Header with the number of events the night planned (decimal digits).
 pub const PLANNED_HEADER: &str = "clipstream.night.planned";
+/// Header with when the night was published (Unix seconds, decimal
+/// digits): the dashboard shows the newest night.
+pub const PUBLISHED_HEADER: &str = "clipstream.night.published";
 /// The longest night name kept.
 pub const MAX_NAME: usize = 64;
 /// The largest planned count believed (a trillion events).
@@ -27,6 +30,8 @@ pub struct NightMark {
     pub night: String,
     /// Events planned for it.
     pub planned: u64,
+    /// When it was published (Unix seconds).
+    pub published: u64,
 }
 
 fn name_char(c: char) -> bool {
@@ -51,23 +56,35 @@ pub fn night_name(folder: &std::path::Path) -> String {
     name
 }
 
-/// The two headers of a night's events.
-pub fn headers(mark: &NightMark) -> [(&'static str, String); 2] {
+/// The headers of a night's events.
+pub fn headers(mark: &NightMark) -> [(&'static str, String); 3] {
     [
         (NIGHT_HEADER, mark.night.clone()),
         (PLANNED_HEADER, mark.planned.to_string()),
+        (PUBLISHED_HEADER, mark.published.to_string()),
     ]
 }
 
-/// The night mark of a message's headers, if it has a valid one (both
-/// headers, once each).
+/// A count as written in a header: decimal digits only, at most `max`.
+fn number(value: &[u8], max: u64) -> Option<u64> {
+    let text = std::str::from_utf8(value).ok()?;
+    if text.is_empty() || text.len() > 13 || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok().filter(|n| *n <= max)
+}
+
+/// The night mark of a message's headers, if it has a valid one (all
+/// three headers, once each).
 pub fn parse(headers: &Headers) -> Option<NightMark> {
     let mut night = None;
     let mut planned = None;
+    let mut published = None;
     for (name, value) in headers.iter() {
         let slot = match name.as_str() {
             NIGHT_HEADER => &mut night,
             PLANNED_HEADER => &mut planned,
+            PUBLISHED_HEADER => &mut published,
             _ => continue,
         };
         if slot.is_some() {
@@ -80,14 +97,11 @@ pub fn parse(headers: &Headers) -> Option<NightMark> {
     if night.is_empty() || night.len() > MAX_NAME || !night.chars().all(name_char) {
         return None;
     }
-    let planned = std::str::from_utf8(planned?).ok()?;
-    if planned.is_empty() || planned.len() > 13 || !planned.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let planned: u64 = planned.parse().ok()?;
-    (planned <= MAX_PLANNED).then(|| NightMark {
+    Some(NightMark {
         night: night.to_string(),
-        planned,
+        planned: number(planned?, MAX_PLANNED)?,
+        // Unix seconds until the year 5138.
+        published: number(published?, 99_999_999_999)?,
     })
 }
 
@@ -109,6 +123,7 @@ mod tests {
         let mark = NightMark {
             night: night_name(std::path::Path::new("/nights/2026-12-02")),
             planned: 4321,
+            published: 1_796_169_600,
         };
         assert_eq!(mark.night, "2026-12-02");
         let hs: Headers = Arc::from(
@@ -130,38 +145,40 @@ mod tests {
 
     #[test]
     fn hostile_marks_are_ignored() {
-        let ok: &[u8] = b"n1";
+        let n: &[u8] = b"n1";
+        let at: &[u8] = b"1796169600";
+        let mark = |night: Option<&[u8]>, planned: Option<&[u8]>, published: Option<&[u8]>| {
+            h(&[
+                (NIGHT_HEADER, night),
+                (PLANNED_HEADER, planned),
+                (PUBLISHED_HEADER, published),
+            ])
+        };
+        let long = [b'a'; 65];
         for bad in [
-            h(&[(NIGHT_HEADER, Some(ok))]),
-            h(&[(PLANNED_HEADER, Some(b"5"))]),
-            h(&[(NIGHT_HEADER, None), (PLANNED_HEADER, Some(b"5"))]),
-            h(&[(NIGHT_HEADER, Some(ok)), (PLANNED_HEADER, None)]),
+            h(&[(NIGHT_HEADER, Some(n)), (PUBLISHED_HEADER, Some(at))]),
+            h(&[(PLANNED_HEADER, Some(b"5")), (PUBLISHED_HEADER, Some(at))]),
+            h(&[(NIGHT_HEADER, Some(n)), (PLANNED_HEADER, Some(b"5"))]),
+            mark(None, Some(b"5"), Some(at)),
+            mark(Some(n), None, Some(at)),
+            mark(Some(n), Some(b"5"), None),
+            mark(Some(b"\xff\xfe"), Some(b"5"), Some(at)),
+            mark(Some(b"a\"b"), Some(b"5"), Some(at)),
+            mark(Some(b""), Some(b"5"), Some(at)),
+            mark(Some(&long), Some(b"5"), Some(at)),
+            mark(Some(n), Some(b"-5"), Some(at)),
+            mark(Some(n), Some(b"+5"), Some(at)),
+            mark(Some(n), Some(b"5e3"), Some(at)),
+            mark(Some(n), Some(b""), Some(at)),
+            mark(Some(n), Some(b"99999999999999999999"), Some(at)),
+            mark(Some(n), Some(b"1000000000001"), Some(at)),
+            mark(Some(n), Some(b"5"), Some(b"-1")),
+            mark(Some(n), Some(b"5"), Some(b"1e9")),
             h(&[
-                (NIGHT_HEADER, Some(b"\xff\xfe")),
-                (PLANNED_HEADER, Some(b"5")),
-            ]),
-            h(&[(NIGHT_HEADER, Some(b"a\"b")), (PLANNED_HEADER, Some(b"5"))]),
-            h(&[(NIGHT_HEADER, Some(b"")), (PLANNED_HEADER, Some(b"5"))]),
-            h(&[
-                (NIGHT_HEADER, Some(&[b'a'; 65])),
-                (PLANNED_HEADER, Some(b"5")),
-            ]),
-            h(&[(NIGHT_HEADER, Some(ok)), (PLANNED_HEADER, Some(b"-5"))]),
-            h(&[(NIGHT_HEADER, Some(ok)), (PLANNED_HEADER, Some(b"+5"))]),
-            h(&[(NIGHT_HEADER, Some(ok)), (PLANNED_HEADER, Some(b"5e3"))]),
-            h(&[(NIGHT_HEADER, Some(ok)), (PLANNED_HEADER, Some(b""))]),
-            h(&[
-                (NIGHT_HEADER, Some(ok)),
-                (PLANNED_HEADER, Some(b"99999999999999999999")),
-            ]),
-            h(&[
-                (NIGHT_HEADER, Some(ok)),
-                (PLANNED_HEADER, Some(b"1000000000001")),
-            ]),
-            h(&[
-                (NIGHT_HEADER, Some(ok)),
+                (NIGHT_HEADER, Some(n)),
                 (NIGHT_HEADER, Some(b"n2")),
                 (PLANNED_HEADER, Some(b"5")),
+                (PUBLISHED_HEADER, Some(at)),
             ]),
         ] {
             assert_eq!(parse(&bad), None, "{bad:?}");
@@ -169,13 +186,15 @@ mod tests {
         let good = h(&[
             ("other", Some(b"\xff")),
             (PLANNED_HEADER, Some(b"0")),
+            (PUBLISHED_HEADER, Some(at)),
             (NIGHT_HEADER, Some(b"nightly:2026-12-02_a.b")),
         ]);
         assert_eq!(
             parse(&good),
             Some(NightMark {
                 night: "nightly:2026-12-02_a.b".into(),
-                planned: 0
+                planned: 0,
+                published: 1_796_169_600,
             })
         );
     }

@@ -286,6 +286,9 @@ pub fn plan(args: PlanArgs) -> anyhow::Result<ExitCode> {
         let mark = progress::NightMark {
             night: progress::night_name(&args.night),
             planned: messages.len() as u64,
+            published: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
         };
         clipstream_pipeline::catalog::tombstones::send(
             brokers,
