@@ -463,6 +463,8 @@ def overview() -> dict:
                         [(rate("clipstream_s3_bytes_total", by="direction"), "{{direction}}")], w=6))
     p.append(timeseries("S3 requests / s", "S3 requests per second by operation and result.", "ops",
                         [(rate("clipstream_s3_requests_total", by="operation, result"), "{{operation}} {{result}}")], w=6))
+    p.append(timeseries("Labels accepted vs routed to review", "Labelled rows per second that passed the review thresholds ([model] review_min_score / review_min_margin) and those routed to a person (review topic or _review.jsonl). Zero without thresholds.", "ops",
+                        [(rate("clipstream_review_total", by="decision"), "{{decision}}")], w=12, stack=True))
 
     p.append(row("In flight and queues"))
     p.append(timeseries("Records in flight", "Records read but not yet acknowledged by every sink (bounded by engine.max_in_flight), by pod; and the records the source reports as its input.", "short",

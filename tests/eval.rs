@@ -356,3 +356,105 @@ fn bad_inputs_are_clear_errors_or_counted_skips() {
         "{e}"
     );
 }
+
+/// Review routing: eval's threshold for 95% precision, pasted into the
+/// pipeline, marks each labelled row (accepted, or routed with its
+/// reason), lists the routed ones in `_review.jsonl` for a labeling tool,
+/// and the rows it accepts are right at least about 95% of the time.
+#[test]
+fn eval_thresholds_route_the_uncertain_rows_to_review() {
+    let dir = scratch("eval-review");
+    let plain = labels("shapes-labels-plain.toml");
+    let json = dir.join("eval.json");
+    ok(
+        &clipstream(&[
+            "eval",
+            "--manifest",
+            s(&manifest()),
+            "--model",
+            s(&model()),
+            "--labels",
+            s(&plain),
+            "--json",
+            s(&json),
+        ]),
+        "eval",
+    );
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("json")).expect("json");
+    let op = &report["sets"][0]["metrics"]["operating"][1];
+    assert_eq!(op["target"], 0.95);
+    let threshold = op["threshold"].as_f64().expect("a reachable threshold") as f32;
+
+    let out = dir.join("out");
+    let mut cfg = local_config(&dir, &manifest(), &out, 1000);
+    cfg.model.labels = Some(plain.clone());
+    cfg.model.review_min_score = Some(threshold);
+    let pipeline = write_pipeline(&dir, "pipeline", &cfg);
+    let summary =
+        String::from_utf8_lossy(&clipstream(&["run", "--no-progress", s(&pipeline)]).stdout)
+            .into_owned();
+    let rows = read_parquet(&out);
+    let mut routed = std::collections::BTreeSet::new();
+    let (mut accepted, mut accepted_right) = (0, 0);
+    let truth: std::collections::HashMap<String, String> = std::fs::read_to_string(manifest())
+        .expect("manifest")
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|v| {
+            Some((
+                v["id"].as_str()?.to_string(),
+                v["attributes"]["true_label"].as_str()?.to_string(),
+            ))
+        })
+        .collect();
+    for r in &rows {
+        let id = r["id"].as_str().expect("id").to_string();
+        let Some(labels) = r["labels"].as_array().filter(|l| !l.is_empty()) else {
+            assert!(r["needs_review"].is_null(), "{id}: no labels, no decision");
+            continue;
+        };
+        let top = labels[0]["score"].as_f64().expect("score") as f32;
+        let needs = r["needs_review"].as_bool().expect("a decision");
+        assert_eq!(
+            needs,
+            top < threshold,
+            "{id}: score {top} against {threshold}"
+        );
+        assert_eq!(r["review_reason"].is_string(), needs, "{id}");
+        if needs {
+            routed.insert(id);
+        } else if let Some(t) = truth.get(&id) {
+            accepted += 1;
+            accepted_right += usize::from(labels[0]["label"] == t.as_str());
+        }
+    }
+    assert!(!routed.is_empty() && accepted > 0, "{routed:?} {accepted}");
+    let precision = accepted_right as f64 / accepted as f64;
+    assert!(precision >= 0.94, "accepted rows right {precision}");
+    // The review list: the routed records, each with what a person needs.
+    let listed: std::collections::BTreeSet<String> =
+        std::fs::read_to_string(out.join("_review.jsonl"))
+            .expect("_review.jsonl")
+            .lines()
+            .map(|l| {
+                let v: Value = serde_json::from_str(l).expect("a JSON line");
+                assert!(
+                    v["image_uri"].is_string() && v["labels"][0]["label"].is_string(),
+                    "{v}"
+                );
+                assert!(
+                    v["review_reason"]
+                        .as_str()
+                        .expect("reason")
+                        .contains("review_min_score")
+                );
+                v["id"].as_str().expect("id").to_string()
+            })
+            .collect();
+    assert_eq!(listed, routed);
+    assert!(
+        summary.contains(&format!("{:<22} {:>8}", "routed to review", routed.len())),
+        "{summary}"
+    );
+}

@@ -231,7 +231,8 @@ fn three_nights_embed_only_what_changed() {
         {
             // Carried over: night 1's row, not a new encode.
             assert_eq!(row["image_embedding"], old["image_embedding"], "{id}");
-            assert_eq!(row["processed_at"], old["processed_at"], "{id}");
+            assert!(row["processed_at_ms"].is_i64(), "{row}");
+            assert_eq!(row["processed_at_ms"], old["processed_at_ms"], "{id}");
         }
     }
     assert_eq!(rows2["sku-005"]["text"], "an edited title");

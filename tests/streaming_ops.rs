@@ -35,6 +35,9 @@ fn prometheus_scrapes_two_workers_and_every_dashboard_panel_has_data() {
         .map(|(pod, addr)| {
             let mut c = pipeline_config(&dir, &brokers, &proxy.endpoint(), pod);
             c.metrics.listen = Some(addr.clone());
+            // Review routing, so that its panel and topic have data.
+            c.model.review_min_score = Some(0.99);
+            c.sink.kafka.as_mut().expect("[sink.kafka]").review_topic = Some("review".into());
             let p = write_pipeline(&dir, pod, &c);
             worker(&dir, &p, pod)
         })
@@ -99,7 +102,35 @@ fn prometheus_scrapes_two_workers_and_every_dashboard_panel_has_data() {
     for w in workers {
         assert_eq!(terminate(w), Some(0));
     }
-    check(&brokers, &stack.s3_dir, &input, &ev, 0);
+    let outcome = check(&brokers, &stack.s3_dir, &input, &ev, 0);
+    // Every labels message carries the decision; the routed ones, and only
+    // they, are on the review topic, with their labels and reason.
+    let value = |m: &stack::Msg| -> Value { serde_json::from_slice(&m.value).expect("JSON") };
+    let mut routed = std::collections::BTreeSet::new();
+    for m in &outcome.labels {
+        let v = value(m);
+        let needs = v["needs_review"].as_bool().expect("needs_review");
+        let top = v["labels"][0]["score"].as_f64().expect("score") as f32;
+        assert_eq!(needs, top < 0.99, "{v}");
+        if needs {
+            routed.insert(v["id"].as_str().expect("id").to_string());
+        }
+    }
+    let review = stack::read_topic(&brokers, "review", 2, Duration::from_secs(60), |m| {
+        m.len() >= routed.len()
+    });
+    let listed: std::collections::BTreeSet<String> = review
+        .iter()
+        .map(|m| {
+            let v = value(m);
+            assert!(
+                v["review_reason"].is_string() && v["labels"].is_array(),
+                "{v}"
+            );
+            v["id"].as_str().expect("id").to_string()
+        })
+        .collect();
+    assert_eq!(listed, routed);
 }
 
 #[test]

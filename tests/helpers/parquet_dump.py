@@ -47,9 +47,16 @@ def main():
         for name in ("image_embedding", "text_embedding"):
             if not schema.get(name, "").startswith("fixed_size_list<item: float>"):
                 sys.exit(f"{path}: column {name} is {schema.get(name)}")
+        # Added after the first release: absent in older files.
+        for name, ty in (("needs_review", "bool"), ("review_reason", "string")):
+            if name in schema and schema[name] != ty:
+                sys.exit(f"{path}: column {name} is {schema[name]}, expected {ty}")
         for row in table.to_pylist():
             out = {k: row[k] for k in ("id", "source", "partition", "offset", "image_uri", "text", "attributes",
                                        "image_embedding", "text_embedding", "labels", "clip_score", "model_id")}
+            out["needs_review"] = row.get("needs_review")
+            out["review_reason"] = row.get("review_reason")
+            out["processed_at_ms"] = round(row["processed_at"].timestamp() * 1000)
             out["file"] = path.name
             print(json.dumps(out))
 

@@ -202,7 +202,7 @@ def env_refs(toml_text: str) -> set[str]:
 
 def check_toml_types(node, path, c: Checks, label: str) -> None:
     """Integers of the chart's values arrive as float64 in Helm: none may leak out as floats."""
-    float_ok = {"shutdown.drain_deadline_secs"}
+    float_ok = {"shutdown.drain_deadline_secs", "model.review_min_score", "model.review_min_margin"}
     if isinstance(node, dict):
         for k, v in node.items():
             check_toml_types(v, f"{path}.{k}" if path else k, c, label)

@@ -303,10 +303,11 @@ pub fn setup(name: &str, n: usize, seed: u64) -> (PathBuf, Stack, Input, Events)
 }
 
 /// The input and output topics of every streaming test.
-pub const TOPICS: [(&str, u32); 4] = [
+pub const TOPICS: [(&str, u32); 5] = [
     (TOPIC, PARTITIONS as u32),
     ("embeddings", 4),
     ("labels", 4),
+    ("review", 2),
     ("dead-letters", 1),
 ];
 /// The buckets: `private` is not on the allow-list.

@@ -10,6 +10,7 @@ use clipstream_model::encoder::dot;
 
 use crate::dead_letter::{Kind, Stage};
 use crate::record::{Done, OutputRow, Record};
+use crate::review::{Decision, ReviewPolicy};
 use crate::stats::Stats;
 
 /// A record whose towers are running.
@@ -89,6 +90,8 @@ pub struct TextJob {
 pub struct Assembler {
     /// Zero-shot head, if a label set is configured.
     pub head: Option<Arc<ZeroShotHead>>,
+    /// Which labelled rows a person should check.
+    pub review: ReviewPolicy,
     /// Labels per image.
     pub top_k: usize,
     /// Embedding width (for a row's size).
@@ -117,15 +120,21 @@ impl Assembler {
         };
         let (image, text, etag) = (st.image.take(), st.text.take(), st.etag.take());
         drop(st);
-        let labels = match (&self.head, &image) {
+        let (labels, decision) = match (&self.head, &image) {
             (Some(h), Some(img)) => {
-                let top = h.top_k(img, self.top_k);
+                // One more than kept when the margin decides review.
+                let mut top = h.top_k(img, self.review.labels_needed(self.top_k));
                 if let Some(best) = top.first() {
                     self.stats.top1(&best.label);
                 }
-                Some(top)
+                let decision = self.review.decide(&top);
+                if let Some(d) = &decision {
+                    self.stats.review(matches!(d, Decision::Routed(_)));
+                }
+                top.truncate(self.top_k);
+                (Some(top), decision)
             }
-            _ => None,
+            _ => (None, None),
         };
         let clip_score = match (&image, &text) {
             (Some(i), Some(t)) => Some(dot(i, t)),
@@ -149,6 +158,11 @@ impl Assembler {
             text_embedding: text,
             labels,
             clip_score,
+            needs_review: decision.as_ref().map(|d| matches!(d, Decision::Routed(_))),
+            review_reason: match decision {
+                Some(Decision::Routed(why)) => Some(why),
+                _ => None,
+            },
             event_time_ms: record.origin.event_time_ms,
             processed_at_ms: now_ms(),
         };

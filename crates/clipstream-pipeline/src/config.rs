@@ -73,6 +73,14 @@ pub struct ModelConfig {
     /// Labels kept per image. Default 5.
     #[serde(default = "default_top_k")]
     pub top_k: usize,
+    /// Route a row to review when its top-1 score is below this (0 to 1;
+    /// `clipstream eval` prints the value for a target precision).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub review_min_score: Option<f32>,
+    /// Route a row to review when its top-1 score is less than this above
+    /// the second label's (0 to 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub review_min_margin: Option<f32>,
 }
 
 fn default_top_k() -> usize {
@@ -375,6 +383,10 @@ pub struct KafkaSinkConfig {
     /// configured).
     #[serde(default)]
     pub labels_topic: Option<String>,
+    /// Topic for the records routed to review (`[model] review_min_score`
+    /// / `review_min_margin`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub review_topic: Option<String>,
     /// Raw librdkafka producer properties, applied last.
     #[serde(default)]
     pub options: std::collections::BTreeMap<String, String>,
@@ -665,6 +677,43 @@ impl PipelineConfig {
         if self.model.top_k == 0 {
             bad("model.top_k", "must be at least 1".into());
         }
+        for (key, v) in [
+            ("model.review_min_score", self.model.review_min_score),
+            ("model.review_min_margin", self.model.review_min_margin),
+        ] {
+            if let Some(v) = v {
+                if !(0.0..=1.0).contains(&v) {
+                    bad(key, format!("must be between 0 and 1, got {v}"));
+                }
+                if self.model.labels.is_none() {
+                    bad(
+                        key,
+                        "review routing needs labels: set `labels` (a label set) in [model]".into(),
+                    );
+                }
+            }
+        }
+        let reviewing = self.review().active();
+        let review_topic = self
+            .sink
+            .kafka
+            .as_ref()
+            .and_then(|k| k.review_topic.as_ref());
+        if reviewing && review_topic.is_none() && self.sink.parquet.dir.is_none() {
+            bad(
+                "sink.kafka.review_topic",
+                "records routed to review need a place: set `review_topic`, or write Parquet locally \
+                 (`[sink.parquet] dir`, which gets `_review.jsonl`)"
+                    .into(),
+            );
+        }
+        if review_topic.is_some() && !reviewing {
+            bad(
+                "sink.kafka.review_topic",
+                "nothing is routed to it: set `[model] review_min_score` and/or `review_min_margin`"
+                    .into(),
+            );
+        }
         match &self.source {
             SourceConfig::Files(f) => {
                 match (&f.manifest, &f.dir) {
@@ -822,10 +871,13 @@ impl PipelineConfig {
         }
         let kafka_source = matches!(self.source, SourceConfig::Kafka(_));
         if let Some(k) = &self.sink.kafka {
-            if k.embeddings_topic.is_none() && k.labels_topic.is_none() {
+            if k.embeddings_topic.is_none() && k.labels_topic.is_none() && k.review_topic.is_none()
+            {
                 bad(
                     "sink.kafka",
-                    "set `embeddings_topic` and/or `labels_topic`, or remove the section".into(),
+                    "set `embeddings_topic`, `labels_topic` and/or `review_topic`, or remove the \
+                     section"
+                        .into(),
                 );
             }
             if k.brokers.is_none() && !kafka_source {
@@ -891,6 +943,32 @@ impl PipelineConfig {
             );
         }
         if p.is_empty() { Ok(()) } else { Err(p) }
+    }
+
+    /// The review thresholds of `[model]`.
+    pub fn review(&self) -> crate::review::ReviewPolicy {
+        crate::review::ReviewPolicy {
+            min_score: self.model.review_min_score,
+            min_margin: self.model.review_min_margin,
+        }
+    }
+
+    /// Where a local run writes the records routed to review: beside its
+    /// Parquet files, unless they go to `[sink.kafka] review_topic`.
+    pub fn review_path(&self) -> Option<PathBuf> {
+        let to_topic = self
+            .sink
+            .kafka
+            .as_ref()
+            .is_some_and(|k| k.review_topic.is_some());
+        if !self.review().active() || to_topic {
+            return None;
+        }
+        self.sink
+            .parquet
+            .dir
+            .as_ref()
+            .map(|d| d.join("_review.jsonl"))
     }
 
     /// The dead-letter file, when dead letters go to a file.
@@ -973,6 +1051,56 @@ mod tests {
             c.dead_letter_path(),
             Some(PathBuf::from("/base/out/_dead_letters.jsonl"))
         );
+    }
+
+    #[test]
+    fn review_thresholds_need_labels_and_a_place_for_what_they_route() {
+        let with = |model: &str, sink: &str| {
+            parse(&format!(
+                "[model]\ndir = \"m\"\n{model}\n[source]\nkind = \"files\"\nmanifest = \"e.jsonl\"\n{sink}"
+            ))
+        };
+        let local = "[sink.parquet]\ndir = \"out\"";
+        let c = with("labels = \"l.toml\"\nreview_min_score = 0.8", local).expect("valid");
+        assert_eq!(
+            c.review_path(),
+            Some(PathBuf::from("/base/out/_review.jsonl"))
+        );
+        assert!(c.review().active());
+        let problems = |r: Result<PipelineConfig, Vec<Problem>>| {
+            r.expect_err("invalid")
+                .iter()
+                .map(|p| format!("{}: {}", p.path, p.message))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        let e = problems(with("review_min_score = 0.8", local));
+        assert!(
+            e.contains("model.review_min_score: review routing needs labels"),
+            "{e}"
+        );
+        let e = problems(with("labels = \"l.toml\"\nreview_min_margin = 1.5", local));
+        assert!(
+            e.contains("model.review_min_margin: must be between 0 and 1"),
+            "{e}"
+        );
+        let s3 = "[dead_letter]\ntopic = \"d\"\n[sink.parquet]\nurl = \"s3://b/p/\"\n[sink.kafka]\nbrokers = \"k:9092\"\nembeddings_topic = \"e\"";
+        let e = problems(with("labels = \"l.toml\"\nreview_min_score = 0.8", s3));
+        assert!(
+            e.contains("sink.kafka.review_topic: records routed to review need a place"),
+            "{e}"
+        );
+        let c = with(
+            "labels = \"l.toml\"\nreview_min_score = 0.8",
+            &format!("{s3}\nreview_topic = \"r\""),
+        )
+        .expect("valid");
+        assert_eq!(c.review_path(), None);
+        let e = problems(with(
+            "labels = \"l.toml\"",
+            &format!("{s3}\nreview_topic = \"r\""),
+        ));
+        assert!(e.contains("nothing is routed to it"), "{e}");
     }
 
     #[test]

@@ -88,6 +88,9 @@ pub struct RunReport {
     pub output: String,
     /// Where dead letters are (a file or a topic).
     pub dead_letters_to: String,
+    /// Labelled rows routed to review, and where they are listed (a file
+    /// or a topic); `None` without review thresholds.
+    pub review: Option<(u64, String)>,
     /// True when the run stopped before the end of its input.
     pub stopped_early: bool,
     /// The most bytes charged to the memory budget at once, and the budget.
@@ -334,13 +337,14 @@ async fn connect_outputs(
     let k = cfg.sink.kafka.clone();
     let options = k.as_ref().map(|k| k.options.clone()).unwrap_or_default();
     let (model_id, stats) = (model_id.to_string(), Arc::clone(stats));
-    let (emb, lab) = (
-        k.as_ref().and_then(|k| k.embeddings_topic.clone()),
-        k.as_ref().and_then(|k| k.labels_topic.clone()),
-    );
-    let dlq = cfg.dead_letter.topic.clone();
+    let topics = crate::sink::kafka::Topics {
+        embeddings: k.as_ref().and_then(|k| k.embeddings_topic.clone()),
+        labels: k.as_ref().and_then(|k| k.labels_topic.clone()),
+        review: k.as_ref().and_then(|k| k.review_topic.clone()),
+        dead_letters: cfg.dead_letter.topic.clone(),
+    };
     let outputs = tokio::task::spawn_blocking(move || {
-        KafkaOutputs::connect(&brokers, &options, emb, lab, dlq, model_id, stats)
+        KafkaOutputs::connect(&brokers, &options, topics, model_id, stats)
     })
     .await??;
     Ok(Some(Arc::new(outputs)))
@@ -418,11 +422,16 @@ fn spawn_sink(
         Some(p) => Some(DeadLetterFile::open(p)?),
         None => None,
     };
+    let review = match &cfg.review_path() {
+        Some(p) => Some(DeadLetterFile::open(p)?),
+        None => None,
+    };
     let sink = SinkThread {
         results: q.sink.1.clone(),
         control: q.control.1.clone(),
         parquet,
         dead_letters,
+        review,
         budget: Arc::clone(budget),
         stats: Arc::clone(stats),
         fatal: Arc::clone(&stats.fatal),
@@ -444,6 +453,7 @@ fn spawn_model_stages(
     let (tbatch_tx, tbatch_rx) = flume::bounded(1);
     let asm = Assembler {
         head: parts.head.map(Arc::new),
+        review: cfg.review(),
         top_k: cfg.model.top_k,
         dim: parts.dim,
         done: q.done.0.clone(),
@@ -583,6 +593,20 @@ fn report(
             (None, Some(t)) => format!("topic {t}"),
             (None, None) => "-".into(),
         },
+        review: cfg.review().active().then(|| {
+            let to = match (
+                cfg.review_path(),
+                cfg.sink
+                    .kafka
+                    .as_ref()
+                    .and_then(|k| k.review_topic.as_ref()),
+            ) {
+                (Some(p), _) => p.display().to_string(),
+                (None, Some(t)) => format!("topic {t}"),
+                (None, None) => "-".into(),
+            };
+            (stats.routed(), to)
+        }),
         stopped_early,
         memory_peak: (0, 0),
     }

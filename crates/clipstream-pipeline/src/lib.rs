@@ -57,6 +57,7 @@ pub mod fetch;
 pub mod prep;
 pub mod record;
 pub mod retry;
+pub mod review;
 pub mod s3;
 pub mod search;
 pub mod sink;

@@ -291,6 +291,11 @@ pub struct OutputRow {
     pub labels: Option<Vec<Label>>,
     /// Cosine between image and text embeddings, when both exist.
     pub clip_score: Option<f32>,
+    /// Whether a person should check the labels (`None`: no review
+    /// thresholds, or no labels).
+    pub needs_review: Option<bool>,
+    /// Why, when it should.
+    pub review_reason: Option<String>,
     /// Event time, ms since the epoch.
     pub event_time_ms: Option<i64>,
     /// When the row was produced, ms since the epoch.
@@ -298,6 +303,10 @@ pub struct OutputRow {
 }
 
 /// What reaches the sinks for every record: a row or a dead letter.
+// A row is what nearly every record becomes: boxing it would allocate once
+// more per record, to save copying a few hundred bytes into a channel for
+// the rare dead letter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Done {
     /// Processed.

@@ -77,6 +77,18 @@ label_values! {
         Labels => "labels",
         /// The dead-letter topic.
         DeadLetters => "dead_letters",
+        /// The review topic.
+        Review => "review",
+    }
+}
+
+label_values! {
+    /// `decision` of `clipstream_review_total`.
+    ReviewDecision {
+        /// Confident enough: no person needs to look.
+        Accepted => "accepted",
+        /// Routed to a person.
+        Routed => "routed",
     }
 }
 
@@ -167,6 +179,11 @@ pub fn label_values() -> Vec<(&'static str, &'static str, Vec<&'static str>)> {
             Direction::ALL.iter().map(|d| d.as_str()).collect(),
         ),
         ("clipstream_kafka_commits_total", "result", results),
+        (
+            "clipstream_review_total",
+            "decision",
+            ReviewDecision::ALL.iter().map(|d| d.as_str()).collect(),
+        ),
         (
             "clipstream_kafka_messages_produced_total",
             "output",
@@ -264,6 +281,8 @@ pub struct Stats {
     pub kafka_produced: IntCounterVec,
     /// Events planned per night (`clipstream plan --publish`'s headers).
     night_planned: IntGaugeVec,
+    /// Labelled rows accepted or routed to review.
+    review: IntCounterVec,
     /// When each night was published (Unix seconds).
     night_published: IntGaugeVec,
     /// Readiness: the source is assigned (or needs no assignment) and the
@@ -461,6 +480,19 @@ impl Default for Stats {
             "When a night's events were published (from their headers): the newest is tonight's.",
             &["night"],
         );
+        let review = register(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "clipstream_review_total",
+                    "Labelled rows by review decision (accepted, routed to a person), with [model] review thresholds.",
+                ),
+                &["decision"],
+            ),
+        );
+        for d in ReviewDecision::ALL {
+            review.with_label_values(&[d.as_str()]);
+        }
         let kafka_assigned = gauge(
             &r,
             "clipstream_kafka_assigned_partitions",
@@ -544,6 +576,7 @@ impl Default for Stats {
             kafka_produced,
             night_planned,
             night_published,
+            review,
             ready: std::sync::atomic::AtomicBool::new(false),
             fatal: std::sync::Arc::new(crate::fatal::Fatal::default()),
             read: counter(
@@ -702,6 +735,23 @@ impl Stats {
         self.night_published
             .with_label_values(&[&mark.night])
             .set(i64::try_from(mark.published).unwrap_or(i64::MAX));
+    }
+
+    /// Counts a labelled row's review decision.
+    pub fn review(&self, routed: bool) {
+        let d = if routed {
+            ReviewDecision::Routed
+        } else {
+            ReviewDecision::Accepted
+        };
+        self.review.with_label_values(&[d.as_str()]).inc();
+    }
+
+    /// Rows routed to review so far.
+    pub fn routed(&self) -> u64 {
+        self.review
+            .with_label_values(&[ReviewDecision::Routed.as_str()])
+            .get()
     }
 
     /// The detailed counters.

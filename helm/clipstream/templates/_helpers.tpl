@@ -184,6 +184,12 @@ variant = {{ $p.model.variant | toJson }}
 labels = {{ $labels | toJson }}
 {{- end }}
 top_k = {{ $p.model.top_k | int64 }}
+{{- if not (kindIs "invalid" $p.model.review_min_score) }}
+review_min_score = {{ printf "%.9f" (float64 $p.model.review_min_score) }}
+{{- end }}
+{{- if not (kindIs "invalid" $p.model.review_min_margin) }}
+review_min_margin = {{ printf "%.9f" (float64 $p.model.review_min_margin) }}
+{{- end }}
 
 [runtime]
 providers = [{{ range $i, $e := $p.runtime.providers }}{{ if $i }}, {{ end }}{{ include "clipstream.provider" $e }}{{ end }}]
@@ -255,7 +261,7 @@ partition_by_date = {{ $p.sink.parquet.partition_by_date }}
 {{- with $p.sink.parquet.spool_dir }}
 spool_dir = {{ . | toJson }}
 {{- end }}
-{{- if or $p.sink.kafka.embeddings_topic $p.sink.kafka.labels_topic }}
+{{- if or $p.sink.kafka.embeddings_topic $p.sink.kafka.labels_topic $p.sink.kafka.review_topic }}
 
 [sink.kafka]
 {{- with $p.sink.kafka.brokers }}
@@ -266,6 +272,9 @@ embeddings_topic = {{ . | toJson }}
 {{- end }}
 {{- with $p.sink.kafka.labels_topic }}
 labels_topic = {{ . | toJson }}
+{{- end }}
+{{- with $p.sink.kafka.review_topic }}
+review_topic = {{ . | toJson }}
 {{- end }}
 {{- $sinkOpts := include "clipstream.kafkaOptions" (dict "root" . "options" $p.sink.kafka.options) }}
 {{- if $sinkOpts }}

@@ -310,6 +310,35 @@ fn times_of<'a>(
         })
 }
 
+/// Columns added to the output after its first release, at the end: rows of
+/// older files get them as nulls, so that one snapshot holds old and new
+/// rows alike.
+fn upgrade(batch: &RecordBatch) -> anyhow::Result<RecordBatch> {
+    use arrow_schema::{DataType, Field, Schema};
+    let later = [
+        ("needs_review", DataType::Boolean),
+        ("review_reason", DataType::Utf8),
+    ];
+    let schema = batch.schema();
+    let missing: Vec<&(&str, DataType)> = later
+        .iter()
+        .filter(|(name, _)| schema.field_with_name(name).is_err())
+        .collect();
+    if missing.is_empty() {
+        return Ok(batch.clone());
+    }
+    let mut fields: Vec<arrow_schema::FieldRef> = schema.fields().iter().cloned().collect();
+    let mut columns = batch.columns().to_vec();
+    for (name, kind) in missing {
+        fields.push(Arc::new(Field::new(*name, kind.clone(), true)));
+        columns.push(arrow_array::new_null_array(kind, batch.num_rows()));
+    }
+    Ok(RecordBatch::try_new(
+        Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone())),
+        columns,
+    )?)
+}
+
 /// The snapshot's files: one open file per model fingerprint.
 struct Writers {
     dir: PathBuf,
@@ -328,6 +357,7 @@ impl Writers {
         fp: Option<&str>,
         from: &Path,
     ) -> anyhow::Result<u64> {
+        let batch = &upgrade(batch)?;
         let schema = self.schema.get_or_insert_with(|| batch.schema()).clone();
         if batch.schema().fields() != schema.fields() {
             anyhow::bail!(
@@ -420,7 +450,40 @@ fn file_tag(fp: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::file_tag;
+    use super::{file_tag, upgrade};
+
+    #[test]
+    fn rows_of_files_without_the_review_columns_get_them_as_nulls() {
+        use crate::record::OutputRow;
+        use crate::sink::parquet::schema::{schema, to_batch};
+        let row = OutputRow {
+            id: "a".into(),
+            source: "s".into(),
+            partition: 0,
+            offset: 0,
+            image_uri: None,
+            image_etag: None,
+            text: Some("t".into()),
+            attributes: None,
+            image_embedding: None,
+            text_embedding: Some(vec![0.6, 0.8]),
+            labels: None,
+            clip_score: None,
+            needs_review: Some(true),
+            review_reason: Some("why".into()),
+            event_time_ms: None,
+            processed_at_ms: 1,
+        };
+        let new = to_batch(&schema(2), 2, "m", &[row]).expect("batch");
+        // A file of the first release: the same, without the last two.
+        let old = new
+            .project(&(0..new.num_columns() - 2).collect::<Vec<_>>())
+            .expect("old");
+        let up = upgrade(&old).expect("upgrade");
+        assert_eq!(up.schema().fields(), new.schema().fields());
+        assert!(up.column(up.num_columns() - 1).is_null(0));
+        assert_eq!(upgrade(&new).expect("same").schema(), new.schema());
+    }
 
     #[test]
     fn exact_and_fast_mode_never_share_a_file() {

@@ -1,5 +1,6 @@
 //! Dead letters of local runs: one JSON object per line, appended and synced
-//! before the record is acknowledged.
+//! before the record is acknowledged. The same append-only file keeps the
+//! records routed to review (`_review.jsonl`, [`DeadLetterFile::append`]).
 //!
 //! `{"id", "source", "partition", "offset", "stage", "kind", "reason",
 //! "original"}`; `original` is the event's bytes as text, or
@@ -54,6 +55,15 @@ impl DeadLetterFile {
         }
         file.seek(SeekFrom::End(0))?;
         Ok(DeadLetterFile { file })
+    }
+
+    /// Appends one JSON line and syncs it to disk.
+    pub fn append(&mut self, value: &impl Serialize) -> anyhow::Result<()> {
+        let mut buf = serde_json::to_vec(value)?;
+        buf.push(b'\n');
+        self.file.write_all(&buf)?;
+        self.file.sync_data()?;
+        Ok(())
     }
 
     /// Appends one dead letter and syncs it to disk.

@@ -14,6 +14,10 @@
 //!   "processed_at_ms"}`;
 //! - labels (records with an image, when a label set is configured):
 //!   `{"id", "image_uri", "labels": [{"label", "score"}], "model_id",
+//!   "processed_at_ms"}`, with `"needs_review"` and `"review_reason"` when
+//!   review thresholds are set;
+//! - review (records routed to a person, see [`crate::review`]): `{"id",
+//!   "image_uri", "text", "labels", "review_reason", "model_id",
 //!   "processed_at_ms"}`;
 //! - dead letters: the original key, value and headers, plus headers
 //!   `clipstream.stage`, `clipstream.kind`, `clipstream.reason`,
@@ -53,11 +57,25 @@ impl ClientContext for OutputContext {
     }
 }
 
+/// Where each output goes (no topic: not produced).
+#[derive(Debug, Clone, Default)]
+pub struct Topics {
+    /// Embeddings.
+    pub embeddings: Option<String>,
+    /// Top-k labels.
+    pub labels: Option<String>,
+    /// Records routed to review.
+    pub review: Option<String>,
+    /// Dead letters.
+    pub dead_letters: Option<String>,
+}
+
 /// The producer and where each output goes.
 pub struct KafkaOutputs {
     producer: FutureProducer<OutputContext>,
     embeddings: Option<String>,
     labels: Option<String>,
+    review: Option<String>,
     dead_letters: Option<String>,
     model_id: String,
     stats: Arc<Stats>,
@@ -71,6 +89,7 @@ impl std::fmt::Debug for KafkaOutputs {
         f.debug_struct("KafkaOutputs")
             .field("embeddings", &self.embeddings)
             .field("labels", &self.labels)
+            .field("review", &self.review)
             .field("dead_letters", &self.dead_letters)
             .finish_non_exhaustive()
     }
@@ -102,18 +121,25 @@ impl KafkaOutputs {
     pub fn connect(
         brokers: &str,
         options: &std::collections::BTreeMap<String, String>,
-        embeddings: Option<String>,
-        labels: Option<String>,
-        dead_letters: Option<String>,
+        topics: Topics,
         model_id: String,
         stats: Arc<Stats>,
     ) -> anyhow::Result<KafkaOutputs> {
+        let Topics {
+            embeddings,
+            labels,
+            review,
+            dead_letters,
+        } = topics;
         let context = OutputContext::default();
         let last_error = Arc::clone(&context.last_error);
         let producer: FutureProducer<OutputContext> = producer_config(brokers, options)
             .create_with_context(context)
             .map_err(|e| anyhow::anyhow!("cannot create the Kafka producer: {e}"))?;
-        for topic in [&embeddings, &labels, &dead_letters].into_iter().flatten() {
+        for topic in [&embeddings, &labels, &review, &dead_letters]
+            .into_iter()
+            .flatten()
+        {
             producer
                 .client()
                 .fetch_metadata(Some(topic), Duration::from_secs(15))
@@ -137,6 +163,7 @@ impl KafkaOutputs {
             producer,
             embeddings,
             labels,
+            review,
             dead_letters,
             model_id,
             stats,
@@ -201,12 +228,37 @@ impl KafkaOutputs {
             });
             (topic, value.to_string())
         });
+        let labelled = |labels: &[clipstream_model::zero_shot::Label]| {
+            labels
+                .iter()
+                .map(|l| json!({"label": l.label, "score": l.score}))
+                .collect::<Vec<_>>()
+        };
         let labels = match (self.labels.as_deref(), &row.labels) {
             (Some(topic), Some(labels)) => {
+                let mut value = json!({
+                    "id": row.id,
+                    "image_uri": row.image_uri,
+                    "labels": labelled(labels),
+                    "model_id": self.model_id,
+                    "processed_at_ms": row.processed_at_ms,
+                });
+                if let Some(needs) = row.needs_review {
+                    value["needs_review"] = json!(needs);
+                    value["review_reason"] = json!(row.review_reason);
+                }
+                Some((topic, value.to_string()))
+            }
+            _ => None,
+        };
+        let review = match (self.review.as_deref(), row.needs_review) {
+            (Some(topic), Some(true)) => {
                 let value = json!({
                     "id": row.id,
                     "image_uri": row.image_uri,
-                    "labels": labels.iter().map(|l| json!({"label": l.label, "score": l.score})).collect::<Vec<_>>(),
+                    "text": row.text,
+                    "labels": labelled(row.labels.as_deref().unwrap_or_default()),
+                    "review_reason": row.review_reason,
                     "model_id": self.model_id,
                     "processed_at_ms": row.processed_at_ms,
                 });
@@ -230,9 +282,15 @@ impl KafkaOutputs {
                 None => Ok(()),
             }
         };
+        let r = async {
+            match &review {
+                Some((t, v)) => self.send(Output::Review, t, key, v.as_bytes(), None).await,
+                None => Ok(()),
+            }
+        };
         // Sizes are checked before either is sent, so a row refused for
         // its size leaves no half of it on the topics.
-        let too_big = [&embeddings, &labels]
+        let too_big = [&embeddings, &labels, &review]
             .into_iter()
             .flatten()
             .map(|(t, v)| (t, v.len() + row.id.len()))
@@ -243,8 +301,8 @@ impl KafkaOutputs {
                 self.max_message_bytes
             )));
         }
-        let (e, l) = tokio::join!(e, l);
-        e.and(l)
+        let (e, l, r) = tokio::join!(e, l, r);
+        e.and(l).and(r)
     }
 
     /// Delivers a dead letter, cut down until the topic takes it: the

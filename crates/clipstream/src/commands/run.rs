@@ -266,6 +266,9 @@ fn print_summary(pipeline: &Path, r: &RunReport) {
     for (kind, n) in &r.detail.dead_by_kind {
         println!("      {kind:<24} {n:>6}");
     }
+    if let Some((routed, to)) = &r.review {
+        println!("  {:<22} {:>8}   -> {to}", "routed to review", routed);
+    }
     if r.failed > 0 || r.unacknowledged > 0 {
         println!(
             "  {:<22} {:>8}   (rerun the same command to retry them)",

@@ -38,6 +38,10 @@ pub fn schema(dim: usize) -> SchemaRef {
         Field::new("model_id", DataType::Utf8, false),
         Field::new("event_time", ts.clone(), true),
         Field::new("processed_at", ts, false),
+        // Added after the first release: files without them read as null
+        // (`clipstream snapshot` fills them in when it carries rows over).
+        Field::new("needs_review", DataType::Boolean, true),
+        Field::new("review_reason", DataType::Utf8, true),
     ]))
 }
 
@@ -141,6 +145,12 @@ pub fn to_batch(
             )
             .with_timezone("UTC"),
         ),
+        Arc::new(
+            rows.iter()
+                .map(|r| r.needs_review)
+                .collect::<arrow_array::BooleanArray>(),
+        ),
+        strings(&|r| r.review_reason.as_deref()),
     ];
     Ok(RecordBatch::try_new(Arc::clone(schema), columns)?)
 }

@@ -334,6 +334,8 @@ mod tests {
                 text_embedding: Some(vec![1.0, 0.0]),
                 labels: None,
                 clip_score: None,
+                needs_review: None,
+                review_reason: None,
                 event_time_ms: None,
                 processed_at_ms: 0,
             })

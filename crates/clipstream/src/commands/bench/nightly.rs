@@ -57,6 +57,8 @@ pub(super) fn row(k: usize, token: &str, title: &str, at: i64) -> OutputRow {
         text_embedding: Some(emb(2)),
         labels: None,
         clip_score: None,
+        needs_review: None,
+        review_reason: None,
         event_time_ms: None,
         processed_at_ms: at,
     }

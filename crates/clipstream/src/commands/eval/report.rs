@@ -148,6 +148,23 @@ pub fn text(r: &Report) -> String {
                 None => outln!(out, "  precision >= {}: no threshold reaches it", o.target),
             }
         }
+        if m.operating.iter().any(|o| o.threshold.is_some()) {
+            outln!(
+                out,
+                "route the rest to review: one of these in the pipeline's [model] (with its labels = this set):"
+            );
+            for o in &m.operating {
+                if let Some(t) = o.threshold {
+                    outln!(
+                        out,
+                        "  review_min_score = {}   # precision >= {}, {} auto-accepted",
+                        threshold(t),
+                        o.target,
+                        f4(o.coverage)
+                    );
+                }
+            }
+        }
         outln!(out, "per class:");
         outln!(
             out,
