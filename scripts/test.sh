@@ -37,6 +37,10 @@ scripts/stack.sh install
 step "Prometheus (scripts/install-prometheus.sh)"
 scripts/install-prometheus.sh
 
+step "Chromium, to open eval's HTML report in a browser (scripts/install-chromium.sh)"
+CLIPSTREAM_CHROMIUM="$(scripts/install-chromium.sh)"
+export CLIPSTREAM_CHROMIUM
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 

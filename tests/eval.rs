@@ -458,3 +458,148 @@ fn eval_thresholds_route_the_uncertain_rows_to_review() {
         "{summary}"
     );
 }
+
+/// The HTML report in a real browser: headless Chromium loads it (inside a
+/// page that measures what it drew) and every chart is laid out with its
+/// cells, bars and curve on screen. Needs Chromium (scripts/test.sh
+/// installs it, scripts/install-chromium.sh; CLIPSTREAM_CHROMIUM names it);
+/// without one the test fails under CI and says so elsewhere.
+#[test]
+fn the_html_report_renders_in_a_browser() {
+    let browser = std::env::var("CLIPSTREAM_CHROMIUM")
+        .ok()
+        .filter(|b| !b.is_empty())
+        .or_else(|| {
+            ["chromium", "chromium-browser", "google-chrome"]
+                .into_iter()
+                .find(|b| {
+                    Command::new(b)
+                        .arg("--version")
+                        .output()
+                        .is_ok_and(|o| o.status.success())
+                })
+                .map(String::from)
+        });
+    let Some(browser) = browser else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "no Chromium: run scripts/install-chromium.sh (or set CLIPSTREAM_CHROMIUM)"
+        );
+        eprintln!("SKIPPED: no Chromium here (scripts/install-chromium.sh installs it)");
+        return;
+    };
+    let dir = scratch("eval-browser");
+    let (json, html) = (dir.join("report.json"), dir.join("report.html"));
+    ok(
+        &clipstream(&[
+            "eval",
+            "--manifest",
+            s(&manifest()),
+            "--model",
+            s(&model()),
+            "--labels",
+            s(&labels("shapes-labels-plain.toml")),
+            "--json",
+            s(&json),
+            "--html",
+            s(&html),
+        ]),
+        "eval",
+    );
+    // A page that loads the report and writes what the browser laid out
+    // into an attribute, which --dump-dom prints.
+    let probe = dir.join("probe.html");
+    std::fs::write(
+        &probe,
+        r#"<!doctype html><meta charset="utf-8"><body>
+<iframe id="r" src="report.html" style="width:1600px;height:6000px"></iframe>
+<script>
+document.getElementById('r').addEventListener('load', () => {
+  const d = document.getElementById('r').contentDocument;
+  const seen = (e) => { const b = e.getBoundingClientRect(); return b.width > 0 && b.height > 0; };
+  const out = [...d.querySelectorAll('figure')].map((f) => {
+    const svg = f.querySelector('svg');
+    const box = svg ? svg.getBoundingClientRect() : { width: 0, height: 0 };
+    return {
+      chart: f.className,
+      width: box.width,
+      height: box.height,
+      rects: svg ? [...svg.querySelectorAll('rect')].filter(seen).length : 0,
+      lines: svg ? [...svg.querySelectorAll('polyline')].filter(seen).length : 0,
+      circles: svg ? [...svg.querySelectorAll('circle')].filter(seen).length : 0,
+    };
+  });
+  document.body.setAttribute('data-result', JSON.stringify(out));
+});
+</script>"#,
+    )
+    .expect("probe");
+    let out = Command::new(&browser)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--allow-file-access-from-files",
+            "--virtual-time-budget=15000",
+            "--dump-dom",
+        ])
+        .arg(format!("file://{}", probe.display()))
+        .output()
+        .expect("chromium runs");
+    let dom = String::from_utf8_lossy(&out.stdout);
+    let start = dom.find("data-result=\"").unwrap_or_else(|| {
+        panic!(
+            "the probe wrote nothing:\n{dom}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    }) + "data-result=\"".len();
+    let end = start + dom[start..].find('"').expect("end of the attribute");
+    let text = dom[start..end]
+        .replace("&quot;", "\"")
+        .replace("&amp;", "&");
+    let charts: Vec<Value> = serde_json::from_str(&text).expect("the probe's JSON");
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("json")).expect("json");
+    let m = &report["sets"][0]["metrics"];
+    let classes = report["sets"][0]["classes"]
+        .as_array()
+        .expect("classes")
+        .len();
+    // Bars of non-empty bins with some accuracy have a height.
+    let bars = m["bins"]
+        .as_array()
+        .expect("bins")
+        .iter()
+        .filter(|b| b["count"].as_u64() > Some(0) && b["accuracy"].as_f64() > Some(0.0))
+        .count();
+    assert!(bars > 3, "{}", m["bins"]);
+    eprintln!("laid out by {browser}: {charts:?}");
+    let chart = |name: &str| -> &Value {
+        charts
+            .iter()
+            .find(|c| c["chart"] == name)
+            .unwrap_or_else(|| panic!("no {name} chart on the page: {charts:?}"))
+    };
+    for c in &charts {
+        assert!(
+            c["width"].as_f64() >= Some(400.0) && c["height"].as_f64() >= Some(400.0),
+            "{c}"
+        );
+    }
+    // The matrix's cells, the reliability bars (and each chart's
+    // background), the curve.
+    assert!(
+        chart("confusion")["rects"].as_u64() >= Some((classes * classes) as u64),
+        "{charts:?}"
+    );
+    assert_eq!(
+        chart("reliability")["rects"].as_u64(),
+        Some(bars as u64 + 1),
+        "{charts:?}"
+    );
+    assert!(
+        chart("precision-coverage")["lines"].as_u64() >= Some(1),
+        "{charts:?}"
+    );
+    assert_eq!(charts.len(), 3);
+}

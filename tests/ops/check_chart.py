@@ -552,6 +552,10 @@ BAD_VALUES = [
     ("nightly catalog not on S3", {"nightly": {"catalog": "/data/c.parquet"}}, "/nightly/catalog"),
     ("nightly deadline not above the wait", {"nightly": {"enabled": True, "catalog": "s3://b/c.parquet", "snapshots": "s3://b/s/", "waitSeconds": 3600, "activeDeadlineSeconds": 3600}}, "must be above nightly.waitSeconds (3600)"),
     ("nightly unknown key", {"nightly": {"scedule": "@daily"}}, "additional properties 'scedule' not allowed"),
+    ("review thresholds without a label set", {"pipeline": {"model": {"review_min_score": 0.8}, "sink": {"kafka": {"review_topic": "r"}}}}, "give a label set"),
+    ("review thresholds without a review topic", {"model": {"labels": "classes = [\"a\"]\n"}, "pipeline": {"model": {"review_min_score": 0.8}}}, "set pipeline.sink.kafka.review_topic"),
+    ("review topic without thresholds", {"pipeline": {"sink": {"kafka": {"review_topic": "r"}}}}, "nothing is routed to it"),
+    ("review score above 1", {"pipeline": {"model": {"review_min_score": 1.5}}}, "/pipeline/model/review_min_score"),
     ("librdkafka option with a nested value", {"pipeline": {"source": {"options": {"fetch.max.bytes": {"x": 1}}}}}, "/pipeline/source/options/fetch.max.bytes"),
 ]
 

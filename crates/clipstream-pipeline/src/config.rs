@@ -707,6 +707,29 @@ impl PipelineConfig {
                     .into(),
             );
         }
+        if let Some(t) = review_topic {
+            if t.trim().is_empty() {
+                bad("sink.kafka.review_topic", "must not be empty".into());
+            }
+            if let SourceConfig::Kafka(k) = &self.source
+                && k.topics.contains(t)
+            {
+                bad(
+                    "sink.kafka.review_topic",
+                    format!(
+                        "{t:?} is a topic this pipeline reads: the workers would read their own reviews"
+                    ),
+                );
+            }
+        }
+        if reviewing && review_topic.is_none() && matches!(self.source, SourceConfig::Kafka(_)) {
+            bad(
+                "sink.kafka.review_topic",
+                "a Kafka fleet routes to a topic (one `_review.jsonl` cannot take the lines of \
+                 several workers): set `review_topic`"
+                    .into(),
+            );
+        }
         if review_topic.is_some() && !reviewing {
             bad(
                 "sink.kafka.review_topic",

@@ -417,12 +417,12 @@ fn spawn_sink(
         parts.model_id.clone(),
         Arc::clone(stats),
     )?
-    .with_fingerprint(parts.model_fingerprint.clone());
-    let dead_letters = match &cfg.dead_letter_path() {
+    .with_fingerprint(parts.model_fingerprint.clone())
+    .with_review(match &cfg.review_path() {
         Some(p) => Some(DeadLetterFile::open(p)?),
         None => None,
-    };
-    let review = match &cfg.review_path() {
+    });
+    let dead_letters = match &cfg.dead_letter_path() {
         Some(p) => Some(DeadLetterFile::open(p)?),
         None => None,
     };
@@ -431,7 +431,6 @@ fn spawn_sink(
         control: q.control.1.clone(),
         parquet,
         dead_letters,
-        review,
         budget: Arc::clone(budget),
         stats: Arc::clone(stats),
         fatal: Arc::clone(&stats.fatal),

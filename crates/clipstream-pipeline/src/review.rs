@@ -86,6 +86,25 @@ impl ReviewPolicy {
     }
 }
 
+/// A routed record, as a labeling tool reads it (`_review.jsonl`, the
+/// review topic; the topic's message adds the model id): its id, image,
+/// labels and why. The text is left out: the id leads to it, and a long one
+/// must not make the message too big for the topic.
+pub fn line(row: &crate::record::OutputRow) -> serde_json::Value {
+    serde_json::json!({
+        "id": row.id,
+        "image_uri": row.image_uri,
+        "labels": row.labels.as_deref().unwrap_or_default().iter()
+            .map(|l| serde_json::json!({"label": l.label, "score": l.score}))
+            .collect::<Vec<_>>(),
+        "review_reason": row.review_reason,
+        "source": &*row.source,
+        "partition": row.partition,
+        "offset": row.offset,
+        "processed_at_ms": row.processed_at_ms,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -200,7 +200,8 @@ impl Top {
     pub fn new(keep: usize) -> Top {
         Top {
             keep: keep.max(1),
-            heap: BinaryHeap::with_capacity(keep + 1),
+            // Grown as candidates come: a large k costs only what it finds.
+            heap: BinaryHeap::with_capacity(keep.min(1024) + 1),
         }
     }
 
@@ -286,7 +287,7 @@ pub fn search(
             .join(", ")
     );
     // Candidates beyond k, so that ids written twice still leave k.
-    let keep = (4 * k).max(k + 32);
+    let keep = k.saturating_mul(4).max(k.saturating_add(32));
     let mut tops: Vec<Top> = queries.iter().map(|_| Top::new(keep)).collect();
     let mut scanned = Scanned::default();
     let mut base = 0u64;

@@ -111,6 +111,16 @@ kubelet would SIGKILL the worker before it commits what it drained.
 {{- end }}
 {{- end }}
 {{- end }}
+{{- $reviewing := or (not (kindIs "invalid" $p.model.review_min_score)) (not (kindIs "invalid" $p.model.review_min_margin)) }}
+{{- if and $reviewing (not (or .Values.model.labels $p.model.labels)) }}
+{{- fail "pipeline.model.review_min_score / review_min_margin route labels to review: give a label set (model.labels or pipeline.model.labels)" }}
+{{- end }}
+{{- if and $reviewing (not $p.sink.kafka.review_topic) }}
+{{- fail "pipeline.model.review_min_score / review_min_margin: set pipeline.sink.kafka.review_topic (a fleet routes to a topic)" }}
+{{- end }}
+{{- if and $p.sink.kafka.review_topic (not $reviewing) }}
+{{- fail "pipeline.sink.kafka.review_topic: nothing is routed to it without pipeline.model.review_min_score or review_min_margin" }}
+{{- end }}
 {{- if and .Values.metrics.serviceMonitor.enabled (not .Values.metrics.service.enabled) }}
 {{- fail "metrics.serviceMonitor.enabled needs metrics.service.enabled (the ServiceMonitor selects the metrics Service)" }}
 {{- end }}

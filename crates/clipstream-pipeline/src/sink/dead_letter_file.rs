@@ -1,6 +1,7 @@
 //! Dead letters of local runs: one JSON object per line, appended and synced
 //! before the record is acknowledged. The same append-only file keeps the
-//! records routed to review (`_review.jsonl`, [`DeadLetterFile::append`]).
+//! records routed to review (`_review.jsonl`, [`DeadLetterFile::append`],
+//! synced once before each Parquet file that holds them is published).
 //!
 //! `{"id", "source", "partition", "offset", "stage", "kind", "reason",
 //! "original"}`; `original` is the event's bytes as text, or
@@ -57,11 +58,16 @@ impl DeadLetterFile {
         Ok(DeadLetterFile { file })
     }
 
-    /// Appends one JSON line and syncs it to disk.
+    /// Appends one JSON line, not yet synced ([`DeadLetterFile::sync`]).
     pub fn append(&mut self, value: &impl Serialize) -> anyhow::Result<()> {
         let mut buf = serde_json::to_vec(value)?;
         buf.push(b'\n');
         self.file.write_all(&buf)?;
+        Ok(())
+    }
+
+    /// Syncs what was appended to disk.
+    pub fn sync(&mut self) -> anyhow::Result<()> {
         self.file.sync_data()?;
         Ok(())
     }

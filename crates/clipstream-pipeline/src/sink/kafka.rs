@@ -17,8 +17,8 @@
 //!   "processed_at_ms"}`, with `"needs_review"` and `"review_reason"` when
 //!   review thresholds are set;
 //! - review (records routed to a person, see [`crate::review`]): `{"id",
-//!   "image_uri", "text", "labels", "review_reason", "model_id",
-//!   "processed_at_ms"}`;
+//!   "image_uri", "labels", "review_reason", "source", "partition",
+//!   "offset", "processed_at_ms", "model_id"}`;
 //! - dead letters: the original key, value and headers, plus headers
 //!   `clipstream.stage`, `clipstream.kind`, `clipstream.reason`,
 //!   `clipstream.source.topic`, `clipstream.source.partition`,
@@ -253,15 +253,8 @@ impl KafkaOutputs {
         };
         let review = match (self.review.as_deref(), row.needs_review) {
             (Some(topic), Some(true)) => {
-                let value = json!({
-                    "id": row.id,
-                    "image_uri": row.image_uri,
-                    "text": row.text,
-                    "labels": labelled(row.labels.as_deref().unwrap_or_default()),
-                    "review_reason": row.review_reason,
-                    "model_id": self.model_id,
-                    "processed_at_ms": row.processed_at_ms,
-                });
+                let mut value = crate::review::line(row);
+                value["model_id"] = json!(self.model_id);
                 Some((topic, value.to_string()))
             }
             _ => None,

@@ -111,10 +111,6 @@ pub struct SinkThread {
     /// The dead-letter file (local runs); without one, dead letters were
     /// delivered to the dead-letter topic before reaching here.
     pub dead_letters: Option<DeadLetterFile>,
-    /// `_review.jsonl` (local runs with review thresholds): the records
-    /// routed to a person, written when their row is; a record written
-    /// again after a crash is listed again (at least once: dedupe by id).
-    pub review: Option<DeadLetterFile>,
     /// The memory budget: rows buffered in open files are charged to it,
     /// and the largest file's rows are flushed while it is spent.
     pub budget: Arc<crate::budget::Budget>,
@@ -346,24 +342,6 @@ impl SinkThread {
             } => {
                 drop(permit);
                 if ack.is_current() {
-                    if row.needs_review == Some(true)
-                        && let Some(file) = self.review.as_mut()
-                    {
-                        file.append(&serde_json::json!({
-                            "id": row.id,
-                            "image_uri": row.image_uri,
-                            "text": row.text,
-                            "labels": row.labels.as_deref().unwrap_or_default().iter()
-                                .map(|l| serde_json::json!({"label": l.label, "score": l.score}))
-                                .collect::<Vec<_>>(),
-                            "review_reason": row.review_reason,
-                            "source": &*row.source,
-                            "partition": row.partition,
-                            "offset": row.offset,
-                            "processed_at_ms": row.processed_at_ms,
-                        }))
-                        .map_err(|e| e.context("writing the review file"))?;
-                    }
                     self.parquet.append(row, ack)?;
                 } else {
                     // Its partition was revoked: the next owner writes it.
@@ -481,7 +459,6 @@ mod tests {
             control,
             parquet: writer,
             dead_letters,
-            review: None,
             budget: crate::budget::Budget::new(64 << 20),
             stats: Arc::clone(&stats),
             fatal: Arc::new(Fatal::default()),

@@ -75,7 +75,11 @@ pub fn search(args: SearchArgs) -> anyhow::Result<ExitCode> {
         !args.queries.is_empty() || !args.image_queries.is_empty(),
         "nothing to search for: give a QUERY text and/or --image FILE"
     );
-    anyhow::ensure!(args.k > 0, "--top must be at least 1");
+    anyhow::ensure!(
+        (1..=10_000).contains(&args.k),
+        "--top {}: between 1 and 10000",
+        args.k
+    );
     let dir = ModelDir::open(&args.model)?;
     let fingerprint = dir.fingerprint(&args.variant)?;
     let model_args = ModelArgs {

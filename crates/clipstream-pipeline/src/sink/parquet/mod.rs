@@ -102,6 +102,8 @@ pub struct ParquetWriter {
     dim: usize,
     model_id: String,
     model_fingerprint: Option<String>,
+    /// `_review.jsonl`, and whether it holds lines not yet synced.
+    review: Option<(super::dead_letter_file::DeadLetterFile, bool)>,
     ranges: HashMap<PartitionKey, Range>,
     stats: Arc<Stats>,
     /// Tags uploads so that a retried completion recognises its own object.
@@ -154,6 +156,16 @@ impl ParquetWriter {
         self
     }
 
+    /// Lists the rows routed to review in `file` (`_review.jsonl`): each
+    /// line is appended with its row and synced before the file holding
+    /// the row is published (one sync per file, not per row). A row that
+    /// is written again (after a crash, or by a partition's next owner) is
+    /// listed again: at least once, dedupe by id.
+    pub fn with_review(mut self, file: Option<super::dead_letter_file::DeadLetterFile>) -> Self {
+        self.review = file.map(|f| (f, false));
+        self
+    }
+
     /// A writer into `dest` (its local directory is created if missing).
     pub fn new(
         config: ParquetConfig,
@@ -179,6 +191,7 @@ impl ParquetWriter {
             dim,
             model_id,
             model_fingerprint: None,
+            review: None,
             ranges: HashMap::new(),
             stats,
             writer_id,
@@ -208,6 +221,13 @@ impl ParquetWriter {
     /// token is acknowledged when the row's range is published.
     pub fn append(&mut self, row: OutputRow, ack: AckToken) -> Result<(), SinkError> {
         let key = ack.partition().clone();
+        if row.needs_review == Some(true)
+            && let Some((file, dirty)) = self.review.as_mut()
+        {
+            file.append(&crate::review::line(&row))
+                .map_err(|e| e.context("writing the review file"))?;
+            *dirty = true;
+        }
         let date = self
             .config
             .partition_by_date
@@ -413,6 +433,16 @@ impl ParquetWriter {
         let Some(mut f) = range.file.take() else {
             return Ok(());
         };
+        // The review lines of its rows are on disk before they count as
+        // written.
+        if let Some((review, dirty)) = self.review.as_mut()
+            && *dirty
+        {
+            review
+                .sync()
+                .map_err(|e| e.context("syncing the review file"))?;
+            *dirty = false;
+        }
         let started = std::time::Instant::now();
         write_buffered(&mut f, &self.schema, self.dim, &self.model_id)?;
         let file = f.writer.into_inner()?;
@@ -511,7 +541,8 @@ pub fn estimated_bytes(row: &OutputRow, dim: usize) -> u64 {
     let labels = row
         .labels
         .as_ref()
-        .map_or(0, |l| l.iter().map(|l| l.label.len() + 8).sum());
+        .map_or(0, |l| l.iter().map(|l| l.label.len() + 8).sum::<usize>())
+        + s(&row.review_reason);
     (row.id.len()
         + row.source.len()
         + s(&row.image_uri)

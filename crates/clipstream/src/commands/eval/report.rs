@@ -370,7 +370,12 @@ fn confusion(m: &Metrics, classes: &[String]) -> Result<String, Box<dyn std::err
             .y_labels(n)
             .x_desc("predicted")
             .y_desc("true")
-            .x_label_formatter(&|v| label(v, false))
+            // Rotated labels are centred on their tick: as many no-break
+            // spaces before the name hang it below the axis instead.
+            .x_label_formatter(&|v| {
+                let name = label(v, false);
+                format!("{}{name}", "\u{a0}".repeat(name.chars().count()))
+            })
             .y_label_formatter(&|v| label(v, true))
             .x_label_style(
                 ("sans-serif", 11)
@@ -378,6 +383,7 @@ fn confusion(m: &Metrics, classes: &[String]) -> Result<String, Box<dyn std::err
                     .transform(FontTransform::Rotate90),
             )
             .y_label_style(("sans-serif", 11))
+            .axis_desc_style(("sans-serif", 14))
             .draw()?;
         chart.draw_series(cells.iter().map(|&(x, y, right, count)| {
             let v = if count == 0 {
