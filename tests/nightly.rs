@@ -712,10 +712,12 @@ fn the_nightly_script_runs_night_after_night() {
 /// of `s3://` images (s3s-fs), two long-running workers of one consumer
 /// group (tansu), writing Parquet to S3; each night `plan --publish` puts
 /// the work on their topic and, once the group has committed it,
-/// `snapshot` writes the night's table to S3. On night 2 (10 images
-/// replaced, 5 titles edited, 4 new products, 2 removed) only those 19 are
-/// embedded, the snapshot has one row per product, and the removed ones are
-/// tombstones.
+/// `snapshot` writes the night's table to S3. Night 1 is 2,000 products.
+/// On night 2 (100 images replaced, 60 titles edited, 40 new products, 20
+/// removed: 5%, 3%, 2%, 1%), run as the Helm CronJob runs it (`clipstream
+/// night`), only those 200 are embedded, the snapshot has one row per
+/// product, the removed ones are tombstones, and `search` over the snapshot
+/// on S3 finds a replaced image's product with tonight's embedding.
 #[test]
 fn a_two_worker_fleet_runs_two_nights() {
     use support::streaming::{TOPICS, pipeline_config, terminate, worker};
@@ -723,14 +725,17 @@ fn a_two_worker_fleet_runs_two_nights() {
     let stack = stack::Stack::start(&root, &TOPICS, &["images", "output"]);
     let objects = stack.s3_dir.join("images").join("cat");
     std::fs::create_dir_all(&objects).expect("objects");
-    let mut products: Vec<(String, String, String)> = (0..200u32)
+    let product = |k: u32| {
+        (
+            format!("sku-{k:04}"),
+            format!("s3://images/cat/p{k:04}.png"),
+            format!("product {k}"),
+        )
+    };
+    let mut products: Vec<(String, String, String)> = (0..2000u32)
         .map(|k| {
-            image(&objects, &format!("p{k:03}.png"), k);
-            (
-                format!("sku-{k:03}"),
-                format!("s3://images/cat/p{k:03}.png"),
-                format!("product {k}"),
-            )
+            image(&objects, &format!("p{k:04}.png"), k);
+            product(k)
         })
         .collect();
     let catalog = root.join("catalog.jsonl");
@@ -823,28 +828,30 @@ fn a_two_worker_fleet_runs_two_nights() {
     let (p1, out) = night("night-1", None);
     assert_eq!(
         (p1["planned"].as_u64(), p1["published"].as_u64()),
-        (Some(200), Some(200)),
+        (Some(2000), Some(2000)),
         "{p1}"
     );
-    assert_eq!(read_parquet(&on_s3("fleet")).len(), 200, "night 1's output");
-    assert!(out.contains("200 rows"), "{out}");
+    assert_eq!(
+        read_parquet(&on_s3("fleet")).len(),
+        2000,
+        "night 1's output"
+    );
+    assert!(out.contains("2000 rows"), "{out}");
     assert!(on_s3("snapshots/night-1/_snapshot.json").is_file());
 
-    for k in [3u32, 17, 42, 60, 77, 91, 110, 133, 150, 199] {
-        image(&objects, &format!("p{k:03}.png"), k + 300);
+    // Night 2: 5% of the images replaced, 3% of the titles edited, 1%
+    // removed, 2% new products.
+    for k in (0..2000u32).filter(|k| k % 20 == 3) {
+        image(&objects, &format!("p{k:04}.png"), k + 5000);
     }
-    for k in [5usize, 25, 45, 65, 85] {
+    for k in (0..2000usize).filter(|k| [5, 25, 45].contains(&(k % 100))) {
         products[k].2 = format!("product {k}, renamed");
     }
-    for k in 200..204u32 {
-        image(&objects, &format!("p{k:03}.png"), k);
-        products.push((
-            format!("sku-{k:03}"),
-            format!("s3://images/cat/p{k:03}.png"),
-            format!("product {k}"),
-        ));
+    products.retain(|p| !p.0.ends_with("10"));
+    for k in 2000..2040u32 {
+        image(&objects, &format!("p{k:04}.png"), k);
+        products.push(product(k));
     }
-    products.retain(|p| p.0 != "sku-010" && p.0 != "sku-011");
     write_catalog(&catalog, &products);
     // Night 2 as the chart's CronJob runs it: one command, which finds the
     // previous snapshot itself.
@@ -882,19 +889,48 @@ fn a_two_worker_fleet_runs_two_nights() {
         "published",
     ]
     .map(|k| p2[k].as_u64().unwrap_or(u64::MAX));
-    assert_eq!(got, [4, 10, 5, 2, 19, 19], "{p2}");
-    // The fleet embedded night 1's 200 and night 2's 19, nothing more.
+    assert_eq!(got, [40, 100, 60, 20, 200, 200], "{p2}");
+    // The fleet embedded night 1's 2,000 and night 2's 200, nothing more.
     assert_eq!(
         read_parquet(&on_s3("fleet")).len(),
-        219,
+        2200,
         "the fleet's output"
     );
-    assert!(out.contains("202 rows"), "{out}");
-    assert!(out.contains("tombstones: 2 on embeddings"), "{out}");
+    assert!(out.contains("2020 rows"), "{out}");
+    assert!(out.contains("tombstones: 20 on embeddings"), "{out}");
     let rows = rows_by_id(&on_s3("snapshots/night-2"));
-    assert_eq!(rows.len(), 202);
-    assert!(!rows.contains_key("sku-010") && rows.contains_key("sku-203"));
-    assert_eq!(rows["sku-025"]["text"], "product 25, renamed");
+    assert_eq!(rows.len(), 2020);
+    assert!(!rows.contains_key("sku-0010") && rows.contains_key("sku-2039"));
+    assert_eq!(rows["sku-0025"]["text"], "product 25, renamed");
+    // The night's snapshot, searched on S3 with a replaced image: its
+    // product comes first, with tonight's embedding.
+    let model = support::model();
+    let found: Value = serde_json::from_str(&run_ok(&[
+        "search",
+        "s3://output/snapshots/night-2/",
+        "--pipeline",
+        s(&pipeline),
+        "--model",
+        s(&model),
+        "--image",
+        s(&objects.join("p0003.png")),
+        "-k",
+        "20",
+        "--json",
+    ]))
+    .expect("search --json");
+    // (Plain-colour images can share their embedding: the product is among
+    // the best, with the image's own embedding, not night 1's.)
+    let hits = found["results"][0]["hits"].as_array().expect("hits");
+    let best = hits[0]["score"].as_f64().expect("score");
+    let mine = hits
+        .iter()
+        .find(|h| h["id"] == "sku-0003")
+        .unwrap_or_else(|| panic!("sku-0003 not found: {found}"));
+    assert!(
+        best > 0.999 && mine["score"].as_f64() == Some(best),
+        "{found}"
+    );
     // The workers show what each night planned (from the events' headers),
     // for the dashboard's progress panels.
     let metrics: String = addrs
@@ -902,8 +938,8 @@ fn a_two_worker_fleet_runs_two_nights() {
         .map(|a| support::http_get(a, "/metrics").1)
         .collect();
     for line in [
-        "clipstream_night_planned{night=\"night-1\"} 200",
-        "clipstream_night_planned{night=\"night-2\"} 19",
+        "clipstream_night_planned{night=\"night-1\"} 2000",
+        "clipstream_night_planned{night=\"night-2\"} 200",
     ] {
         assert!(metrics.lines().any(|l| l == line), "{line}:\n{metrics}");
     }

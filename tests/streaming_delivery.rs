@@ -324,8 +324,12 @@ fn backpressure_pauses_the_source_and_memory_stays_flat_under_a_backlog() {
         done < 1500,
         "the big backlog was finished: no backlog to hold"
     );
+    // A backlog held in memory would add its 54 extra MB. The small run's
+    // own peak varies by about 10 MiB from run to run on the 2-core CI
+    // machine (158 and 167 MiB measured against 183 for the big one), so
+    // the bound leaves room for that and no more.
     assert!(
-        b.peak_rss_mib - s.peak_rss_mib < 24.0,
+        b.peak_rss_mib - s.peak_rss_mib < 32.0,
         "memory grew with the backlog: {:.0} MiB (6 MB backlog) vs {:.0} MiB (60 MB)",
         s.peak_rss_mib,
         b.peak_rss_mib
