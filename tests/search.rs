@@ -233,8 +233,12 @@ fn another_model_and_bad_folders_are_refused() {
         &clipstream(&["search", s(&out), "--model", s(&other), "a red circle"]),
         "another model",
     );
+    // Both model ids named: the output's and the query's.
     assert!(
-        e.contains("another model") && e.contains("fingerprint") && e.contains("other-model"),
+        e.contains("another model")
+            && e.contains("fingerprint")
+            && e.contains("\"clip-tiny\"")
+            && e.contains("\"other-model\""),
         "{e}"
     );
     // Files without a fingerprint are compared by their rows' model id.

@@ -321,19 +321,14 @@ fn scan_file(
     let builder = ParquetRecordBatchReaderBuilder::try_new(file)
         .map_err(|e| bad(format!("not a readable Parquet file ({e})")))?;
     let fingerprint = crate::catalog::file_fingerprint(builder.metadata());
+    // Another model's file (the image mode's suffix, `+fast`, does not
+    // change what a query is compared with): refused at its first batch,
+    // naming the model id its rows carry.
+    let other = fingerprint.as_deref().and_then(|fp| {
+        let base = fp.split('+').next().unwrap_or(fp);
+        (base != model.fingerprint).then(|| short(base).to_string())
+    });
     if let Some(fp) = &fingerprint {
-        // The image mode's suffix (`+fast`) does not change what a query
-        // is compared with.
-        let base_fp = fp.split('+').next().unwrap_or(fp);
-        anyhow::ensure!(
-            base_fp == model.fingerprint,
-            "{} was written by another model (fingerprint {}) than the query's {} (fingerprint {}): \
-             search with the model that wrote the output",
-            path.display(),
-            short(base_fp),
-            model.id,
-            short(&model.fingerprint)
-        );
         scanned.fingerprints.insert(fp.clone());
     }
     let columns = ["id", "image_uri", "text", "model_id", target.column()];
@@ -388,6 +383,18 @@ fn scan_file(
             .as_any()
             .downcast_ref::<Float32Array>()
             .ok_or_else(|| bad(format!("column {:?} does not hold floats", target.column())))?;
+        if let Some(theirs) = &other {
+            let writer = (0..models.len())
+                .find(|&i| !models.is_null(i))
+                .map_or("?", |i| models.value(i));
+            anyhow::bail!(
+                "{} was written by another model, {writer:?} (fingerprint {theirs}), than the \
+                 query's {:?} (fingerprint {}): search with the model that wrote the output",
+                path.display(),
+                model.id,
+                short(&model.fingerprint)
+            );
+        }
         if fingerprint.is_none() {
             for i in 0..models.len() {
                 if !models.is_null(i) && models.value(i) != model.id {
