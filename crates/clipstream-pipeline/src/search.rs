@@ -22,8 +22,6 @@ use std::time::Instant;
 
 use anyhow::Context;
 use arrow_array::{Array, FixedSizeListArray, Float32Array, StringArray};
-use parquet::arrow::ProjectionMask;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde::Serialize;
 
 /// Which embedding column a query is compared with.
@@ -315,12 +313,10 @@ fn scan_file(
     base: &mut u64,
     scanned: &mut Scanned,
 ) -> anyhow::Result<()> {
-    let bad = |what: String| anyhow::anyhow!("{}: {what}", path.display());
     let started = Instant::now();
-    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(file)
-        .map_err(|e| bad(format!("not a readable Parquet file ({e})")))?;
-    let fingerprint = crate::catalog::file_fingerprint(builder.metadata());
+    let columns = ["id", "image_uri", "text", "model_id", target.column()];
+    let file = crate::catalog::open_output(path, &columns, Some(&columns))?;
+    let fingerprint = file.fingerprint;
     // Another model's file (the image mode's suffix, `+fast`, does not
     // change what a query is compared with): refused at its first batch,
     // naming the model id its rows carry.
@@ -331,46 +327,18 @@ fn scan_file(
     if let Some(fp) = &fingerprint {
         scanned.fingerprints.insert(fp.clone());
     }
-    let columns = ["id", "image_uri", "text", "model_id", target.column()];
-    for c in columns {
-        if builder.schema().field_with_name(c).is_err() {
-            return Err(bad(format!(
-                "no column {c:?}: not clipstream output (or written by a different schema)"
-            )));
-        }
-    }
-    let mask = ProjectionMask::columns(builder.parquet_schema(), columns);
-    let reader = builder
-        .with_projection(mask)
-        .with_batch_size(8192)
-        .build()
-        .map_err(|e| bad(e.to_string()))?;
     let mut decode = started.elapsed().as_secs_f64();
     let mut t = Instant::now();
-    for batch in reader {
-        let batch = batch.map_err(|e| bad(e.to_string()))?;
-        let text = |name: &str| {
-            batch
-                .column_by_name(name)
-                .and_then(|c| c.as_any().downcast_ref::<StringArray>())
-                .ok_or_else(|| bad(format!("column {name:?} is not text")))
-        };
+    for batch in file.batches {
+        let batch = batch.map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let text = |name: &str| crate::catalog::text_column(&batch, name, path);
         let (ids, uris, texts, models) = (
             text("id")?,
             text("image_uri")?,
             text("text")?,
             text("model_id")?,
         );
-        let list = batch
-            .column_by_name(target.column())
-            .and_then(|c| c.as_any().downcast_ref::<FixedSizeListArray>())
-            .ok_or_else(|| {
-                bad(format!(
-                    "column {:?} is not a fixed-size list",
-                    target.column()
-                ))
-            })?;
-        let dim = list.value_length() as usize;
+        let (list, block, dim) = embeddings(&batch, target, path)?;
         anyhow::ensure!(
             dim == model.dim,
             "{}: embeddings of width {dim}, the query model's are {} wide: \
@@ -378,11 +346,6 @@ fn scan_file(
             path.display(),
             model.dim
         );
-        let values = list
-            .values()
-            .as_any()
-            .downcast_ref::<Float32Array>()
-            .ok_or_else(|| bad(format!("column {:?} does not hold floats", target.column())))?;
         if let Some(theirs) = &other {
             let writer = (0..models.len())
                 .find(|&i| !models.is_null(i))
@@ -411,9 +374,6 @@ fn scan_file(
         if let Some(i) = (0..models.len()).find(|&i| !models.is_null(i)) {
             scanned.model_ids.insert(models.value(i).to_string());
         }
-        // The list's own slice of the values (a batch may be a slice).
-        let start = list.offset() * dim;
-        let block = &values.values()[start..start + list.len() * dim];
         decode += t.elapsed().as_secs_f64();
         t = Instant::now();
         let get = |a: &StringArray, i: usize| (!a.is_null(i)).then(|| a.value(i).to_string());
@@ -444,63 +404,65 @@ pub fn decode_all(dirs: &[PathBuf], target: Target) -> anyhow::Result<(Vec<f32>,
     for d in dirs {
         files.extend(crate::catalog::parquet_files(d)?);
     }
+    let column = [target.column()];
     // Sized once from the files' row counts: growing a vector of gigabytes
     // copies it again and again.
-    let mut rows = 0usize;
+    let mut rows = 0u64;
     for path in &files {
-        let file =
-            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-        let meta = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| {
-            anyhow::anyhow!("{}: not a readable Parquet file ({e})", path.display())
-        })?;
-        rows += usize::try_from(meta.metadata().file_metadata().num_rows()).unwrap_or(0);
+        rows += crate::catalog::open_output(path, &column, Some(&column))?.rows;
     }
     let mut out: Vec<f32> = Vec::new();
     let mut width = 0;
-    {
-        for path in files {
-            let bad = |what: String| anyhow::anyhow!("{}: {what}", path.display());
-            let file = std::fs::File::open(&path)
-                .with_context(|| format!("opening {}", path.display()))?;
-            let builder = ParquetRecordBatchReaderBuilder::try_new(file)
-                .map_err(|e| bad(format!("not a readable Parquet file ({e})")))?;
-            let mask = ProjectionMask::columns(builder.parquet_schema(), [target.column()]);
-            let reader = builder
-                .with_projection(mask)
-                .with_batch_size(8192)
-                .build()
-                .map_err(|e| bad(e.to_string()))?;
-            for batch in reader {
-                let batch = batch.map_err(|e| bad(e.to_string()))?;
-                let list = batch
-                    .column_by_name(target.column())
-                    .and_then(|c| c.as_any().downcast_ref::<FixedSizeListArray>())
-                    .ok_or_else(|| bad(format!("no {:?} column", target.column())))?;
-                let dim = list.value_length() as usize;
-                anyhow::ensure!(
-                    width == 0 || width == dim,
-                    "{}: embeddings of width {dim} after {width}",
-                    path.display()
-                );
-                if width == 0 {
-                    out.reserve_exact(rows.saturating_mul(dim));
-                }
-                width = dim;
-                let values = list
-                    .values()
-                    .as_any()
-                    .downcast_ref::<Float32Array>()
-                    .ok_or_else(|| bad("embeddings that are not floats".into()))?;
-                let all = &values.values()[list.offset() * dim..(list.offset() + list.len()) * dim];
-                for (r, row) in all.chunks_exact(dim).enumerate() {
-                    if list.is_valid(r) {
-                        out.extend_from_slice(row);
-                    }
+    for path in &files {
+        let file = crate::catalog::open_output(path, &column, Some(&column))?;
+        for batch in file.batches {
+            let batch = batch.map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            let (list, block, dim) = embeddings(&batch, target, path)?;
+            anyhow::ensure!(
+                width == 0 || width == dim,
+                "{}: embeddings of width {dim} after {width}",
+                path.display()
+            );
+            if width == 0 {
+                out.reserve_exact(usize::try_from(rows).unwrap_or(0).saturating_mul(dim));
+            }
+            width = dim;
+            for (r, row) in block.chunks_exact(dim).enumerate() {
+                if list.is_valid(r) {
+                    out.extend_from_slice(row);
                 }
             }
         }
     }
     Ok((out, width))
+}
+
+/// The `target` embeddings of a batch of the file `path`: the column, its
+/// rows' floats (row-major, the column's own slice: a batch may be a slice
+/// of a larger array) and their width.
+fn embeddings<'a>(
+    batch: &'a arrow_array::RecordBatch,
+    target: Target,
+    path: &Path,
+) -> anyhow::Result<(&'a FixedSizeListArray, &'a [f32], usize)> {
+    let name = target.column();
+    let list = batch
+        .column_by_name(name)
+        .and_then(|c| c.as_any().downcast_ref::<FixedSizeListArray>())
+        .with_context(|| {
+            format!(
+                "{}: column {name:?} is not a fixed-size list",
+                path.display()
+            )
+        })?;
+    let dim = list.value_length() as usize;
+    let values = list
+        .values()
+        .as_any()
+        .downcast_ref::<Float32Array>()
+        .with_context(|| format!("{}: column {name:?} does not hold floats", path.display()))?;
+    let start = list.offset() * dim;
+    Ok((list, &values.values()[start..start + list.len() * dim], dim))
 }
 
 fn short(fp: &str) -> &str {

@@ -91,7 +91,7 @@ pub struct ModelArgs {
 }
 
 /// ONNX Runtime settings.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct RuntimeArgs {
     /// Path of libonnxruntime.so (default: ORT_DYLIB_PATH, then the
     /// checkout's .cache/onnxruntime filled by scripts/fetch-onnxruntime.sh,

@@ -365,6 +365,93 @@ pub fn file_fingerprint(meta: &parquet::file::metadata::ParquetMetaData) -> Opti
         .and_then(|k| k.value.clone())
 }
 
+/// A clipstream output file, opened for reading.
+pub struct OutputFile {
+    /// Its rows, in batches of 8,192, of the columns asked for.
+    pub batches: parquet::arrow::arrow_reader::ParquetRecordBatchReader,
+    /// The model fingerprint in its metadata ([`file_fingerprint`]).
+    pub fingerprint: Option<String>,
+    /// Rows in the file.
+    pub rows: u64,
+}
+
+impl std::fmt::Debug for OutputFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutputFile")
+            .field("fingerprint", &self.fingerprint)
+            .field("rows", &self.rows)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Opens the clipstream output file `path`: an error naming it when it is
+/// not Parquet or lacks one of the `required` columns; reads only the
+/// columns of `project` (all of them: `None`).
+pub fn open_output(
+    path: &Path,
+    required: &[&str],
+    project: Option<&[&str]>,
+) -> anyhow::Result<OutputFile> {
+    use parquet::arrow::ProjectionMask;
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let bad = |what: String| anyhow::anyhow!("{}: {what}", path.display());
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(|e| bad(format!("not a readable Parquet file ({e})")))?;
+    for c in required {
+        if builder.schema().field_with_name(c).is_err() {
+            return Err(bad(format!(
+                "no column {c:?}: not clipstream output (or written by a different schema)"
+            )));
+        }
+    }
+    let fingerprint = file_fingerprint(builder.metadata());
+    let rows = u64::try_from(builder.metadata().file_metadata().num_rows()).unwrap_or(0);
+    let builder = match project {
+        Some(columns) => {
+            let mask = ProjectionMask::columns(builder.parquet_schema(), columns.iter().copied());
+            builder.with_projection(mask)
+        }
+        None => builder,
+    };
+    let batches = builder
+        .with_batch_size(8192)
+        .build()
+        .map_err(|e| bad(e.to_string()))?;
+    Ok(OutputFile {
+        batches,
+        fingerprint,
+        rows,
+    })
+}
+
+/// The text column `name` of a batch of the file `path`.
+pub fn text_column<'a>(
+    batch: &'a arrow_array::RecordBatch,
+    name: &str,
+    path: &Path,
+) -> anyhow::Result<&'a arrow_array::StringArray> {
+    batch
+        .column_by_name(name)
+        .and_then(|c| c.as_any().downcast_ref::<arrow_array::StringArray>())
+        .with_context(|| format!("{}: column {name:?} is not text", path.display()))
+}
+
+/// The timestamp column `name` (milliseconds) of a batch of the file `path`.
+pub fn time_column<'a>(
+    batch: &'a arrow_array::RecordBatch,
+    name: &str,
+    path: &Path,
+) -> anyhow::Result<&'a arrow_array::TimestampMillisecondArray> {
+    batch
+        .column_by_name(name)
+        .and_then(|c| {
+            c.as_any()
+                .downcast_ref::<arrow_array::TimestampMillisecondArray>()
+        })
+        .with_context(|| format!("{}: column {name:?} is not a timestamp", path.display()))
+}
+
 /// The Parquet files under `dir`, recursively, in name order (files being
 /// written, `.tmp` and names starting with `.` or `_`, are left out).
 pub fn parquet_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {

@@ -7,10 +7,7 @@ use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::Context;
-use arrow_array::{Array, StringArray, TimestampMillisecondArray};
-use parquet::arrow::ProjectionMask;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use arrow_array::{Array, StringArray};
 
 /// The newest row written for a product.
 #[derive(Debug, Clone, PartialEq)]
@@ -72,33 +69,11 @@ pub fn read(
 }
 
 fn read_file(path: &Path, out: &mut HashMap<String, Prior>) -> anyhow::Result<()> {
-    let bad = |what: String| anyhow::anyhow!("{}: {what}", path.display());
-    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(file)
-        .map_err(|e| bad(format!("not a readable Parquet file ({e})")))?;
-    let fingerprint: Option<Arc<str>> = super::file_fingerprint(builder.metadata()).map(Arc::from);
-    let schema = builder.schema().clone();
-    for c in COLUMNS {
-        if schema.field_with_name(c).is_err() {
-            return Err(bad(format!(
-                "no column {c:?}: not clipstream output (or written by a different schema)"
-            )));
-        }
-    }
-    let mask = ProjectionMask::columns(builder.parquet_schema(), COLUMNS);
-    let reader = builder
-        .with_projection(mask)
-        .with_batch_size(8192)
-        .build()
-        .map_err(|e| bad(e.to_string()))?;
-    for batch in reader {
-        let batch = batch.map_err(|e| bad(e.to_string()))?;
-        let text_col = |name: &str| {
-            batch
-                .column_by_name(name)
-                .and_then(|c| c.as_any().downcast_ref::<StringArray>())
-                .ok_or_else(|| bad(format!("column {name:?} is not text")))
-        };
+    let file = super::open_output(path, &COLUMNS, Some(&COLUMNS))?;
+    let fingerprint: Option<Arc<str>> = file.fingerprint.map(Arc::from);
+    for batch in file.batches {
+        let batch = batch.map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let text_col = |name: &str| super::text_column(&batch, name, path);
         let (ids, uris, etags, texts, attrs) = (
             text_col("id")?,
             text_col("image_uri")?,
@@ -106,10 +81,7 @@ fn read_file(path: &Path, out: &mut HashMap<String, Prior>) -> anyhow::Result<()
             text_col("text")?,
             text_col("attributes")?,
         );
-        let times = batch
-            .column_by_name("processed_at")
-            .and_then(|c| c.as_any().downcast_ref::<TimestampMillisecondArray>())
-            .ok_or_else(|| bad("column \"processed_at\" is not a timestamp".into()))?;
+        let times = super::time_column(&batch, "processed_at", path)?;
         for i in 0..batch.num_rows() {
             let Some(id) = get(ids, i) else { continue };
             let at = if times.is_null(i) { 0 } else { times.value(i) };

@@ -15,17 +15,18 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
-use arrow_array::{Array, BooleanArray, RecordBatch, StringArray, TimestampMillisecondArray};
+use arrow_array::{Array, BooleanArray, RecordBatch};
 use arrow_schema::SchemaRef;
 use parquet::arrow::ArrowWriter;
-use parquet::arrow::ProjectionMask;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
 use serde::{Deserialize, Serialize};
 
 use crate::sink::parquet::FINGERPRINT_KEY;
+
+/// The columns every file a snapshot reads must have.
+const REQUIRED: [&str; 2] = ["id", "processed_at"];
 
 /// Rows per snapshot file.
 pub const ROWS_PER_FILE: usize = 100_000;
@@ -135,11 +136,15 @@ pub fn snapshot(
     // then tonight's chosen rows.
     for (files, chosen, is_tonight) in [(&previous, &carried, false), (&tonight, &best, true)] {
         for (f, path) in files.iter().enumerate() {
-            let (file, fp) = open(path, &[])?;
+            let super::OutputFile {
+                batches: file,
+                fingerprint: fp,
+                ..
+            } = super::open_output(path, &REQUIRED, None)?;
             let mut row = 0;
             for batch in file {
                 let batch = batch.with_context(|| format!("reading {}", path.display()))?;
-                let idc = ids_of(&batch, path)?;
+                let idc = super::text_column(&batch, "id", path)?;
                 let keep: BooleanArray = (0..batch.num_rows())
                     .map(|i| {
                         Some(
@@ -210,11 +215,14 @@ fn newest_rows(
 ) -> anyhow::Result<HashMap<String, (usize, usize, i64)>> {
     let mut best: HashMap<String, (usize, usize, i64)> = HashMap::new();
     for (f, path) in files.iter().enumerate() {
-        let (file, _) = open(path, &["id", "processed_at"])?;
+        let file = super::open_output(path, &REQUIRED, Some(&REQUIRED))?.batches;
         let mut row = 0;
         for batch in file {
             let batch = batch.with_context(|| format!("reading {}", path.display()))?;
-            let (idc, at) = (ids_of(&batch, path)?, times_of(&batch, path)?);
+            let (idc, at) = (
+                super::text_column(&batch, "id", path)?,
+                super::time_column(&batch, "processed_at", path)?,
+            );
             for i in 0..batch.num_rows() {
                 if idc.is_null(i) {
                     continue;
@@ -258,56 +266,6 @@ fn remove_abandoned(parent: &Path, name: &str) {
             let _ = std::fs::remove_dir_all(e.path());
         }
     }
-}
-
-type Reader = parquet::arrow::arrow_reader::ParquetRecordBatchReader;
-
-/// Opens a clipstream output file (all columns when `columns` is empty)
-/// and reads its model fingerprint.
-fn open(path: &Path, columns: &[&str]) -> anyhow::Result<(Reader, Option<String>)> {
-    let bad = |what: String| anyhow::anyhow!("{}: {what}", path.display());
-    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(file)
-        .map_err(|e| bad(format!("not a readable Parquet file ({e})")))?;
-    let fp = super::file_fingerprint(builder.metadata());
-    for c in ["id", "processed_at"] {
-        if builder.schema().field_with_name(c).is_err() {
-            return Err(bad(format!("no column {c:?}: not clipstream output")));
-        }
-    }
-    let builder = if columns.is_empty() {
-        builder
-    } else {
-        let mask = ProjectionMask::columns(builder.parquet_schema(), columns.iter().copied());
-        builder.with_projection(mask)
-    };
-    let reader = builder
-        .with_batch_size(8192)
-        .build()
-        .map_err(|e| bad(e.to_string()))?;
-    Ok((reader, fp))
-}
-
-fn ids_of<'a>(batch: &'a RecordBatch, path: &Path) -> anyhow::Result<&'a StringArray> {
-    batch
-        .column_by_name("id")
-        .and_then(|c| c.as_any().downcast_ref::<StringArray>())
-        .with_context(|| format!("{}: column \"id\" is not text", path.display()))
-}
-
-fn times_of<'a>(
-    batch: &'a RecordBatch,
-    path: &Path,
-) -> anyhow::Result<&'a TimestampMillisecondArray> {
-    batch
-        .column_by_name("processed_at")
-        .and_then(|c| c.as_any().downcast_ref::<TimestampMillisecondArray>())
-        .with_context(|| {
-            format!(
-                "{}: column \"processed_at\" is not a timestamp",
-                path.display()
-            )
-        })
 }
 
 /// Columns added to the output after its first release, at the end: rows of

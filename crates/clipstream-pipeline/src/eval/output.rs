@@ -5,12 +5,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
-use arrow_array::{
-    Array, Float32Array, ListArray, StringArray, StructArray, TimestampMillisecondArray,
-};
-use parquet::arrow::ProjectionMask;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use arrow_array::{Array, Float32Array, ListArray, StringArray, StructArray};
 
 /// One record of the output.
 #[derive(Debug, Clone)]
@@ -61,36 +56,13 @@ pub fn read(dir: &Path) -> anyhow::Result<Vec<Labelled>> {
 
 fn read_file(path: &Path) -> anyhow::Result<Vec<Labelled>> {
     let bad = |what: String| anyhow::anyhow!("{}: {what}", path.display());
-    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(file)
-        .map_err(|e| bad(format!("not a readable Parquet file ({e})")))?;
-    for c in COLUMNS {
-        if builder.schema().field_with_name(c).is_err() {
-            return Err(bad(format!(
-                "no column {c:?}: not clipstream output (or written by a different schema)"
-            )));
-        }
-    }
-    let mask = ProjectionMask::columns(builder.parquet_schema(), COLUMNS);
-    let reader = builder
-        .with_projection(mask)
-        .with_batch_size(8192)
-        .build()
-        .map_err(|e| bad(e.to_string()))?;
+    let file = crate::catalog::open_output(path, &COLUMNS, Some(&COLUMNS))?;
     let mut out = Vec::new();
-    for batch in reader {
+    for batch in file.batches {
         let batch = batch.map_err(|e| bad(e.to_string()))?;
-        let text = |name: &str| {
-            batch
-                .column_by_name(name)
-                .and_then(|c| c.as_any().downcast_ref::<StringArray>())
-                .ok_or_else(|| bad(format!("column {name:?} is not text")))
-        };
+        let text = |name: &str| crate::catalog::text_column(&batch, name, path);
         let (ids, attrs, models) = (text("id")?, text("attributes")?, text("model_id")?);
-        let times = batch
-            .column_by_name("processed_at")
-            .and_then(|c| c.as_any().downcast_ref::<TimestampMillisecondArray>())
-            .ok_or_else(|| bad("column \"processed_at\" is not a timestamp".into()))?;
+        let times = crate::catalog::time_column(&batch, "processed_at", path)?;
         let labels = batch
             .column_by_name("labels")
             .and_then(|c| c.as_any().downcast_ref::<ListArray>())

@@ -85,13 +85,7 @@ pub fn search(args: SearchArgs) -> anyhow::Result<ExitCode> {
     let model_args = ModelArgs {
         model: args.model.clone(),
         variant: args.variant.clone(),
-        runtime: RuntimeArgs {
-            ort_lib: args.runtime.ort_lib.clone(),
-            providers: args.runtime.providers.clone(),
-            allow_cpu_fallback: args.runtime.allow_cpu_fallback,
-            intra_threads: args.runtime.intra_threads,
-            spinning: args.runtime.spinning,
-        },
+        runtime: args.runtime.clone(),
     };
     let mut model = super::load_model(&model_args, &args.images)?;
     let mut queries: Vec<(String, &'static str, Vec<f32>)> = Vec::new();

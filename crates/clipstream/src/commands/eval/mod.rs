@@ -227,13 +227,7 @@ fn from_model(args: &EvalArgs, model_dir: &Path) -> anyhow::Result<Report> {
     let model_args = ModelArgs {
         model: model_dir.to_path_buf(),
         variant: args.variant.clone(),
-        runtime: RuntimeArgs {
-            ort_lib: args.runtime.ort_lib.clone(),
-            providers: args.runtime.providers.clone(),
-            allow_cpu_fallback: args.runtime.allow_cpu_fallback,
-            intra_threads: args.runtime.intra_threads,
-            spinning: args.runtime.spinning,
-        },
+        runtime: args.runtime.clone(),
     };
     let mut model = super::load_model(&model_args, &args.images)?;
     let heads = sets
