@@ -13,31 +13,12 @@ use std::process::{Command, Output};
 use serde_json::Value;
 use support::*;
 
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf8 path")
-}
-
 fn manifest() -> PathBuf {
     root().join("pipelines/samples/shapes.jsonl")
 }
 
 fn labels(name: &str) -> PathBuf {
     fixtures().join(name)
-}
-
-fn ok(out: &Output, what: &str) -> String {
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{what}:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-}
-
-fn err(out: &Output, what: &str) -> String {
-    assert!(!out.status.success(), "{what} succeeded");
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 /// Runs tests/eval_check.py on a report; panics with its output on a
@@ -87,7 +68,7 @@ fn figures_agree_with_an_independent_computation_and_the_report_has_its_charts()
         "--svg",
         s(&dir.join("svg")),
     ]);
-    let stdout = ok(&out, "eval");
+    let stdout = stdout_of(&out, "eval");
     // The README's pictures are these charts.
     for chart in ["confusion", "reliability", "precision-coverage"] {
         let name = format!("shapes-labels-plain-{chart}.svg");
@@ -141,7 +122,7 @@ fn a_runs_output_is_evaluated_without_encoding() {
     assert!(!read_parquet(&out).is_empty(), "the run wrote nothing");
     let json = dir.join("output.json");
     // True labels from the rows' own attributes.
-    let stdout = ok(
+    let stdout = stdout_of(
         &clipstream(&[
             "eval",
             "--output",
@@ -170,7 +151,7 @@ fn a_runs_output_is_evaluated_without_encoding() {
         serde_json::from_str(&std::fs::read_to_string(&json).expect("json")).expect("json");
     // The same figures as labelling the manifest here.
     let json2 = dir.join("model.json");
-    ok(
+    stdout_of(
         &clipstream(&[
             "eval",
             "--manifest",
@@ -201,7 +182,7 @@ fn a_runs_output_is_evaluated_without_encoding() {
     )
     .expect("half");
     let json3 = dir.join("half.json");
-    let stdout = ok(
+    let stdout = stdout_of(
         &clipstream(&[
             "eval",
             "--output",
@@ -236,7 +217,7 @@ fn a_runs_output_is_evaluated_without_encoding() {
         .count();
     assert!(outside >= 4, "{outside} predictions outside the label set");
     // The true labels may come from the manifest instead (matched by id).
-    let with_manifest = ok(
+    let with_manifest = stdout_of(
         &clipstream(&["eval", "--output", s(&out), "--manifest", s(&manifest())]),
         "eval --output --manifest",
     );
@@ -264,13 +245,13 @@ fn bad_inputs_are_clear_errors_or_counted_skips() {
         clipstream(&args)
     };
     // A field no record has.
-    let e = err(&base(&["--truth-field", "colour"]), "no truth field");
+    let e = stderr_of(&base(&["--truth-field", "colour"]), "no truth field");
     assert!(
         e.contains("no record") && e.contains("attributes.colour") && e.contains("--truth-field"),
         "{e}"
     );
     // A precision that is not one.
-    let e = err(&base(&["--precision", "1.5"]), "precision 1.5");
+    let e = stderr_of(&base(&["--precision", "1.5"]), "precision 1.5");
     assert!(e.contains("between 0 and 1"), "{e}");
     // A label set that lacks some of the true labels: those are counted.
     let half = dir.join("half.toml");
@@ -279,7 +260,7 @@ fn bad_inputs_are_clear_errors_or_counted_skips() {
         "templates = [\"a photo of a {}.\"]\nclasses = [\"red circle\", \"red square\", \"blue circle\", \"blue square\"]\n",
     )
     .expect("half");
-    let out = ok(
+    let out = stdout_of(
         &clipstream(&[
             "eval",
             "--manifest",
@@ -303,9 +284,9 @@ fn bad_inputs_are_clear_errors_or_counted_skips() {
     let empty = dir.join("empty");
     std::fs::create_dir_all(&empty).expect("empty");
     let from = |d: &Path| clipstream(&["eval", "--output", s(d)]);
-    let e = err(&from(&empty), "empty output");
+    let e = stderr_of(&from(&empty), "empty output");
     assert!(e.contains("no Parquet files"), "{e}");
-    let e = err(&from(&dir.join("missing")), "missing output");
+    let e = stderr_of(&from(&dir.join("missing")), "missing output");
     assert!(e.contains("not a directory"), "{e}");
     let other = dir.join("other");
     std::fs::create_dir_all(&other).expect("other");
@@ -317,12 +298,12 @@ fn bad_inputs_are_clear_errors_or_counted_skips() {
         .status()
         .expect("python");
     assert!(made.success());
-    let e = err(&from(&other), "another schema");
+    let e = stderr_of(&from(&other), "another schema");
     assert!(e.contains("x.parquet") && e.contains("no column"), "{e}");
     let garbage = dir.join("garbage");
     std::fs::create_dir_all(&garbage).expect("garbage");
     std::fs::write(garbage.join("g.parquet"), b"PAR1 not really").expect("garbage");
-    let e = err(&from(&garbage), "not Parquet");
+    let e = stderr_of(&from(&garbage), "not Parquet");
     assert!(
         e.contains("g.parquet") && e.contains("not a readable Parquet"),
         "{e}"
@@ -350,7 +331,7 @@ fn bad_inputs_are_clear_errors_or_counted_skips() {
         .status()
         .expect("python");
     assert!(made.success());
-    let e = err(&from(&out), "two models");
+    let e = stderr_of(&from(&out), "two models");
     assert!(
         e.contains("more than one model") && e.contains("other-model"),
         "{e}"
@@ -366,7 +347,7 @@ fn eval_thresholds_route_the_uncertain_rows_to_review() {
     let dir = scratch("eval-review");
     let plain = labels("shapes-labels-plain.toml");
     let json = dir.join("eval.json");
-    ok(
+    stdout_of(
         &clipstream(&[
             "eval",
             "--manifest",
@@ -490,7 +471,7 @@ fn the_html_report_renders_in_a_browser() {
     };
     let dir = scratch("eval-browser");
     let (json, html) = (dir.join("report.json"), dir.join("report.html"));
-    ok(
+    stdout_of(
         &clipstream(&[
             "eval",
             "--manifest",

@@ -47,10 +47,6 @@ fn ok(args: &[&str]) -> String {
     stdout
 }
 
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf8 path")
-}
-
 fn plan(n: &Night, catalog: &Path, previous: Option<&Path>) -> Value {
     let mut args = vec![
         "plan",
@@ -118,6 +114,19 @@ fn write_catalog(path: &Path, products: &[(String, String, String)]) {
     std::fs::write(path, text).expect("catalog");
 }
 
+/// Products `ks` of a local catalog: id, an image written into `images`,
+/// a title.
+fn local_products(images: &Path, ks: std::ops::Range<u32>) -> Vec<(String, String, String)> {
+    ks.map(|k| {
+        (
+            format!("sku-{k:03}"),
+            image(images, &format!("p{k:03}.png"), k),
+            format!("product number {k}"),
+        )
+    })
+    .collect()
+}
+
 fn image(dir: &Path, name: &str, k: u32) -> String {
     let rgb = [
         (k * 37 % 256) as u8,
@@ -136,15 +145,7 @@ fn three_nights_embed_only_what_changed() {
     let model = model();
 
     // Night 1.
-    let mut products: Vec<(String, String, String)> = (0..60u32)
-        .map(|k| {
-            (
-                format!("sku-{k:03}"),
-                image(&images, &format!("p{k:03}.png"), k),
-                format!("product number {k}"),
-            )
-        })
-        .collect();
+    let mut products = local_products(&images, 0..60);
     let catalog = images.join("catalog.jsonl");
     write_catalog(&catalog, &products);
     let n1 = night(&root, "night-1", &model);
@@ -166,13 +167,7 @@ fn three_nights_embed_only_what_changed() {
     }
     products[5].2 = "an edited title".into();
     products[33].2 = "another edited title".into();
-    for k in [60u32, 61] {
-        products.push((
-            format!("sku-{k:03}"),
-            image(&images, &format!("p{k:03}.png"), k),
-            format!("product number {k}"),
-        ));
-    }
+    products.extend(local_products(&images, 60..62));
     let gone = products.remove(50).0;
     write_catalog(&catalog, &products);
     let n2 = night(&root, "night-2", &model);
@@ -1145,15 +1140,7 @@ fn a_night_killed_in_run_and_in_snapshot_finishes_the_same() {
     let images = root.join("catalog");
     std::fs::create_dir_all(&images).expect("images");
     let model = model();
-    let mut products: Vec<(String, String, String)> = (0..400u32)
-        .map(|k| {
-            (
-                format!("sku-{k:03}"),
-                image(&images, &format!("p{k:03}.png"), k),
-                format!("product number {k}"),
-            )
-        })
-        .collect();
+    let mut products = local_products(&images, 0..400);
     let catalog = images.join("catalog.jsonl");
     write_catalog(&catalog, &products);
     let n1 = night(&root, "night-1", &model);
@@ -1169,13 +1156,7 @@ fn a_night_killed_in_run_and_in_snapshot_finishes_the_same() {
     for k in (1..400usize).step_by(10) {
         products[k].2 = format!("product number {k}, edited");
     }
-    for k in 400..410u32 {
-        products.push((
-            format!("sku-{k:03}"),
-            image(&images, &format!("p{k:03}.png"), k),
-            format!("product number {k}"),
-        ));
-    }
+    products.extend(local_products(&images, 400..410));
     products.retain(|p| {
         !["sku-005", "sku-105", "sku-205", "sku-305", "sku-395"].contains(&p.0.as_str())
     });

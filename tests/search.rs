@@ -10,29 +10,10 @@ mod support;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use serde_json::Value;
 use support::*;
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf8 path")
-}
-
-fn ok(out: &Output, what: &str) -> String {
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{what}:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-}
-
-fn err(out: &Output, what: &str) -> String {
-    assert!(!out.status.success(), "{what} succeeded");
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
 
 /// The shapes manifest run through a local pipeline: its output folder,
 /// and the true label of each image record.
@@ -80,7 +61,7 @@ fn text_queries_find_their_class_and_the_scan_is_exact() {
     let model = model();
     let mut args = vec!["search", s(&out), "--model", s(&model), "--json"];
     args.extend(queries.iter().map(String::as_str));
-    let json: Value = serde_json::from_str(&ok(&clipstream(&args), "search")).expect("json");
+    let json: Value = serde_json::from_str(&stdout_of(&clipstream(&args), "search")).expect("json");
     let results = json["results"].as_array().expect("results");
     assert_eq!(results.len(), classes.len());
     // recall@10: of a class's images, the share among its query's top 10
@@ -113,7 +94,7 @@ fn text_queries_find_their_class_and_the_scan_is_exact() {
 
     // Exact: the same top 10 as brute force over the files, computed by
     // numpy from pyarrow's reading of them, for the first query.
-    let embed = ok(
+    let embed = stdout_of(
         &clipstream(&["embed", "--model", s(&model), "--text", &queries[0]]),
         "embed",
     );
@@ -141,7 +122,7 @@ print(json.dumps([[ids[k], float(s[k])] for k in order]))
         .output()
         .expect("python");
     let brute: Vec<(String, f64)> =
-        serde_json::from_slice(&ok(&out2, "numpy brute force").into_bytes()).expect("json");
+        serde_json::from_slice(&stdout_of(&out2, "numpy brute force").into_bytes()).expect("json");
     let ours: Vec<(String, f64)> = results[0]["hits"]
         .as_array()
         .expect("hits")
@@ -170,7 +151,7 @@ fn image_queries_find_their_image_and_their_captions() {
     let (out, _) = shapes_output(&dir);
     let model = model();
     let image = fixtures().join("shapes-eval/000.png");
-    let json: Value = serde_json::from_str(&ok(
+    let json: Value = serde_json::from_str(&stdout_of(
         &clipstream(&[
             "search",
             s(&out),
@@ -189,7 +170,7 @@ fn image_queries_find_their_image_and_their_captions() {
     assert_eq!(top["id"], "shape-000", "{json}");
     assert!(top["score"].as_f64().expect("score") > 0.999, "{json}");
     // Image → text: the captions of its class come first.
-    let text = ok(
+    let text = stdout_of(
         &clipstream(&[
             "search",
             s(&out),
@@ -229,7 +210,7 @@ fn another_model_and_bad_folders_are_refused() {
     let i = bytes.len() * 3 / 4;
     bytes[i] ^= 0x01;
     std::fs::write(&onnx, bytes).expect("write");
-    let e = err(
+    let e = stderr_of(
         &clipstream(&["search", s(&out), "--model", s(&other), "a red circle"]),
         "another model",
     );
@@ -258,7 +239,7 @@ fn another_model_and_bad_folders_are_refused() {
         .expect("python");
     assert!(made.success());
     let model = model();
-    let e = err(
+    let e = stderr_of(
         &clipstream(&["search", s(&bare), "--model", s(&model), "a red circle"]),
         "another model id",
     );
@@ -266,7 +247,7 @@ fn another_model_and_bad_folders_are_refused() {
     // An empty folder, a missing one, another schema, nothing to search.
     let empty = dir.join("empty");
     std::fs::create_dir_all(&empty).expect("empty");
-    let e = err(
+    let e = stderr_of(
         &clipstream(&["search", s(&empty), "--model", s(&model), "a red circle"]),
         "empty",
     );
@@ -282,7 +263,7 @@ fn another_model_and_bad_folders_are_refused() {
         .status()
         .expect("python");
     assert!(made.success());
-    let e = err(
+    let e = stderr_of(
         &clipstream(&[
             "search",
             s(&other_schema),
@@ -293,7 +274,7 @@ fn another_model_and_bad_folders_are_refused() {
         "another schema",
     );
     assert!(e.contains("x.parquet") && e.contains("no column"), "{e}");
-    let e = err(
+    let e = stderr_of(
         &clipstream(&["search", s(&out), "--model", s(&model)]),
         "no query",
     );

@@ -77,6 +77,28 @@ pub fn run_ok(cmd: &mut Command, what: &str) -> std::process::Output {
     out
 }
 
+/// A path as the text of an argument.
+pub fn s(p: &Path) -> &str {
+    p.to_str().expect("utf8 path")
+}
+
+/// The stdout of a command that must have succeeded (else its outputs).
+pub fn stdout_of(out: &std::process::Output, what: &str) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{what}:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// The stderr of a command that must have failed.
+pub fn stderr_of(out: &std::process::Output, what: &str) -> String {
+    assert!(!out.status.success(), "{what} succeeded");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 /// Every row of the Parquet files under `dir`, read by pyarrow.
 pub fn read_parquet(dir: &Path) -> Vec<Value> {
     let out = run_ok(
