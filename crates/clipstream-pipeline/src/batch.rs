@@ -5,15 +5,32 @@
 //! while the current one runs, and no more than one batch waits.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use clipstream_model::tokenize::TokenBatch;
 use clipstream_model::{EmbeddingBatch, ModelError, TextEncoder, VisionEncoder};
+use serde::{Deserialize, Serialize};
 
 use crate::assemble::{Assembler, InFlight, Part, TextJob, VisionJob};
-use crate::config::BatchConfig;
 use crate::fatal::Fatal;
 use crate::stats::{Stats, Tower};
+
+/// Dynamic batching of one tower (`[engine] vision_batch` / `text_batch`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BatchConfig {
+    /// Largest batch.
+    pub max_size: usize,
+    /// Longest a batch waits for more items after its first, in ms.
+    pub max_wait_ms: u64,
+}
+
+impl BatchConfig {
+    /// `max_wait_ms` as a duration.
+    pub fn max_wait(&self) -> Duration {
+        Duration::from_millis(self.max_wait_ms)
+    }
+}
 
 /// Collects jobs from `rx` into batches for `tx`, until `rx` closes.
 pub fn batcher<J: Send + 'static>(

@@ -1,11 +1,68 @@
 //! Bad input, in one place: every kind of permanent failure a record can
 //! have, the stage that finds it, and what a dead letter carries. Kinds here
 //! are never retried; transient faults (I/O hiccups, S3 5xx, timeouts) are
-//! retried where they happen and never become dead letters.
+//! retried where they happen and never become dead letters. Where dead
+//! letters go is `[dead_letter]` ([`DeadLetterConfig`]).
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+
+use crate::config::Problems;
+
+/// `[dead_letter]`: a file or a topic ([`DeadLetterConfig::destination`]).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct DeadLetterConfig {
+    /// JSONL file for dead letters. Default: `_dead_letters.jsonl` in the
+    /// Parquet directory (local output).
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// Kafka dead-letter topic: the original key, value and headers, plus
+    /// `clipstream.*` headers saying why. Uses `[sink.kafka]`'s brokers.
+    #[serde(default)]
+    pub topic: Option<String>,
+}
+
+/// Where dead letters go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeadLetters {
+    /// A JSON-lines file.
+    File(PathBuf),
+    /// A Kafka topic.
+    Topic(String),
+}
+
+impl DeadLetterConfig {
+    /// Where dead letters go, given the local Parquet directory (when the
+    /// output is local): the one rule, used by validation and by the run.
+    pub fn destination(
+        &self,
+        parquet_dir: Option<&Path>,
+    ) -> Result<DeadLetters, (&'static str, &'static str)> {
+        match (&self.path, &self.topic) {
+            (Some(_), Some(_)) => Err(("dead_letter", "set `path` or `topic`, not both")),
+            (None, Some(t)) if t.trim().is_empty() => {
+                Err(("dead_letter.topic", "must not be empty"))
+            }
+            (None, Some(t)) => Ok(DeadLetters::Topic(t.clone())),
+            (Some(p), None) => Ok(DeadLetters::File(p.clone())),
+            (None, None) => parquet_dir
+                .map(|d| DeadLetters::File(d.join("_dead_letters.jsonl")))
+                .ok_or((
+                    "dead_letter",
+                    "with Parquet on S3, set `topic` (a Kafka dead-letter topic) or `path` (a local file)",
+                )),
+        }
+    }
+
+    pub(crate) fn check(&self, parquet_dir: Option<&Path>, p: &mut Problems) {
+        if let Err((at, m)) = self.destination(parquet_dir) {
+            p.bad(at, m);
+        }
+    }
+}
 
 /// The stage that rejected a record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]

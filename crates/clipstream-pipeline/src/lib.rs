@@ -39,6 +39,11 @@
 //!   that cannot go on), [`config`] (the pipeline TOML, strict, validated
 //!   without I/O), [`stats`] (metrics, with their closed label values).
 //!
+//! Each stage keeps its settings beside its logic: a `config` module (or a
+//! section type at the top of the stage's file) with the section's
+//! defaults and its own `check`; [`config`] holds the whole file, the
+//! rules that span sections, and a table of where each section lives.
+//!
 //! Every queue between stages is bounded, every record holds an in-flight
 //! slot and a charge against the memory budget until its result is handed
 //! to the file writer, so memory does not grow with the backlog.

@@ -6,6 +6,8 @@
 //! - [`parquet`]: the Parquet writer (ranges of records, one file each) and
 //!   where files are published ([`parquet::destination`]).
 //! - [`dead_letter_file`]: dead letters as JSON lines (local runs).
+//! - [`config`]: `[sink]`, with `[sink.parquet]` and `[sink.kafka]` beside
+//!   their writers.
 //! - this module: the sink thread, which puts each partition's results back
 //!   in source order before writing them, so that files hold contiguous
 //!   ranges and are named deterministically by their first offset.
@@ -14,6 +16,7 @@
 //! source on an unbounded one ([`Control`]): the source's requests never
 //! wait behind results, so the source never blocks on the sink.
 
+pub mod config;
 pub mod dead_letter_file;
 pub mod kafka;
 pub mod parquet;

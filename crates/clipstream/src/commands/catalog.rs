@@ -15,7 +15,7 @@ use clipstream_pipeline::catalog::snapshot::SnapshotInput;
 use clipstream_pipeline::catalog::{
     Columns, plan as planner, progress, s3_folder, snapshot as snapshotter,
 };
-use clipstream_pipeline::config::PipelineConfig;
+use clipstream_pipeline::config::{PipelineConfig, Scheme};
 
 #[derive(Debug, Args)]
 pub struct PlanArgs {
@@ -340,7 +340,7 @@ fn s3_etags(
     for uri in uris {
         // Anything else is left out of the answer: that product's image
         // cannot be looked at (counted), and the run would refuse it too.
-        if let Ok(Location::S3 { bucket, key }) = resolve(uri, &["s3".into()], Path::new("/"))
+        if let Ok(Location::S3 { bucket, key }) = resolve(uri, &[Scheme::S3], Path::new("/"))
             && (allowed.is_empty() || allowed.contains(&bucket))
         {
             by_bucket.entry(bucket).or_default().push((key, uri));

@@ -127,7 +127,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         );
         runtime.spawn(super::http::serve(listener, Arc::clone(&stats)));
     }
-    let deadline = Duration::from_secs_f64(cfg.shutdown.drain_deadline_secs);
+    let deadline = cfg.shutdown.drain_deadline();
     let started = Instant::now();
     let result = runtime.block_on(async {
         let (stop_tx, stop_rx) = watch::channel(false);

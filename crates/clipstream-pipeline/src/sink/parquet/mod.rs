@@ -29,6 +29,7 @@
 //! holds that many rows or bytes, so an open file holds at most one row
 //! group in memory.
 
+pub mod config;
 pub mod destination;
 pub mod schema;
 
@@ -42,10 +43,10 @@ use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
 
+pub use self::config::{ParquetConfig, ParquetOutput};
 pub use self::destination::{Destination, PublishError, date_folder};
 pub use self::schema::{schema, to_batch};
 use crate::ack::{AckToken, PartitionKey};
-use crate::config::ParquetConfig;
 use crate::record::OutputRow;
 use crate::stats::Stats;
 

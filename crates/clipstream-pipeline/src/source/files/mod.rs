@@ -9,10 +9,11 @@ use std::sync::Arc;
 use serde_json::json;
 use tokio::io::AsyncBufReadExt;
 
+use self::config::{FilesInput, FilesSourceConfig};
 use super::SourceContext;
 use crate::ack::{PartitionKey, Position};
-use crate::config::FilesSourceConfig;
 use crate::record::{Origin, Received, parse_event};
+pub mod config;
 pub mod resume;
 
 use self::resume::DoneSet;
@@ -26,14 +27,26 @@ const IMAGE_EXTENSIONS: [&str; 9] = [
 /// The files source, ready to run.
 #[derive(Debug)]
 pub struct FilesSource {
-    config: FilesSourceConfig,
+    input: FilesInput,
+    max_event_bytes: usize,
     done: DoneSet,
 }
 
 impl FilesSource {
     /// A source that skips what `done` holds.
-    pub fn new(config: FilesSourceConfig, done: DoneSet) -> Self {
-        FilesSource { config, done }
+    pub fn new(config: &FilesSourceConfig, done: DoneSet) -> anyhow::Result<Self> {
+        Ok(FilesSource {
+            input: config
+                .input()
+                .map_err(|m| anyhow::anyhow!("[source] {m}"))?,
+            max_event_bytes: config.max_event_bytes,
+            done,
+        })
+    }
+
+    /// What it reads.
+    pub fn input(&self) -> &FilesInput {
+        &self.input
     }
 
     /// The name used in output rows and file names: the manifest's file stem
@@ -48,19 +61,16 @@ impl FilesSource {
     /// The name used in output rows and file names: the manifest's file stem
     /// or the directory's name.
     pub fn name(&self) -> String {
-        let p = self.config.manifest.as_ref().or(self.config.dir.as_ref());
-        p.and_then(|p| p.file_stem())
+        self.input
+            .path()
+            .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| "files".into())
     }
 
     /// Directory that relative image paths in the manifest are relative to.
     pub fn base_dir(&self) -> PathBuf {
-        match (&self.config.manifest, &self.config.dir) {
-            (Some(m), _) => m.parent().map(Path::to_path_buf).unwrap_or_default(),
-            (None, Some(d)) => d.clone(),
-            (None, None) => PathBuf::new(),
-        }
+        self.input.base_dir()
     }
 
     /// Emits every record, then returns. Errors are I/O errors on the input
@@ -70,12 +80,9 @@ impl FilesSource {
             source: Arc::from(self.name()),
             partition: 0,
         };
-        if let Some(manifest) = &self.config.manifest {
-            self.run_manifest(manifest, key, &mut ctx).await
-        } else if let Some(dir) = &self.config.dir {
-            self.run_dir(dir, key, &mut ctx).await
-        } else {
-            anyhow::bail!("files source has neither a manifest nor a directory")
+        match &self.input {
+            FilesInput::Manifest(manifest) => self.run_manifest(manifest, key, &mut ctx).await,
+            FilesInput::Dir(dir) => self.run_dir(dir, key, &mut ctx).await,
         }
     }
 
@@ -132,7 +139,7 @@ impl FilesSource {
         let dir = dir.to_path_buf();
         let files = tokio::task::spawn_blocking(move || list_images(&dir)).await??;
         ctx.stats.total.add(files.len() as i64);
-        let base = self.config.dir.clone().unwrap_or_default();
+        let base = self.input.base_dir();
         let mut seq = 0u64;
         for (offset, path) in files.iter().enumerate() {
             let rel = path
@@ -167,7 +174,7 @@ impl FilesSource {
         seq: &mut u64,
         ctx: &mut SourceContext,
     ) -> bool {
-        let parsed = parse_event(raw, self.config.max_event_bytes);
+        let parsed = parse_event(raw, self.max_event_bytes);
         let id = match &parsed {
             Ok(e) => Some(e.id.as_str()),
             Err(e) => e.id.as_deref(),

@@ -29,6 +29,7 @@
 //!   commit interval, so that its records are committed.
 //! - Malformed messages become dead letters; nothing stops a partition.
 
+pub mod config;
 mod headers;
 pub mod start;
 
@@ -274,10 +275,7 @@ impl Shared {
             .collect();
         let started = Instant::now();
         self.flush(&running);
-        let left = self.drain(
-            &running,
-            started + Duration::from_millis(self.cfg.drain_deadline_ms),
-        );
+        let left = self.drain(&running, started + self.cfg.rebalance_drain());
         let committed = self.commit(c, &running);
         self.forget(&keys);
         if !left.is_empty() {
@@ -498,7 +496,7 @@ pub fn consumer_config(cfg: &KafkaSourceConfig) -> ClientConfig {
         .set("group.id", &cfg.group_id)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", &cfg.auto_offset_reset)
+        .set("auto.offset.reset", cfg.auto_offset_reset.as_str())
         .set("session.timeout.ms", cfg.session_timeout_ms.to_string())
         .set("statistics.interval.ms", "5000")
         // The prefetch queue: librdkafka's defaults (64 MiB, 100k messages)
@@ -540,7 +538,7 @@ impl KafkaSource {
         cleanup: Option<Arc<dyn Cleanup>>,
         drain_deadline: Duration,
     ) -> Self {
-        let idle_flush = Duration::from_millis(cfg.commit_interval_ms.max(200) * 2);
+        let idle_flush = cfg.commit_interval().max(Duration::from_millis(200)) * 2;
         KafkaSource {
             cfg,
             control,
@@ -585,8 +583,8 @@ impl KafkaSource {
                     .cfg
                     .options
                     .get("auto.offset.reset")
-                    .unwrap_or(&self.cfg.auto_offset_reset)
-                    .clone(),
+                    .cloned()
+                    .unwrap_or_else(|| self.cfg.auto_offset_reset.as_str().to_string()),
             },
             runtime: rt.clone(),
             next_seq: Mutex::new(HashMap::new()),
@@ -605,7 +603,7 @@ impl KafkaSource {
             .map_err(|e| anyhow::anyhow!("cannot subscribe to {topics:?}: {e}"))?;
         tracing::info!(brokers = %self.cfg.brokers, topics = ?topics, group = %self.cfg.group_id, "consuming");
 
-        let commit_every = Duration::from_millis(self.cfg.commit_interval_ms);
+        let commit_every = self.cfg.commit_interval();
         let mut last_commit = Instant::now();
         let mut last_seen: HashMap<PartitionKey, Instant> = HashMap::new();
         let mut night: Option<crate::catalog::progress::NightMark> = None;

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::FetchConfig;
+pub mod config;
+
+pub use self::config::{FetchConfig, Scheme};
 use crate::dead_letter::{Kind, Stage};
 use crate::record::{Done, Record};
 
@@ -44,23 +46,28 @@ pub use crate::retry::{FetchError, with_retries};
 
 /// Parses an image reference: `s3://bucket/key`, `file:///abs/path`,
 /// `file://rel/path` or a bare path (relative ones resolved against `base`).
-pub fn resolve(uri: &str, allowed: &[String], base: &Path) -> Result<Location, FetchError> {
+pub fn resolve(uri: &str, allowed: &[Scheme], base: &Path) -> Result<Location, FetchError> {
     let perm = |k, m: String| Err(FetchError::Permanent(k, m));
-    let (scheme, rest) = match uri.split_once("://") {
-        Some((s, r)) => (s.to_ascii_lowercase(), r),
-        None => ("file".to_string(), uri),
+    let (written, rest) = uri.split_once("://").unwrap_or(("file", uri));
+    let Some(scheme) = Scheme::parse(written) else {
+        return perm(
+            Kind::SchemeNotAllowed,
+            format!("scheme `{}` is not supported", written.to_ascii_lowercase()),
+        );
     };
     if !allowed.contains(&scheme) {
+        let allowed: Vec<&str> = allowed.iter().map(|s| s.as_str()).collect();
         return perm(
             Kind::SchemeNotAllowed,
             format!(
-                "scheme `{scheme}` is not allowed by this pipeline (allowed: {})",
+                "scheme `{}` is not allowed by this pipeline (allowed: {})",
+                scheme.as_str(),
                 allowed.join(", ")
             ),
         );
     }
-    match scheme.as_str() {
-        "file" => {
+    match scheme {
+        Scheme::File => {
             if rest.is_empty() {
                 return perm(Kind::InvalidUri, format!("`{uri}` has no path"));
             }
@@ -71,7 +78,7 @@ pub fn resolve(uri: &str, allowed: &[String], base: &Path) -> Result<Location, F
                 base.join(p)
             }))
         }
-        "s3" => match rest.split_once('/') {
+        Scheme::S3 => match rest.split_once('/') {
             Some((_, key)) if key.split('/').any(|seg| seg == ".." || seg == ".") => perm(
                 Kind::InvalidUri,
                 format!("`{uri}` has a `.` or `..` segment in its key"),
@@ -82,10 +89,6 @@ pub fn resolve(uri: &str, allowed: &[String], base: &Path) -> Result<Location, F
             }),
             _ => perm(Kind::InvalidUri, format!("`{uri}` is not s3://bucket/key")),
         },
-        other => perm(
-            Kind::SchemeNotAllowed,
-            format!("scheme `{other}` is not supported"),
-        ),
     }
 }
 
@@ -347,8 +350,10 @@ pub fn spawn_workers(
 mod tests {
     use super::*;
 
-    fn schemes(s: &[&str]) -> Vec<String> {
-        s.iter().map(|s| s.to_string()).collect()
+    fn schemes(s: &[&str]) -> Vec<Scheme> {
+        s.iter()
+            .map(|s| Scheme::parse(s).expect("scheme"))
+            .collect()
     }
 
     #[test]

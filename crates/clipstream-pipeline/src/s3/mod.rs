@@ -23,7 +23,9 @@ use aws_sdk_s3::operation::list_objects_v2::ListObjectsV2Output;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 
-use crate::config::S3Config;
+pub mod config;
+
+pub use self::config::{S3Config, parse_s3_url};
 use crate::dead_letter::Kind;
 use crate::retry::{FetchError, with_retries};
 use crate::stats::{Direction, ResultLabel, S3Op, Stats};

@@ -24,6 +24,8 @@
 //!   `clipstream.source.topic`, `clipstream.source.partition`,
 //!   `clipstream.source.offset` and `clipstream.id` (when known).
 
+pub mod config;
+
 use std::sync::Arc;
 use std::time::Duration;
 
