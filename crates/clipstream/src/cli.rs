@@ -226,3 +226,31 @@ pub struct TokenizeArgs {
     )]
     pub text: Vec<String>,
 }
+
+/// `--seconds`-like arguments: a positive, finite number of seconds up to a
+/// day (a duration out of that range would stop the program).
+pub fn positive_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 && v <= 86_400.0 => Ok(v),
+        Ok(v) => Err(format!("{v} is not between 0 and 86400 seconds")),
+        Err(e) => Err(format!("{s:?}: {e}")),
+    }
+}
+
+/// Percentages: a number from 0 to 100.
+pub fn percent(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=100.0).contains(&v) => Ok(v),
+        Ok(v) => Err(format!("{v} is not a percentage from 0 to 100")),
+        Err(e) => Err(format!("{s:?}: {e}")),
+    }
+}
+
+/// Rates: a positive, finite number.
+pub fn positive_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        Ok(v) => Err(format!("{v} is not a positive number")),
+        Err(e) => Err(format!("{s:?}: {e}")),
+    }
+}

@@ -471,3 +471,71 @@ fn the_shipped_local_pipeline_runs_as_the_readme_says() {
     );
     std::fs::remove_dir_all(&copy).ok();
 }
+
+/// Numbers on the command line are hostile too: one out of range is a
+/// usage error naming the argument (exit 2), never a panic.
+#[test]
+fn out_of_range_numbers_are_usage_errors() {
+    let m = model();
+    let m = m.to_str().expect("utf8");
+    for (args, flag) in [
+        (
+            vec![
+                "bench",
+                "--model",
+                m,
+                "--seconds",
+                "1e300",
+                "--only",
+                "text",
+            ],
+            "--seconds",
+        ),
+        (
+            vec!["bench", "--model", m, "--seconds", "NaN", "--only", "text"],
+            "--seconds",
+        ),
+        (
+            vec!["bench", "--model", m, "--seconds=-1", "--only", "text"],
+            "--seconds",
+        ),
+        (
+            vec![
+                "plan",
+                "--catalog",
+                "x.csv",
+                "--night",
+                "o",
+                "--max-deleted-percent",
+                "nan",
+            ],
+            "--max-deleted-percent",
+        ),
+        (
+            vec!["plan", "--catalog", "x.csv", "--night", "o", "--rate=-5"],
+            "--rate",
+        ),
+        (
+            vec![
+                "night",
+                "--catalog",
+                "x.csv",
+                "--pipeline",
+                "p.toml",
+                "--snapshots",
+                "s",
+                "--work",
+                "w",
+                "--max-deleted-percent",
+                "101",
+            ],
+            "--max-deleted-percent",
+        ),
+    ] {
+        let out = clipstream(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(flag), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}

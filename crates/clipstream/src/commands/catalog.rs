@@ -64,12 +64,12 @@ pub struct PlanArgs {
     #[arg(long, value_name = "NAME")]
     pub change_column: Option<String>,
     /// The fleet's records/s, for the estimate of the night's encode time.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = crate::cli::positive_rate)]
     pub rate: Option<f64>,
     /// Refuse a night that would delete more than this share of the
     /// products in earlier output (a partial export must not empty the
     /// index).
-    #[arg(long, default_value_t = 10.0, value_name = "PERCENT")]
+    #[arg(long, default_value_t = 10.0, value_name = "PERCENT", value_parser = crate::cli::percent)]
     pub max_deleted_percent: f64,
     /// Also send the planned events to the pipeline's Kafka topic (its
     /// [source] topics[0], keyed by product id) for the worker fleet, before

@@ -38,7 +38,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 32, value_name = "N")]
     pub batch_size: usize,
     /// Seconds to spend on each measurement (after one warm-up batch).
-    #[arg(long, default_value_t = 5.0, value_name = "S")]
+    #[arg(long, default_value_t = 5.0, value_name = "S", value_parser = crate::cli::positive_seconds)]
     pub seconds: f64,
     /// Only measure these parts (repeatable): preprocess, vision, text,
     /// embed, pipeline.
