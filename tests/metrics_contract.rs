@@ -20,17 +20,18 @@ fn worker_names() -> BTreeSet<String> {
     // Series of open sets appear once something is counted.
     let stats = Stats::default();
     stats.dead_letter(Stage::Fetch, Kind::ObjectNotFound);
-    stats.kafka_lag.with_label_values(&["events", "0"]).set(1);
-    stats.encoder("model", "cpu");
-    stats.night(&clipstream_pipeline::catalog::progress::NightMark {
-        night: "n".into(),
-        planned: 1,
-        published: 1,
-    });
+    stats.kafka.lag("events", 0, 1);
+    stats.encoder.info("model", "cpu");
     stats
-        .s3_seconds
-        .with_label_values(&[S3Op::GetObject.as_str()])
-        .observe(0.1);
+        .night
+        .mark(&clipstream_pipeline::catalog::progress::NightMark {
+            night: "n".into(),
+            planned: 1,
+            published: 1,
+        });
+    stats
+        .s3
+        .request(S3Op::GetObject, true, std::time::Duration::from_millis(100));
     let text = stats.render();
     let mut names = BTreeSet::new();
     for line in text.lines() {

@@ -129,7 +129,7 @@ impl Assembler {
                 }
                 let decision = self.review.decide(&top);
                 if let Some(d) = &decision {
-                    self.stats.review(matches!(d, Decision::Routed(_)));
+                    self.stats.review.decided(matches!(d, Decision::Routed(_)));
                 }
                 top.truncate(self.top_k);
                 (Some(top), decision)

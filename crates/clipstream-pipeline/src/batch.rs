@@ -32,6 +32,72 @@ impl BatchConfig {
     }
 }
 
+/// The encoders' metrics.
+#[derive(Debug)]
+pub struct EncoderMetrics {
+    batch_size: prometheus::HistogramVec,
+    inference_seconds: prometheus::HistogramVec,
+    queue_wait_seconds: prometheus::HistogramVec,
+    info: prometheus::IntGaugeVec,
+}
+
+impl EncoderMetrics {
+    pub(crate) fn register(r: &crate::stats::Register) -> Self {
+        use crate::stats::{BATCH_BUCKETS, SECONDS_BUCKETS};
+        let m = EncoderMetrics {
+            batch_size: r.histogram_vec(
+                "clipstream_batch_size",
+                "Inputs per encoder batch, by tower.",
+                &["tower"],
+                &BATCH_BUCKETS,
+            ),
+            inference_seconds: r.histogram_vec(
+                "clipstream_inference_duration_seconds",
+                "ONNX Runtime time per batch, by tower.",
+                &["tower"],
+                &SECONDS_BUCKETS,
+            ),
+            queue_wait_seconds: r.histogram_vec(
+                "clipstream_queue_wait_seconds",
+                "Time an input waits for its encoder batch to start, by tower.",
+                &["tower"],
+                &SECONDS_BUCKETS,
+            ),
+            info: r.gauge_vec(
+                "clipstream_encoder_info",
+                "The model and execution provider in use (value 1).",
+                &["model", "provider"],
+            ),
+        };
+        for t in Tower::ALL {
+            m.queue_wait_seconds.with_label_values(&[t.as_str()]);
+            m.batch_size.with_label_values(&[t.as_str()]);
+            m.inference_seconds.with_label_values(&[t.as_str()]);
+        }
+        m
+    }
+
+    /// One batch of `size` inputs that ran for `took`.
+    pub fn batch(&self, tower: Tower, size: usize, took: std::time::Duration) {
+        self.batch_size
+            .with_label_values(&[tower.as_str()])
+            .observe(size as f64);
+        self.inference_seconds
+            .with_label_values(&[tower.as_str()])
+            .observe(took.as_secs_f64());
+    }
+
+    /// The histogram of how long `tower`'s inputs wait for their batch.
+    pub fn queue_wait(&self, tower: Tower) -> prometheus::Histogram {
+        self.queue_wait_seconds.with_label_values(&[tower.as_str()])
+    }
+
+    /// The model and execution provider in use.
+    pub fn info(&self, model: &str, provider: &str) {
+        self.info.with_label_values(&[model, provider]).set(1);
+    }
+}
+
 /// Collects jobs from `rx` into batches for `tx`, until `rx` closes.
 pub fn batcher<J: Send + 'static>(
     name: &str,
@@ -112,26 +178,29 @@ fn finish_batch<'a>(
     started: Instant,
 ) -> bool {
     let (tower, encoded) = match part {
-        Part::Image => (Tower::Vision.as_str(), &asm.stats.images),
-        Part::Text => (Tower::Text.as_str(), &asm.stats.texts),
+        Part::Image => (Tower::Vision, &asm.stats.records.images),
+        Part::Text => (Tower::Text, &asm.stats.records.texts),
     };
     let rows = match result {
         Ok(r) => r,
         Err(e) => {
-            fatal.set(format!("the {tower} tower failed: {e}"));
+            fatal.set(format!("the {} tower failed: {e}", tower.as_str()));
             return false;
         }
     };
-    asm.stats.batch(tower, recs.len(), started.elapsed());
+    asm.stats
+        .encoder
+        .batch(tower, recs.len(), started.elapsed());
     Stats::add(encoded, rows.iter().filter(|r| r.is_ok()).count() as u64);
-    let wait = asm.stats.queue_wait_seconds.with_label_values(&[tower]);
+    let wait = asm.stats.encoder.queue_wait(tower);
     recs.inspect(|rec| wait.observe(started.saturating_duration_since(rec.queued).as_secs_f64()))
         .zip(rows)
         .all(|(rec, row)| match row {
             Ok(row) => asm.part_done(rec, part, row),
-            Err(why) => {
-                asm.part_failed(rec, format!("the {tower} tower fails on this input: {why}"))
-            }
+            Err(why) => asm.part_failed(
+                rec,
+                format!("the {} tower fails on this input: {why}", tower.as_str()),
+            ),
         })
 }
 

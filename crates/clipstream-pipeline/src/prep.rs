@@ -39,6 +39,38 @@ impl ImageConfig {
     }
 }
 
+/// The CPU stage's metrics.
+#[derive(Debug)]
+pub struct PrepMetrics {
+    decode_seconds: prometheus::Histogram,
+    tokenize_seconds: prometheus::Histogram,
+}
+
+impl PrepMetrics {
+    pub(crate) fn register(r: &crate::stats::Register) -> Self {
+        PrepMetrics {
+            decode_seconds: r.seconds(
+                "clipstream_decode_duration_seconds",
+                "Time to decode and preprocess one image.",
+            ),
+            tokenize_seconds: r.seconds(
+                "clipstream_tokenize_duration_seconds",
+                "Time to tokenize one text.",
+            ),
+        }
+    }
+
+    /// One image decoded and preprocessed in `took`.
+    pub fn decoded(&self, took: std::time::Duration) {
+        self.decode_seconds.observe(took.as_secs_f64());
+    }
+
+    /// One text tokenized in `took`.
+    pub fn tokenized(&self, took: std::time::Duration) {
+        self.tokenize_seconds.observe(took.as_secs_f64());
+    }
+}
+
 /// Everything one prep thread needs.
 #[derive(Debug, Clone)]
 pub struct PrepContext {
@@ -102,9 +134,7 @@ fn prepare(f: Fetched, ctx: &PrepContext) -> bool {
         });
     let pixels = match &bytes {
         Some(b) => match ctx.preprocessor.preprocess(b).inspect(|_| {
-            ctx.stats
-                .decode_seconds
-                .observe(started.elapsed().as_secs_f64());
+            ctx.stats.prep.decoded(started.elapsed());
         }) {
             Ok(p) => Some(p),
             Err(e) => {
@@ -132,9 +162,7 @@ fn prepare(f: Fetched, ctx: &PrepContext) -> bool {
             )))
         }) {
             Ok(b) => {
-                ctx.stats
-                    .tokenize_seconds
-                    .observe(tokenize_started.elapsed().as_secs_f64());
+                ctx.stats.prep.tokenized(tokenize_started.elapsed());
                 Some((b.input_ids, b.attention_mask))
             }
             Err(e) => {

@@ -15,6 +15,8 @@ use std::cmp::Ordering::{Equal, Greater};
 
 use clipstream_model::zero_shot::Label;
 
+use crate::stats::ReviewDecision;
+
 /// The thresholds of `[model]`.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct ReviewPolicy {
@@ -103,6 +105,43 @@ pub fn line(row: &crate::record::OutputRow) -> serde_json::Value {
         "offset": row.offset,
         "processed_at_ms": row.processed_at_ms,
     })
+}
+
+/// `clipstream_review_total`, by decision.
+#[derive(Debug)]
+pub struct ReviewMetrics {
+    decisions: prometheus::IntCounterVec,
+}
+
+impl ReviewMetrics {
+    pub(crate) fn register(r: &crate::stats::Register) -> Self {
+        let decisions = r.counter_vec(
+            "clipstream_review_total",
+            "Labelled rows by review decision (accepted, routed to a person), with [model] review thresholds.",
+            &["decision"],
+        );
+        for d in ReviewDecision::ALL {
+            decisions.with_label_values(&[d.as_str()]);
+        }
+        ReviewMetrics { decisions }
+    }
+
+    /// Counts a labelled row's decision.
+    pub fn decided(&self, routed: bool) {
+        let d = if routed {
+            ReviewDecision::Routed
+        } else {
+            ReviewDecision::Accepted
+        };
+        self.decisions.with_label_values(&[d.as_str()]).inc();
+    }
+
+    /// Rows routed to review so far.
+    pub fn routed(&self) -> u64 {
+        self.decisions
+            .with_label_values(&[ReviewDecision::Routed.as_str()])
+            .get()
+    }
 }
 
 #[cfg(test)]

@@ -105,6 +105,53 @@ pub fn parse(headers: &Headers) -> Option<NightMark> {
     })
 }
 
+/// How many events each night planned and when it was published, for the
+/// two nights seen last: a fleet that runs every night does not grow a
+/// series a night.
+#[derive(Debug)]
+pub struct NightMetrics {
+    planned: prometheus::IntGaugeVec,
+    published: prometheus::IntGaugeVec,
+    /// The nights shown, least recently seen first.
+    shown: std::sync::Mutex<Vec<String>>,
+}
+
+impl NightMetrics {
+    pub(crate) fn register(r: &crate::stats::Register) -> Self {
+        NightMetrics {
+            planned: r.gauge_vec(
+                "clipstream_night_planned",
+                "Events a night planned (from the headers of its events; the two nights seen last).",
+                &["night"],
+            ),
+            published: r.gauge_vec(
+                "clipstream_night_published_timestamp_seconds",
+                "When a night's events were published (from their headers): the newest is tonight's.",
+                &["night"],
+            ),
+            shown: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Shows the night of an event's headers.
+    pub fn mark(&self, mark: &NightMark) {
+        let mut shown = self.shown.lock().unwrap_or_else(|e| e.into_inner());
+        shown.retain(|n| *n != mark.night);
+        shown.push(mark.night.clone());
+        while shown.len() > 2 {
+            let old = shown.remove(0);
+            let _ = self.planned.remove_label_values(&[&old]);
+            let _ = self.published.remove_label_values(&[&old]);
+        }
+        self.planned
+            .with_label_values(&[&mark.night])
+            .set(i64::try_from(mark.planned).unwrap_or(i64::MAX));
+        self.published
+            .with_label_values(&[&mark.night])
+            .set(i64::try_from(mark.published).unwrap_or(i64::MAX));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

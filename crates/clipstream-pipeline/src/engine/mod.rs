@@ -15,7 +15,7 @@
 
 pub mod config;
 mod outputs;
-mod queues;
+pub mod queues;
 mod report;
 mod source;
 

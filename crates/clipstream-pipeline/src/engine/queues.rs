@@ -89,24 +89,75 @@ fn watch_queues(
     queues: Vec<(Queue, QueueProbe)>,
     capacity: usize,
 ) -> tokio::task::JoinHandle<()> {
+    let m = &stats.queues;
     for (name, _) in &queues {
-        stats
-            .queue_capacity
-            .with_label_values(&[name.as_str()])
-            .set(capacity as i64);
+        m.capacity(*name, capacity);
     }
-    stats.memory_budget.set(budget.limit() as i64);
+    m.memory_budget.set(budget.limit() as i64);
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         loop {
             tick.tick().await;
-            stats.memory_in_flight.set(budget.used() as i64);
+            let m = &stats.queues;
+            m.memory_in_flight.set(budget.used() as i64);
             for (name, probe) in &queues {
-                stats
-                    .queue_items
-                    .with_label_values(&[name.as_str()])
-                    .set((probe.0)() as i64);
+                m.items(*name, (probe.0)());
             }
         }
     })
+}
+
+/// The queues' and the memory budget's metrics.
+#[derive(Debug)]
+pub struct QueueMetrics {
+    items: prometheus::IntGaugeVec,
+    capacity: prometheus::IntGaugeVec,
+    /// Bytes charged to the memory budget (sampled).
+    pub memory_in_flight: prometheus::IntGauge,
+    /// The memory budget.
+    pub memory_budget: prometheus::IntGauge,
+}
+
+impl QueueMetrics {
+    pub(crate) fn register(r: &crate::stats::Register) -> Self {
+        let m = QueueMetrics {
+            items: r.gauge_vec(
+                "clipstream_queue_items",
+                "Items waiting in each queue between stages.",
+                &["queue"],
+            ),
+            capacity: r.gauge_vec(
+                "clipstream_queue_capacity",
+                "Capacity of each queue between stages.",
+                &["queue"],
+            ),
+            memory_in_flight: r.gauge(
+                "clipstream_memory_in_flight_bytes",
+                "Bytes of records in flight charged to the memory budget (events, objects, images, model inputs, rows).",
+            ),
+            memory_budget: r.gauge(
+                "clipstream_memory_budget_bytes",
+                "The memory budget of records in flight (engine.max_bytes_in_flight).",
+            ),
+        };
+        for q in Queue::ALL {
+            m.items.with_label_values(&[q.as_str()]);
+            m.capacity.with_label_values(&[q.as_str()]);
+        }
+        m
+    }
+
+    /// Items waiting in `queue` (sampled).
+    pub fn items(&self, queue: Queue, n: usize) {
+        self.items
+            .with_label_values(&[queue.as_str()])
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// The capacity of `queue`.
+    pub fn capacity(&self, queue: Queue, n: usize) {
+        self.capacity
+            .with_label_values(&[queue.as_str()])
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
 }

@@ -20,16 +20,16 @@ pub(super) fn report(
         .iter()
         .map(|(_, w)| w.delivered + w.dead_lettered)
         .sum();
-    let read = Stats::get(&stats.read);
+    let read = Stats::get(&stats.records.read);
     RunReport {
         elapsed: started.elapsed(),
         read,
-        skipped: Stats::get(&stats.skipped),
-        rows: Stats::get(&stats.rows),
-        images: Stats::get(&stats.images),
-        texts: Stats::get(&stats.texts),
-        dead_letters: Stats::get(&stats.dead_letters),
-        failed: Stats::get(&stats.failed),
+        skipped: Stats::get(&stats.records.skipped),
+        rows: Stats::get(&stats.records.rows),
+        images: Stats::get(&stats.records.images),
+        texts: Stats::get(&stats.records.texts),
+        dead_letters: Stats::get(&stats.records.dead_letters),
+        failed: Stats::get(&stats.records.failed),
         detail: stats.snapshot(),
         watermarks,
         // Kafka: partitions come and go, so count what the final drain
@@ -57,7 +57,7 @@ pub(super) fn report(
                 (None, Some(t)) => format!("topic {t}"),
                 (None, None) => "-".into(),
             };
-            (stats.routed(), to)
+            (stats.review.routed(), to)
         }),
         stopped_early,
         memory_peak: (0, 0),

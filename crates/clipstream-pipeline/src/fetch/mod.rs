@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub mod config;
+pub mod metrics;
 
 pub use self::config::{FetchConfig, Scheme};
 use crate::dead_letter::{Kind, Stage};
@@ -331,7 +332,7 @@ pub fn spawn_workers(
                     let has_image = record.event.image.is_some();
                     let fetched = fetch(record, &fetcher).await;
                     if has_image {
-                        stats.fetch_seconds.observe(started.elapsed().as_secs_f64());
+                        stats.fetch.fetched(started.elapsed());
                     }
                     let sent = match fetched {
                         Ok(f) => tx.send_async(f).await.is_ok(),

@@ -24,11 +24,12 @@ use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 
 pub mod config;
+pub mod metrics;
 
 pub use self::config::{S3Config, parse_s3_url};
 use crate::dead_letter::Kind;
 use crate::retry::{FetchError, with_retries};
-use crate::stats::{Direction, ResultLabel, S3Op, Stats};
+use crate::stats::{Direction, S3Op, Stats};
 
 /// Sorts an SDK error into transient or permanent, with a message that
 /// names the operation and the object.
@@ -149,7 +150,7 @@ impl S3 {
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, FetchError>>,
     {
-        let stats = &self.stats;
+        let m = &self.stats.s3;
         let mut n = 0u32;
         with_retries(
             self.cfg.max_attempts,
@@ -157,25 +158,13 @@ impl S3 {
             || {
                 n += 1;
                 if n > 1 {
-                    stats.s3_retries.with_label_values(&[op.as_str()]).inc();
+                    m.retry(op);
                 }
                 let fut = attempt();
                 async move {
                     let started = Instant::now();
                     let r = fut.await;
-                    stats
-                        .s3_seconds
-                        .with_label_values(&[op.as_str()])
-                        .observe(started.elapsed().as_secs_f64());
-                    let result = if r.is_ok() {
-                        ResultLabel::Ok
-                    } else {
-                        ResultLabel::Error
-                    };
-                    stats
-                        .s3_requests
-                        .with_label_values(&[op.as_str(), result.as_str()])
-                        .inc();
+                    m.request(op, r.is_ok(), started.elapsed());
                     r
                 }
             },
@@ -232,10 +221,7 @@ impl S3 {
                 Ok((body, etag))
             })
             .await?;
-        self.stats
-            .s3_bytes
-            .with_label_values(&[Direction::Read.as_str()])
-            .inc_by(r.0.len() as u64);
+        self.stats.s3.bytes(Direction::Read, r.0.len() as u64);
         Ok(r)
     }
 
@@ -307,10 +293,7 @@ impl S3 {
                 .await;
         }
         result?;
-        self.stats
-            .s3_bytes
-            .with_label_values(&[Direction::Written.as_str()])
-            .inc_by(data.len() as u64);
+        self.stats.s3.bytes(Direction::Written, data.len() as u64);
         Ok(())
     }
 

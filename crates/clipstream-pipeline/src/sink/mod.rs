@@ -331,10 +331,11 @@ impl SinkThread {
     }
 
     fn finished(&self, n: u64) {
-        Stats::add(&self.stats.finished, n);
-        self.stats
-            .in_flight
-            .set(Stats::get(&self.stats.read) as i64 - Stats::get(&self.stats.finished) as i64);
+        Stats::add(&self.stats.records.finished, n);
+        self.stats.records.in_flight.set(
+            Stats::get(&self.stats.records.read) as i64
+                - Stats::get(&self.stats.records.finished) as i64,
+        );
     }
 
     fn write(&mut self, d: Done) -> Result<(), SinkError> {
@@ -360,7 +361,7 @@ impl SinkThread {
                 drop(permit);
                 if ack.is_current() {
                     tracing::error!(offset = ack.position().offset, %reason, "record failed; it is processed again on restart");
-                    Stats::add(&self.stats.failed, 1);
+                    Stats::add(&self.stats.records.failed, 1);
                 }
                 self.parquet.failed(ack)?;
             }

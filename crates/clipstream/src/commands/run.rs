@@ -116,7 +116,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()?;
     let stats = Arc::new(Stats::default());
-    stats.encoder(&parts.model_id, parts.vision.provider());
+    stats.encoder.info(&parts.model_id, parts.vision.provider());
     if let Some(listen) = &cfg.metrics.listen {
         let listener = runtime
             .block_on(tokio::net::TcpListener::bind(listen))
@@ -155,10 +155,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         }
         Some(Err(e)) => Err(e),
         None => {
-            let read = Stats::get(&stats.read);
-            let done = Stats::get(&stats.rows)
-                + Stats::get(&stats.dead_letters)
-                + Stats::get(&stats.failed);
+            let read = Stats::get(&stats.records.read);
+            let done = Stats::get(&stats.records.rows)
+                + Stats::get(&stats.records.dead_letters)
+                + Stats::get(&stats.records.failed);
             eprintln!(
                 "drain deadline of {:.0}s passed after {:.1}s: {} record(s) not acknowledged; \
                  open files were not completed. Run the same command again to complete them.",
@@ -213,11 +213,14 @@ async fn progress(stats: Arc<Stats>, enabled: bool, mut finished: watch::Receive
             .progress_chars("=> "),
         );
         loop {
-            let total = stats.total.get().max(0) as u64;
-            let done = Stats::get(&stats.finished) + Stats::get(&stats.skipped);
+            let total = stats.records.total.get().max(0) as u64;
+            let done = Stats::get(&stats.records.finished) + Stats::get(&stats.records.skipped);
             bar.set_length(total.max(done));
             bar.set_position(done);
-            bar.set_message(format!("dead letters {}", Stats::get(&stats.dead_letters)));
+            bar.set_message(format!(
+                "dead letters {}",
+                Stats::get(&stats.records.dead_letters)
+            ));
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(200)) => {}
                 _ = finished.wait_for(|f| *f) => break,
@@ -230,13 +233,14 @@ async fn progress(stats: Arc<Stats>, enabled: bool, mut finished: watch::Receive
                 _ = tokio::time::sleep(Duration::from_secs(10)) => {}
                 _ = finished.wait_for(|f| *f) => break,
             }
-            let done = Stats::get(&stats.finished);
+            let done = Stats::get(&stats.records.finished);
             let secs = started.elapsed().as_secs_f64();
             eprintln!(
                 "progress: {done}/{} records, {:.1} records/s, {} dead letters",
-                (stats.total.get().max(0) as u64).saturating_sub(Stats::get(&stats.skipped)),
+                (stats.records.total.get().max(0) as u64)
+                    .saturating_sub(Stats::get(&stats.records.skipped)),
                 done as f64 / secs,
-                Stats::get(&stats.dead_letters)
+                Stats::get(&stats.records.dead_letters)
             );
         }
     }

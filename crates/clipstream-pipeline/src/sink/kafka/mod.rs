@@ -25,6 +25,7 @@
 //!   `clipstream.source.offset` and `clipstream.id` (when known).
 
 pub mod config;
+pub mod metrics;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -198,10 +199,7 @@ impl KafkaOutputs {
         }
         match self.producer.send(rec, Duration::from_secs(60)).await {
             Ok(_) => {
-                self.stats
-                    .kafka_produced
-                    .with_label_values(&[output.as_str()])
-                    .inc();
+                self.stats.outputs.produced(output);
                 Ok(())
             }
             Err((e, _)) => Err(DeliveryError::of(&e, topic)),

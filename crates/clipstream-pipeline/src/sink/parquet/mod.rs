@@ -31,6 +31,7 @@
 
 pub mod config;
 pub mod destination;
+pub mod metrics;
 pub mod schema;
 
 use std::collections::HashMap;
@@ -464,9 +465,7 @@ impl ParquetWriter {
         match published {
             Ok(name) => {
                 let _ = std::fs::remove_file(&f.tmp);
-                self.stats
-                    .write_seconds
-                    .observe(started.elapsed().as_secs_f64());
+                self.stats.parquet.published(started.elapsed());
                 tracing::debug!(file = %name, rows = f.rows, "parquet file published");
                 let range = self
                     .ranges
@@ -498,8 +497,7 @@ impl ParquetWriter {
             return Ok(());
         };
         for (name, bytes, rows) in r.published {
-            Stats::add(&self.stats.rows, rows as u64);
-            self.stats.file(name, bytes);
+            self.stats.file(name, rows as u64, bytes);
         }
         for ack in r.held_rows {
             ack.delivered();

@@ -108,7 +108,7 @@ impl FilesSource {
             }
             line.clear();
         }
-        ctx.stats.total.add(total as i64);
+        ctx.stats.records.total.add(total as i64);
 
         let mut reader = open().await?;
         let mut offset = -1i64;
@@ -138,7 +138,7 @@ impl FilesSource {
     ) -> anyhow::Result<()> {
         let dir = dir.to_path_buf();
         let files = tokio::task::spawn_blocking(move || list_images(&dir)).await??;
-        ctx.stats.total.add(files.len() as i64);
+        ctx.stats.records.total.add(files.len() as i64);
         let base = self.input.base_dir();
         let mut seq = 0u64;
         for (offset, path) in files.iter().enumerate() {
@@ -181,7 +181,7 @@ impl FilesSource {
         };
         let already = self.done.is_done(key, offset, id);
         if already {
-            Stats::add(&ctx.stats.skipped, 1);
+            Stats::add(&ctx.stats.records.skipped, 1);
             return true;
         }
         // The original bytes, and the parsed event (no larger).
@@ -191,7 +191,7 @@ impl FilesSource {
         let position = Position { seq: *seq, offset };
         *seq += 1;
         let ack = ctx.tracker.token(key.clone(), position);
-        Stats::add(&ctx.stats.read, 1);
+        Stats::add(&ctx.stats.records.read, 1);
         let raw: Arc<[u8]> = Arc::from(raw);
         let received = Received {
             origin: Origin {

@@ -31,6 +31,7 @@
 
 pub mod config;
 mod headers;
+pub mod metrics;
 pub mod start;
 
 use std::collections::HashMap;
@@ -51,7 +52,7 @@ use crate::ack::{AckTracker, PartitionKey, Position};
 use crate::config::KafkaSourceConfig;
 use crate::record::{Origin, Received, parse_event};
 use crate::sink::Control;
-use crate::stats::{ResultLabel, Stats};
+use crate::stats::Stats;
 
 /// How the poll loop waits for a free in-flight slot before it pauses the
 /// partitions (and serves callbacks while paused).
@@ -128,12 +129,14 @@ impl Shared {
             .collect()
     }
 
-    fn count_starting(&self) {
-        let starting = lock(&self.assigned)
+    /// Shows the partitions assigned now and how many are still starting.
+    fn count_assigned(&self) {
+        let assigned = lock(&self.assigned);
+        let starting = assigned
             .values()
             .filter(|a| a.phase != Phase::Running)
             .count();
-        self.stats.kafka_starting.set(starting as i64);
+        self.stats.kafka.assigned(assigned.len(), starting);
     }
 
     /// Commits the contiguous acknowledged position of `keys` that moved
@@ -165,29 +168,19 @@ impl Shared {
     }
 
     fn commit_done(&self, r: KafkaResult<()>, started: Instant) -> bool {
-        self.stats
-            .kafka_commit_seconds
-            .observe(started.elapsed().as_secs_f64());
+        self.stats.kafka.commit(r.is_ok(), started.elapsed());
         match r {
             Ok(()) => {
                 tracing::debug!(
                     took_ms = started.elapsed().as_millis() as u64,
                     "offsets committed"
                 );
-                self.stats
-                    .kafka_commits
-                    .with_label_values(&[ResultLabel::Ok.as_str()])
-                    .inc();
                 true
             }
             Err(e) => {
                 // A failed commit is retried by the next one; forget what we
                 // thought was committed so that it is sent again.
                 tracing::warn!(error = %e, "offset commit failed; the next commit retries it");
-                self.stats
-                    .kafka_commits
-                    .with_label_values(&[ResultLabel::Error.as_str()])
-                    .inc();
                 lock(&self.committed).clear();
                 false
             }
@@ -231,15 +224,9 @@ impl Shared {
             lock(&self.assigned).remove(k);
             lock(&self.next_offset).remove(k);
             lock(&self.unpositioned).remove(k);
-            let _ = self
-                .stats
-                .kafka_lag
-                .remove_label_values(&[&*k.source, &k.partition.to_string()]);
+            self.stats.kafka.forget(k);
         }
-        self.stats
-            .kafka_assigned
-            .set(lock(&self.assigned).len() as i64);
-        self.count_starting();
+        self.count_assigned();
     }
 
     fn revoke(&self, c: &BaseConsumer<Ctx>, tpl: &TopicPartitionList) {
@@ -314,10 +301,7 @@ impl Shared {
             });
             self.starter.spawn(&self.runtime, k.clone(), epoch);
         }
-        self.stats
-            .kafka_assigned
-            .set(lock(&self.assigned).len() as i64);
-        self.count_starting();
+        self.count_assigned();
         self.stats
             .ready
             .store(true, std::sync::atomic::Ordering::Relaxed);
@@ -359,7 +343,7 @@ impl Shared {
         if !*lock(&self.backpressure) {
             self.resume(c, std::slice::from_ref(k));
         }
-        self.count_starting();
+        self.count_assigned();
         tracing::info!(partition = %name(k), from = ?r.at, "partition running");
     }
 
@@ -424,10 +408,7 @@ impl Shared {
         } else {
             self.resume(c, &running);
         }
-        self.stats.kafka_paused.set(i64::from(on));
-        if on {
-            self.stats.kafka_pauses.inc();
-        }
+        self.stats.kafka.paused(on);
     }
 }
 
@@ -462,11 +443,7 @@ impl ClientContext for Ctx {
                     partition: *p,
                 };
                 if *p >= 0 && assigned.contains_key(&key) && part.consumer_lag >= 0 {
-                    self.0
-                        .stats
-                        .kafka_lag
-                        .with_label_values(&[topic, &p.to_string()])
-                        .set(part.consumer_lag);
+                    self.0.stats.kafka.lag(topic, *p, part.consumer_lag);
                 }
             }
         }
@@ -737,7 +714,7 @@ impl KafkaSource {
             tracing::trace!(partition = %name(&key), offset = position.offset, seq, "read");
             lock(&shared.next_offset).insert(key.clone(), position.offset + 1);
             let ack = ctx.tracker.token(key.clone(), position);
-            Stats::add(&ctx.stats.read, 1);
+            Stats::add(&ctx.stats.records.read, 1);
             let parsed = match m.payload() {
                 None => Err(crate::record::EventError {
                     id: None,
@@ -759,7 +736,7 @@ impl KafkaSource {
                 && let Some(mark) = crate::catalog::progress::parse(&headers)
                 && night.as_ref() != Some(&mark)
             {
-                ctx.stats.night(&mark);
+                ctx.stats.night.mark(&mark);
                 night = Some(mark);
             }
             let received = Received {

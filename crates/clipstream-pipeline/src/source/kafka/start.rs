@@ -103,7 +103,7 @@ impl Starter {
                 }
                 Err(why) => {
                     let pause = backoff.next_delay();
-                    self.stats.kafka_start_retries.inc();
+                    self.stats.kafka.start_retry();
                     tracing::warn!(
                         partition = %super::name(&partition),
                         attempt,
