@@ -7,8 +7,11 @@
 //! ([`with_retries`]), counts each request and retry in the metrics; errors
 //! are classified ([`classify`]) so that the fetch stage can tell a dead
 //! letter (404, 403, bad key) from a transient fault.
+//!
+//! Here: the client, requests, reading and deleting; `upload` the
+//! never-replacing multipart upload ([`S3::put_new_file`]); `list` the
+//! listings; [`config`] and [`metrics`] its section and its metrics.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,14 +22,15 @@ use aws_sdk_s3::config::Region;
 use aws_sdk_s3::config::retry::RetryConfig;
 use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
-use aws_sdk_s3::operation::list_objects_v2::ListObjectsV2Output;
 use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 
 pub mod config;
+mod list;
 pub mod metrics;
+mod upload;
 
 pub use self::config::{S3Config, parse_s3_url};
+pub use self::upload::PutError;
 use crate::dead_letter::Kind;
 use crate::retry::{FetchError, with_retries};
 use crate::stats::{Direction, S3Op, Stats};
@@ -225,284 +229,6 @@ impl S3 {
         Ok(r)
     }
 
-    /// Uploads `path` as a new object at `key`: a multipart upload tagged
-    /// with `tag` (user metadata `clipstream-writer`) and completed with
-    /// `If-None-Match: *`, once `owned` still holds. The object appears only
-    /// when complete and never replaces one: when `key` is taken by another
-    /// writer's object the answer is [`PutError::Exists`]; when it holds
-    /// our own (a completion retried after a lost response), success.
-    pub async fn put_new_file(
-        &self,
-        path: &Path,
-        bucket: &str,
-        key: &str,
-        part_bytes: usize,
-        tag: &str,
-        owned: &(dyn Fn() -> bool + Sync),
-    ) -> Result<(), PutError> {
-        let what = format!("s3://{bucket}/{key}");
-        let data = tokio::fs::read(path).await.map_err(|e| {
-            PutError::Failed(FetchError::Transient(format!(
-                "cannot read {}: {e}",
-                path.display()
-            )))
-        })?;
-        let upload_id = self
-            .call(S3Op::CreateMultipartUpload, || async {
-                self.client
-                    .create_multipart_upload()
-                    .bucket(bucket)
-                    .key(key)
-                    .content_type("application/vnd.apache.parquet")
-                    .metadata(WRITER_TAG, tag)
-                    .send()
-                    .await
-                    .map_err(|e| classify(&e, &what))
-            })
-            .await
-            .map_err(PutError::Failed)?
-            .upload_id
-            .ok_or_else(|| {
-                PutError::Failed(FetchError::Transient(format!(
-                    "{what}: no upload id returned"
-                )))
-            })?;
-        let result = self
-            .upload_parts(&data, bucket, key, &upload_id, part_bytes, &what, owned)
-            .await;
-        let result = match result {
-            Ok(()) => Ok(()),
-            // The completion failed or was refused: the object may be ours
-            // (an earlier attempt that succeeded), another writer's, or
-            // absent.
-            Err(PutError::Failed(e)) => match self.writer_of(bucket, key).await {
-                Ok(Some(t)) if t == tag => Ok(()),
-                Ok(Some(_)) => Err(PutError::Exists),
-                Ok(None) | Err(_) => Err(PutError::Failed(e)),
-            },
-            Err(other) => Err(other),
-        };
-        if result.is_err() {
-            let _ = self
-                .client
-                .abort_multipart_upload()
-                .bucket(bucket)
-                .key(key)
-                .upload_id(&upload_id)
-                .send()
-                .await;
-        }
-        result?;
-        self.stats.s3.bytes(Direction::Written, data.len() as u64);
-        Ok(())
-    }
-
-    /// The writer tag of an object; `None` when there is no such object.
-    async fn writer_of(&self, bucket: &str, key: &str) -> Result<Option<String>, FetchError> {
-        let what = format!("s3://{bucket}/{key}");
-        let r = self
-            .call(S3Op::HeadObject, || async {
-                match self
-                    .client
-                    .head_object()
-                    .bucket(bucket)
-                    .key(key)
-                    .send()
-                    .await
-                {
-                    Ok(h) => Ok(Some(
-                        h.metadata()
-                            .and_then(|m| m.get(WRITER_TAG).cloned())
-                            .unwrap_or_default(),
-                    )),
-                    Err(e) => match classify(&e, &what) {
-                        FetchError::Permanent(Kind::ObjectNotFound, _) => Ok(None),
-                        other => Err(other),
-                    },
-                }
-            })
-            .await?;
-        Ok(r)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    async fn upload_parts(
-        &self,
-        data: &[u8],
-        bucket: &str,
-        key: &str,
-        upload_id: &str,
-        part_bytes: usize,
-        what: &str,
-        owned: &(dyn Fn() -> bool + Sync),
-    ) -> Result<(), PutError> {
-        let mut parts = Vec::new();
-        let chunks: Vec<&[u8]> = if data.is_empty() {
-            vec![data]
-        } else {
-            data.chunks(part_bytes.max(1)).collect()
-        };
-        for (i, chunk) in chunks.into_iter().enumerate() {
-            let number = i as i32 + 1;
-            let chunk = bytes::Bytes::copy_from_slice(chunk);
-            let etag = self
-                .call(S3Op::UploadPart, || async {
-                    self.client
-                        .upload_part()
-                        .bucket(bucket)
-                        .key(key)
-                        .upload_id(upload_id)
-                        .part_number(number)
-                        .body(ByteStream::from(chunk.clone()))
-                        .send()
-                        .await
-                        .map_err(|e| classify(&e, what))
-                })
-                .await
-                .map_err(PutError::Failed)?
-                .e_tag;
-            parts.push(
-                CompletedPart::builder()
-                    .part_number(number)
-                    .set_e_tag(etag)
-                    .build(),
-            );
-        }
-        let done = CompletedMultipartUpload::builder()
-            .set_parts(Some(parts))
-            .build();
-        // The last moment to find out that the partition moved on: after
-        // this the object is visible. Checked before every attempt (a
-        // retried completion may come seconds later).
-        let result = self
-            .call(S3Op::CompleteMultipartUpload, || async {
-                if !owned() {
-                    return Err(FetchError::Permanent(
-                        Kind::FetchFailed,
-                        format!("{what}: the partition moved on before the upload completed"),
-                    ));
-                }
-                self.client
-                    .complete_multipart_upload()
-                    .bucket(bucket)
-                    .key(key)
-                    .upload_id(upload_id)
-                    .multipart_upload(done.clone())
-                    .if_none_match("*")
-                    .send()
-                    .await
-                    .map_err(|e| classify(&e, what))
-            })
-            .await;
-        match result {
-            Ok(_) => Ok(()),
-            Err(_) if !owned() => Err(PutError::NotOwned),
-            Err(e) => Err(PutError::Failed(e)),
-        }
-    }
-
-    /// Keys under `prefix` (after `start_after`, when given), all pages.
-    pub async fn list(
-        &self,
-        bucket: &str,
-        prefix: &str,
-        start_after: Option<&str>,
-    ) -> Result<Vec<String>, FetchError> {
-        self.list_pages(bucket, prefix, start_after, None, |page| {
-            page.contents()
-                .iter()
-                .filter_map(|o| o.key().map(String::from))
-                .collect()
-        })
-        .await
-    }
-
-    /// The "folders" directly under `prefix` (common prefixes with `/`).
-    pub async fn list_folders(
-        &self,
-        bucket: &str,
-        prefix: &str,
-    ) -> Result<Vec<String>, FetchError> {
-        self.list_pages(bucket, prefix, None, Some("/"), |page| {
-            page.common_prefixes()
-                .iter()
-                .filter_map(|p| p.prefix().map(String::from))
-                .collect()
-        })
-        .await
-    }
-
-    /// Keys under `prefix` with a token that changes when the object does:
-    /// `etag:` and its ETag (quotes removed), or, from a server whose
-    /// listings carry no ETags, `modified:` with its last-modified time and
-    /// size. All pages; and how many pages (requests) that took.
-    pub async fn list_change_tokens(
-        &self,
-        bucket: &str,
-        prefix: &str,
-    ) -> Result<(Vec<(String, String)>, u64), FetchError> {
-        let pages = std::sync::atomic::AtomicU64::new(0);
-        let all = self
-            .list_pages(bucket, prefix, None, None, |page| {
-                pages.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                page.contents()
-                    .iter()
-                    .filter_map(|o| {
-                        let token = match o.e_tag() {
-                            Some(e) => format!("etag:{}", e.trim_matches('"')),
-                            None => {
-                                let t = o.last_modified()?;
-                                format!(
-                                    "modified:{}.{:09}:{}",
-                                    t.secs(),
-                                    t.subsec_nanos(),
-                                    o.size().unwrap_or(-1)
-                                )
-                            }
-                        };
-                        Some((o.key()?.to_string(), token))
-                    })
-                    .collect()
-            })
-            .await?;
-        Ok((all, pages.into_inner()))
-    }
-
-    /// Every page of a ListObjectsV2 listing, each page's names taken by `names`.
-    async fn list_pages<T>(
-        &self,
-        bucket: &str,
-        prefix: &str,
-        start_after: Option<&str>,
-        delimiter: Option<&str>,
-        names: impl Fn(&ListObjectsV2Output) -> Vec<T>,
-    ) -> Result<Vec<T>, FetchError> {
-        let what = format!("s3://{bucket}/{prefix}");
-        let mut all = Vec::new();
-        let mut token: Option<String> = None;
-        loop {
-            let page = self
-                .call(S3Op::ListObjects, || async {
-                    self.client
-                        .list_objects_v2()
-                        .bucket(bucket)
-                        .prefix(prefix)
-                        .set_start_after(start_after.map(String::from))
-                        .set_delimiter(delimiter.map(String::from))
-                        .set_continuation_token(token.clone())
-                        .send()
-                        .await
-                        .map_err(|e| classify(&e, &what))
-                })
-                .await?;
-            all.extend(names(&page));
-            match page.next_continuation_token() {
-                Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_string()),
-                _ => return Ok(all),
-            }
-        }
-    }
-
     /// Deletes one object.
     pub async fn delete(&self, bucket: &str, key: &str) -> Result<(), FetchError> {
         let what = format!("s3://{bucket}/{key}");
@@ -534,17 +260,6 @@ impl S3 {
 
 /// The user metadata key that names an object's writer.
 const WRITER_TAG: &str = "clipstream-writer";
-
-/// Why [`S3::put_new_file`] did not put the object.
-#[derive(Debug)]
-pub enum PutError {
-    /// The key holds another writer's object.
-    Exists,
-    /// The partition moved on before the object became visible.
-    NotOwned,
-    /// The store failed (transient: retry; permanent: give up).
-    Failed(FetchError),
-}
 
 /// Reads a body to the end: at most `max_bytes`, each chunk within `idle`,
 /// the whole within ten times that.
