@@ -4,7 +4,7 @@
 //!
 //! - Offsets are committed by hand (`enable.auto.commit=false`): every
 //!   `commit_interval_ms`, each assigned partition's highest *contiguous*
-//!   acknowledged offset (from the [`AckTracker`]) is committed, never past
+//!   acknowledged offset (from the [`AckTracker`](crate::ack::AckTracker)) is committed, never past
 //!   a record still in flight or failed.
 //! - **Backpressure pauses, it does not block.** When the pipeline is full
 //!   (no in-flight slot), the poll loop waits up to half a second for one;
