@@ -31,7 +31,7 @@
 //!
 //! Here: ranges and the writer; `file` one file's life (create, row
 //! groups, publish or abandon); [`destination`] where files are published;
-//! [`schema`] the columns; [`config`] and [`metrics`] its section and its
+//! [`schema`](mod@schema) the columns; [`config`] and [`metrics`] its section and its
 //! metrics.
 
 pub mod config;
