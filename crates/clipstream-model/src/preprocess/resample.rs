@@ -7,6 +7,10 @@
 //! support scaled by the downscale factor, truncating casts, the rounding
 //! constant, skipping a pass whose size does not change) changes output
 //! values, so keep it exactly as Pillow has it.
+//!
+//! One concept in one file (over 500 lines with its SIMD passes): the
+//! coefficients, the two passes and their vectorised forms must be read
+//! side by side to check that they stay bit-identical.
 
 /// Fixed-point precision of the 8-bit path (`PRECISION_BITS` in Pillow).
 const PRECISION_BITS: u32 = 32 - 8 - 2;
