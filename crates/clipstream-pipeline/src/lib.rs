@@ -7,7 +7,7 @@
 //!  files/     file://,  decode, resize      batcher ─► encoder (text)  ──┤ the last tower
 //!  kafka      s3://     tokenize                                        │ builds the row
 //!    │                                                                  ▼
-//!    │                               outputs: embeddings, labels, dead-letter topics
+//!    │                     outputs: embeddings, labels, review, dead-letter topics
 //!    │                                         │
 //!    │                                         ▼
 //!    │     ◄──── acks (range published) ◄── sink thread: order per partition,
@@ -32,17 +32,24 @@
 //! - [`engine`]: wires the stages, runs them, drains on stop or failure.
 //! - [`catalog`]: nightly re-embedding around a run: `plan` (what changed
 //!   since earlier output) and `snapshot` (one row per product).
+//! - [`eval`] and [`search`]: on a run's output — how far to trust its
+//!   labels, and text or image queries over its embeddings.
 //! - Across the stages: [`ack`] (tokens, the contiguous tracker, epochs),
 //!   [`record`] (the event contract, records, rows), [`dead_letter`] (the
 //!   one list of permanent failure kinds), [`retry`] (permanent vs
 //!   transient, backoff), [`budget`] (the memory budget), [`fatal`] (a stage
 //!   that cannot go on), [`config`] (the pipeline TOML, strict, validated
-//!   without I/O), [`stats`] (metrics, with their closed label values).
+//!   without I/O), [`stats`] (the registry, the record counters and the
+//!   closed label values), [`review`] (review routing).
 //!
-//! Each stage keeps its settings beside its logic: a `config` module (or a
-//! section type at the top of the stage's file) with the section's
-//! defaults and its own `check`; [`config`] holds the whole file, the
-//! rules that span sections, and a table of where each section lives.
+//! Each stage keeps its settings and its metrics beside its logic: a
+//! `config` module (or a section type in the stage's file) with the
+//! section's defaults and its own `check`, and a `metrics` module (or a
+//! `*Metrics` type) whose methods say what happened. [`config`] holds the
+//! whole file, the rules that span sections, and a table of where each
+//! section lives; [`stats`] assembles the stages' metrics, with a table of
+//! where each lives. A stage's unit tests are in its files; the end-to-end
+//! tests are in the repository's `tests/`.
 //!
 //! Every queue between stages is bounded, every record holds an in-flight
 //! slot and a charge against the memory budget until its result is handed
