@@ -145,7 +145,10 @@ impl ZeroShotHead {
     }
 
     /// Embeds the prompts with `model`'s text tower and builds the head.
-    pub fn build(set: &LabelSet, model: &mut crate::ClipModel) -> Result<Self, ModelError> {
+    pub fn build(
+        set: &LabelSet,
+        model: &mut crate::encoder::ClipModel,
+    ) -> Result<Self, ModelError> {
         let prompts = set.prompts();
         let mut data = Vec::new();
         let mut dim = 0;

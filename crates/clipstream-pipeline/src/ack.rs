@@ -35,6 +35,13 @@ pub struct PartitionKey {
     pub partition: i32,
 }
 
+impl std::fmt::Display for PartitionKey {
+    /// `topic[partition]`, as the logs show a partition.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}[{}]", self.source, self.partition)
+    }
+}
+
 /// Where a record sits in its partition: `seq` counts the records the source
 /// emitted for this partition (dense, from 0); `offset` is the source's own
 /// position (a Kafka offset, a manifest line), which may have gaps.

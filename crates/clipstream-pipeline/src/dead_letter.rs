@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::Problems;
+use crate::config::file::Problems;
 
 /// `[dead_letter]`: a file or a topic ([`DeadLetterConfig::destination`]).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
@@ -230,21 +230,6 @@ impl Kind {
 
 /// Message headers: name and value (a header may have no value).
 pub type Headers = Arc<[(String, Option<Vec<u8>>)]>;
-
-/// A rejected record: the original bytes and why.
-#[derive(Debug, Clone)]
-pub struct DeadLetter {
-    /// Where it came from, with its original key, headers and bytes.
-    pub origin: crate::record::Origin,
-    /// The record id, when the event was readable enough to have one.
-    pub id: Option<String>,
-    /// Where it failed.
-    pub stage: Stage,
-    /// What kind of failure.
-    pub kind: Kind,
-    /// The human-readable reason.
-    pub reason: String,
-}
 
 #[cfg(test)]
 mod tests {

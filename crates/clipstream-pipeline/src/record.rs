@@ -8,7 +8,7 @@ use serde_json::{Map, Value};
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::ack::{AckToken, PartitionKey, Position};
-use crate::dead_letter::{DeadLetter, Kind, Stage};
+use crate::dead_letter::{Kind, Stage};
 
 /// The input event (a Kafka message value or a manifest line):
 /// `{"id": "...", "image": "s3://bucket/key", "text": "...", "attributes": {...}}`.
@@ -349,6 +349,21 @@ impl Done {
             Done::Row { ack, .. } | Done::Dead { ack, .. } | Done::Failed { ack, .. } => ack,
         }
     }
+}
+
+/// A rejected record: the original bytes and why.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    /// Where it came from, with its original key, headers and bytes.
+    pub origin: Origin,
+    /// The record id, when the event was readable enough to have one.
+    pub id: Option<String>,
+    /// Where it failed.
+    pub stage: Stage,
+    /// What kind of failure.
+    pub kind: Kind,
+    /// The human-readable reason.
+    pub reason: String,
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use std::cmp::Ordering::{Equal, Greater};
 
 use clipstream_model::zero_shot::Label;
 
-use crate::stats::ReviewDecision;
+use crate::stats::labels::ReviewDecision;
 
 /// The thresholds of `[model]`.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -114,7 +114,7 @@ pub struct ReviewMetrics {
 }
 
 impl ReviewMetrics {
-    pub(crate) fn register(r: &crate::stats::Register) -> Self {
+    pub(crate) fn register(r: &crate::stats::register::Register) -> Self {
         let decisions = r.counter_vec(
             "clipstream_review_total",
             "Labelled rows by review decision (accepted, routed to a person), with [model] review thresholds.",

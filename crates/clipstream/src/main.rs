@@ -2,9 +2,11 @@
 //! events. This binary holds the command line; the model lives in
 //! `clipstream-model`.
 //!
-//! - `cli`: the argument types shared by the subcommands.
-//! - `commands/`: one module per subcommand.
+//! - `cli`: the command line and its subcommands; `args`: arguments
+//!   several subcommands share.
+//! - `commands/`: one module per subcommand; `run` below dispatches.
 
+mod args;
 mod cli;
 mod commands;
 
@@ -16,12 +18,33 @@ fn main() -> ExitCode {
     return_large_buffers_to_the_system();
     let args = cli::Cli::parse();
     init_logging(args.verbose);
-    match commands::run(args.command) {
+    match run(args.command) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(2)
         }
+    }
+}
+
+/// Runs a subcommand. `Err` is a set-up problem (exit 2); a failed input is
+/// reported on stderr and turns the exit status into 1.
+fn run(command: cli::Command) -> anyhow::Result<ExitCode> {
+    use cli::Command;
+    use commands::{bench, catalog, eval, model, night, run, search};
+    match command {
+        Command::Embed(a) => model::embed(a),
+        Command::Classify(a) => model::classify(a),
+        Command::Preprocess(a) => model::preprocess(a),
+        Command::Tokenize(a) => model::tokenize(a),
+        Command::Bench(a) => bench::run(a),
+        Command::Run(a) => run::run(a),
+        Command::Validate(a) => run::validate(a),
+        Command::Plan(a) => catalog::plan(a),
+        Command::Snapshot(a) => catalog::snapshot(a),
+        Command::Night(a) => night::night(a),
+        Command::Eval(a) => eval::eval(a),
+        Command::Search(a) => search::search(a),
     }
 }
 

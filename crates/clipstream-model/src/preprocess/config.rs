@@ -6,7 +6,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use super::Filter;
+use super::resample::Filter;
 use crate::error::ModelError;
 
 /// OpenAI CLIP's normalisation constants (transformers' `OPENAI_CLIP_MEAN` /

@@ -117,7 +117,7 @@ pub struct NightMetrics {
 }
 
 impl NightMetrics {
-    pub(crate) fn register(r: &crate::stats::Register) -> Self {
+    pub(crate) fn register(r: &crate::stats::register::Register) -> Self {
         NightMetrics {
             planned: r.gauge_vec(
                 "clipstream_night_planned",

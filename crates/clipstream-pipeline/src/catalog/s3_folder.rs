@@ -9,8 +9,9 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
-use crate::config::S3Config;
-use crate::s3::{PutError, S3};
+use crate::s3::S3;
+use crate::s3::config::S3Config;
+use crate::s3::upload::PutError;
 use crate::stats::Stats;
 
 /// Whether `location` is an `s3://` folder.

@@ -14,11 +14,11 @@
 //! |---|---|---|
 //! | `[model]` | [`ModelConfig`] | here (the model crate loads it) |
 //! | `[runtime]` | [`RuntimeOptions`] | `clipstream_model::runtime` |
-//! | `[source]` | [`SourceConfig`] | [`crate::source`], [`crate::source::files::config`], [`crate::source::kafka::config`] |
+//! | `[source]` | [`SourceConfig`] | [`crate::source::config`], [`crate::source::files::config`], [`crate::source::kafka::config`] |
 //! | `[s3]` | [`S3Config`] | [`crate::s3::config`] |
 //! | `[fetch]` | [`FetchConfig`] | [`crate::fetch::config`] |
-//! | `[image]` | [`ImageConfig`] | [`crate::prep`] |
-//! | `[engine]`, `[shutdown]` | [`EngineConfig`], [`ShutdownConfig`] | [`crate::engine::config`] (batching: [`crate::batch`]) |
+//! | `[image]` | [`ImageConfig`] | [`crate::prep::config`] |
+//! | `[engine]`, `[shutdown]` | [`EngineConfig`], [`ShutdownConfig`] | [`crate::engine::config`] (batching: [`crate::batch::config`]) |
 //! | `[sink]` | [`SinkConfig`] | [`crate::sink::config`], [`crate::sink::parquet::config`], [`crate::sink::kafka::config`] |
 //! | `[dead_letter]` | [`DeadLetterConfig`] | [`crate::dead_letter`] |
 //! | `[metrics]` | [`MetricsConfig`] | here (the CLI serves it) |
@@ -27,7 +27,7 @@
 //! the run uses: [`FilesSourceConfig::input`], [`ParquetConfig::output`],
 //! [`DeadLetterConfig::destination`].
 
-mod file;
+pub mod file;
 
 use std::path::{Path, PathBuf};
 
@@ -35,14 +35,14 @@ use clipstream_model::{RuntimeOptions, Variant};
 use serde::{Deserialize, Serialize};
 
 pub use self::file::{ConfigError, Problem, Problems, absolute, interpolate, normalize};
-pub use crate::batch::BatchConfig;
+pub use crate::batch::config::BatchConfig;
 pub use crate::dead_letter::{DeadLetterConfig, DeadLetters};
 pub use crate::engine::config::{EngineConfig, ShutdownConfig};
 pub use crate::fetch::config::{FetchConfig, Scheme};
-pub use crate::prep::ImageConfig;
+pub use crate::prep::config::ImageConfig;
 pub use crate::s3::config::{S3Config, parse_s3_url};
 pub use crate::sink::config::{KafkaSinkConfig, ParquetConfig, ParquetOutput, SinkConfig};
-pub use crate::source::{
+pub use crate::source::config::{
     FilesInput, FilesSourceConfig, KafkaSourceConfig, OffsetReset, SourceConfig,
 };
 

@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::batch::BatchConfig;
-use crate::config::Problems;
+use crate::batch::config::BatchConfig;
+use crate::config::file::Problems;
 
 /// `[engine]`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

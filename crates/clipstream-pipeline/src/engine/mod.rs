@@ -14,8 +14,9 @@
 //! (`report`). `[engine]` and `[shutdown]` are in [`config`].
 
 pub mod config;
+pub mod metrics;
 mod outputs;
-pub mod queues;
+mod queues;
 mod report;
 mod source;
 
@@ -29,8 +30,9 @@ use tokio::sync::{Semaphore, watch};
 
 use self::outputs::{connect_outputs, connect_s3, destination};
 use self::queues::Queues;
+pub use self::report::RunReport;
 use self::source::Source;
-use crate::ack::{AckTracker, PartitionKey, Watermark};
+use crate::ack::AckTracker;
 use crate::assemble::Assembler;
 use crate::batch;
 use crate::budget::Budget;
@@ -40,7 +42,7 @@ use crate::sink::SinkThread;
 use crate::sink::dead_letter_file::DeadLetterFile;
 use crate::sink::parquet::{Destination, ParquetWriter};
 use crate::source::SourceContext;
-use crate::stats::{Snapshot, Stats};
+use crate::stats::Stats;
 
 /// The model parts a pipeline runs on (loaded by the caller, so that a
 /// broken model stops the program before anything starts).
@@ -66,44 +68,6 @@ pub struct Components {
     pub dim: usize,
 }
 
-/// What a run did.
-#[derive(Debug, Clone)]
-pub struct RunReport {
-    /// Wall time.
-    pub elapsed: Duration,
-    /// Records read (not counting skipped ones).
-    pub read: u64,
-    /// Records skipped because an earlier run wrote them.
-    pub skipped: u64,
-    /// Rows in complete files.
-    pub rows: u64,
-    /// Images encoded.
-    pub images: u64,
-    /// Texts encoded.
-    pub texts: u64,
-    /// Dead letters written.
-    pub dead_letters: u64,
-    /// Records that failed (a rerun retries them).
-    pub failed: u64,
-    /// Details: dead letters per kind, top-1 labels, files.
-    pub detail: Snapshot,
-    /// Per partition: resume positions.
-    pub watermarks: Vec<(PartitionKey, Watermark)>,
-    /// Records read but neither written nor dead-lettered.
-    pub unacknowledged: u64,
-    /// Where the Parquet files are (a directory or an s3:// URL).
-    pub output: String,
-    /// Where dead letters are (a file or a topic).
-    pub dead_letters_to: String,
-    /// Labelled rows routed to review, and where they are listed (a file
-    /// or a topic); `None` without review thresholds.
-    pub review: Option<(u64, String)>,
-    /// True when the run stopped before the end of its input.
-    pub stopped_early: bool,
-    /// The most bytes charged to the memory budget at once, and the budget.
-    pub memory_peak: (u64, u64),
-}
-
 /// Runs `cfg` on `parts` until the input ends or `stop` turns true; a stage
 /// that fails for good ends the run too, with its error.
 pub async fn run(
@@ -124,7 +88,7 @@ pub async fn run(
     let q = Queues::new(&cfg.engine);
     let queue_watch = q.watch(Arc::clone(&stats), cfg.engine.queue_capacity, &budget);
     let sink = spawn_sink(cfg, &parts, dest.clone(), &q, &stats, &budget)?;
-    let outputs = crate::sink::kafka::spawn(
+    let outputs = crate::sink::kafka::stage::spawn(
         q.done.1.clone(),
         q.sink.0.clone(),
         outputs,

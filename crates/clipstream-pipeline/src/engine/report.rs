@@ -1,11 +1,48 @@
 //! The end of a run: what it did, from the counters and the tracker.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use super::RunReport;
-use crate::ack::AckTracker;
+use crate::ack::{AckTracker, PartitionKey, Watermark};
 use crate::config::{DeadLetters, PipelineConfig};
-use crate::stats::Stats;
+use crate::stats::{Snapshot, Stats};
+
+/// What a run did.
+#[derive(Debug, Clone)]
+pub struct RunReport {
+    /// Wall time.
+    pub elapsed: Duration,
+    /// Records read (not counting skipped ones).
+    pub read: u64,
+    /// Records skipped because an earlier run wrote them.
+    pub skipped: u64,
+    /// Rows in complete files.
+    pub rows: u64,
+    /// Images encoded.
+    pub images: u64,
+    /// Texts encoded.
+    pub texts: u64,
+    /// Dead letters written.
+    pub dead_letters: u64,
+    /// Records that failed (a rerun retries them).
+    pub failed: u64,
+    /// Details: dead letters per kind, top-1 labels, files.
+    pub detail: Snapshot,
+    /// Per partition: resume positions.
+    pub watermarks: Vec<(PartitionKey, Watermark)>,
+    /// Records read but neither written nor dead-lettered.
+    pub unacknowledged: u64,
+    /// Where the Parquet files are (a directory or an s3:// URL).
+    pub output: String,
+    /// Where dead letters are (a file or a topic).
+    pub dead_letters_to: String,
+    /// Labelled rows routed to review, and where they are listed (a file
+    /// or a topic); `None` without review thresholds.
+    pub review: Option<(u64, String)>,
+    /// True when the run stopped before the end of its input.
+    pub stopped_early: bool,
+    /// The most bytes charged to the memory budget at once, and the budget.
+    pub memory_peak: (u64, u64),
+}
 
 /// What the run did.
 pub(super) fn report(

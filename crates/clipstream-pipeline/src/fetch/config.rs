@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::Problems;
+use crate::config::file::Problems;
 
 /// `[fetch]`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

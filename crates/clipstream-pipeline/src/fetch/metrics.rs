@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use prometheus::Histogram;
 
-use crate::stats::Register;
+use crate::stats::register::Register;
 
 /// `clipstream_fetch_duration_seconds`.
 #[derive(Debug)]

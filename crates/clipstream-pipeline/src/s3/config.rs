@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::Problems;
+use crate::config::file::Problems;
 
 /// `[s3]`: the S3 client. Credentials come from the standard AWS chain
 /// (environment, profile, web identity, instance metadata).

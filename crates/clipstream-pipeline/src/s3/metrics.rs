@@ -4,7 +4,8 @@ use std::time::Duration;
 
 use prometheus::{HistogramVec, IntCounterVec};
 
-use crate::stats::{Direction, Register, ResultLabel, S3Op, SECONDS_BUCKETS};
+use crate::stats::labels::{Direction, ResultLabel, S3Op};
+use crate::stats::register::{Register, SECONDS_BUCKETS};
 
 /// Requests by operation and result, retries, bytes, and attempt times.
 #[derive(Debug)]

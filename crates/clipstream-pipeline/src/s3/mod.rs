@@ -8,7 +8,7 @@
 //! are classified ([`classify`]) so that the fetch stage can tell a dead
 //! letter (404, 403, bad key) from a transient fault.
 //!
-//! Here: the client, requests, reading and deleting; `upload` the
+//! Here: the client, requests, reading and deleting; [`upload`] the
 //! never-replacing multipart upload ([`S3::put_new_file`]); `list` the
 //! listings; [`config`] and [`metrics`] its section and its metrics.
 
@@ -27,10 +27,9 @@ use aws_sdk_s3::primitives::ByteStream;
 pub mod config;
 mod list;
 pub mod metrics;
-mod upload;
+pub mod upload;
 
 pub use self::config::{S3Config, parse_s3_url};
-pub use self::upload::PutError;
 use crate::dead_letter::Kind;
 use crate::retry::{FetchError, with_retries};
 use crate::stats::{Direction, S3Op, Stats};
@@ -257,9 +256,6 @@ impl S3 {
         Ok(())
     }
 }
-
-/// The user metadata key that names an object's writer.
-const WRITER_TAG: &str = "clipstream-writer";
 
 /// Reads a body to the end: at most `max_bytes`, each chunk within `idle`,
 /// the whole within ten times that.

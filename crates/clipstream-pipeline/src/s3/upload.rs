@@ -6,10 +6,13 @@ use std::path::Path;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 
-use super::{S3, WRITER_TAG, classify};
+use super::{S3, classify};
 use crate::dead_letter::Kind;
 use crate::retry::FetchError;
 use crate::stats::{Direction, S3Op};
+
+/// The user metadata key that names an object's writer.
+const WRITER_TAG: &str = "clipstream-writer";
 
 /// Why [`S3::put_new_file`] did not put the object.
 #[derive(Debug)]

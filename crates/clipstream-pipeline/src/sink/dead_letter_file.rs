@@ -13,7 +13,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::dead_letter::DeadLetter;
+use crate::record::DeadLetter;
 
 /// An append-only dead-letter file.
 #[derive(Debug)]

@@ -2,47 +2,21 @@
 //! acknowledgement tokens, takes an in-flight permit per record (so memory
 //! is bounded whatever the backlog), and stops when asked.
 
+pub mod config;
 pub mod files;
 pub mod kafka;
 
-pub use self::files::config::{FilesInput, FilesSourceConfig};
-pub use self::kafka::config::{KafkaSourceConfig, OffsetReset};
+pub use self::config::{
+    FilesInput, FilesSourceConfig, KafkaSourceConfig, OffsetReset, SourceConfig,
+};
 
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, watch};
 
 use crate::ack::{AckTracker, PartitionKey};
 use crate::record::{Done, Record};
 use crate::stats::Stats;
-
-/// `[source]`: `kind = "files"` or `kind = "kafka"`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
-pub enum SourceConfig {
-    /// Local input: a JSONL manifest of events, or a directory of images.
-    Files(FilesSourceConfig),
-    /// A Kafka consumer group.
-    Kafka(KafkaSourceConfig),
-}
-
-impl SourceConfig {
-    pub(crate) fn check(&self, p: &mut crate::config::Problems) {
-        match self {
-            SourceConfig::Files(f) => f.check(p),
-            SourceConfig::Kafka(k) => k.check(p),
-        }
-    }
-
-    /// The Kafka source's settings, when it is one.
-    pub fn kafka(&self) -> Option<&KafkaSourceConfig> {
-        match self {
-            SourceConfig::Kafka(k) => Some(k),
-            SourceConfig::Files(_) => None,
-        }
-    }
-}
 
 /// What every source is given.
 #[derive(Debug, Clone)]

@@ -1,48 +1,23 @@
-//! One module per subcommand; `run` dispatches.
+//! One module per subcommand (`main.rs` dispatches), and what several
+//! of them share: printing a report, loading a model, a progress bar, a
+//! spool folder.
 
 pub mod bench;
 pub mod catalog;
 pub mod eval;
 pub mod http;
+pub mod model;
 pub mod night;
 pub mod run;
 pub mod search;
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 
-use anyhow::Context;
-use clipstream_model::preprocess::PreprocessorConfig;
-use clipstream_model::{
-    ClipModel, ClipTokenizer, ImagePreprocessor, LabelSet, ModelDir, ZeroShotHead,
-};
-use serde::Serialize;
+use clipstream_model::ClipModel;
+use clipstream_pipeline::catalog::s3_folder;
 
-use crate::cli::{ClassifyArgs, Command, EmbedArgs, ImageArgs, PreprocessArgs, TokenizeArgs};
-
-/// One line of `embed`.
-#[derive(Serialize)]
-struct EmbedLine<'a> {
-    input: &'a str,
-    kind: &'static str,
-    embedding: &'a [f32],
-}
-
-/// One line of `classify`.
-#[derive(Serialize)]
-struct ClassifyLine<'a> {
-    input: &'a str,
-    labels: Vec<clipstream_model::zero_shot::Label>,
-}
-
-/// One line of `tokenize`.
-#[derive(Serialize)]
-struct TokenizeLine<'a> {
-    text: &'a str,
-    input_ids: &'a [i64],
-    attention_mask: &'a [i64],
-}
+use crate::args::{ImageArgs, ModelArgs};
 
 /// Writes a command's report to stdout. A reader that went away (`| head`)
 /// is not an error: what it wanted it got.
@@ -54,32 +29,7 @@ pub(crate) fn print_out(text: &str) -> anyhow::Result<()> {
     }
 }
 
-fn write_line(out: &mut impl Write, line: &impl Serialize) -> anyhow::Result<()> {
-    serde_json::to_writer(&mut *out, line)?;
-    out.write_all(b"\n")?;
-    Ok(())
-}
-
-/// Runs a subcommand. `Err` is a set-up problem (exit 2); a failed input is
-/// reported on stderr and turns the exit status into 1.
-pub fn run(command: Command) -> anyhow::Result<ExitCode> {
-    match command {
-        Command::Embed(a) => embed(a),
-        Command::Classify(a) => classify(a),
-        Command::Preprocess(a) => preprocess(a),
-        Command::Tokenize(a) => tokenize(a),
-        Command::Bench(a) => bench::run(a),
-        Command::Run(a) => run::run(a),
-        Command::Validate(a) => run::validate(a),
-        Command::Plan(a) => catalog::plan(a),
-        Command::Snapshot(a) => catalog::snapshot(a),
-        Command::Night(a) => night::night(a),
-        Command::Eval(a) => eval::eval(a),
-        Command::Search(a) => search::search(a),
-    }
-}
-
-fn load_model(args: &crate::cli::ModelArgs, images: &ImageArgs) -> anyhow::Result<ClipModel> {
+pub(crate) fn load_model(args: &ModelArgs, images: &ImageArgs) -> anyhow::Result<ClipModel> {
     let mut model = ClipModel::load(&args.model, &args.variant, &args.runtime.options())?;
     model.preprocessor.limits = images.limits();
     model.preprocessor.apply_exif_orientation = images.exif_orientation;
@@ -87,192 +37,59 @@ fn load_model(args: &crate::cli::ModelArgs, images: &ImageArgs) -> anyhow::Resul
     Ok(model)
 }
 
-/// Counts failed inputs and reports each on stderr as one line.
-#[derive(Default)]
-struct Failures(usize);
-
-impl Failures {
-    fn report(&mut self, input: &str, why: impl std::fmt::Display) {
-        self.0 += 1;
-        eprintln!("error: {input}: {why}");
+/// A progress bar on stderr, when it is a terminal.
+pub(crate) fn bar(what: &str) -> Option<indicatif::ProgressBar> {
+    if !std::io::stderr().is_terminal() {
+        return None;
     }
-    fn exit_code(&self) -> ExitCode {
-        if self.0 == 0 {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::from(1)
-        }
-    }
-}
-
-/// Reads and preprocesses one image, appending its pixel values to
-/// `pixels`; a failure is reported and leaves `pixels` as it was.
-fn push_pixels(
-    pre: &ImagePreprocessor,
-    path: &Path,
-    pixels: &mut Vec<f32>,
-    failures: &mut Failures,
-) -> bool {
-    let bytes = match std::fs::read(path) {
-        Ok(b) => b,
-        Err(e) => {
-            failures.report(&path.display().to_string(), e);
-            return false;
-        }
-    };
-    let start = pixels.len();
-    pixels.resize(start + pre.pixels_len(), 0.0);
-    match pre.preprocess_into(&bytes, &mut pixels[start..]) {
-        Ok(()) => true,
-        Err(e) => {
-            pixels.truncate(start);
-            failures.report(&path.display().to_string(), e);
-            false
-        }
-    }
-}
-
-/// Reads and preprocesses images in batches of `batch_size`; calls `emit`
-/// with the inputs of each batch and their embeddings.
-fn for_each_image_batch(
-    model: &mut ClipModel,
-    paths: &[PathBuf],
-    batch_size: usize,
-    failures: &mut Failures,
-    mut emit: impl FnMut(&[&Path], &clipstream_model::EmbeddingBatch) -> anyhow::Result<()>,
-) -> anyhow::Result<()> {
-    let per_image = model.preprocessor.pixels_len();
-    for chunk in paths.chunks(batch_size.max(1)) {
-        let mut pixels = Vec::with_capacity(chunk.len() * per_image);
-        let mut ok: Vec<&Path> = Vec::with_capacity(chunk.len());
-        for path in chunk {
-            if push_pixels(&model.preprocessor, path, &mut pixels, failures) {
-                ok.push(path);
-            }
-        }
-        if ok.is_empty() {
-            continue;
-        }
-        let embeds = model.embed_pixels(&pixels, ok.len())?;
-        emit(&ok, &embeds)?;
-    }
-    Ok(())
-}
-
-fn embed(args: EmbedArgs) -> anyhow::Result<ExitCode> {
-    if args.image.is_empty() && args.text.is_empty() {
-        anyhow::bail!("nothing to embed: give --image PATH and/or --text STR");
-    }
-    let mut model = load_model(&args.model, &args.images)?;
-    let mut failures = Failures::default();
-    let stdout = std::io::stdout();
-    let mut out = std::io::BufWriter::new(stdout.lock());
-    for_each_image_batch(
-        &mut model,
-        &args.image,
-        args.batch_size,
-        &mut failures,
-        |paths, e| {
-            for (path, row) in paths.iter().zip(e.rows()) {
-                let input = path.display().to_string();
-                write_line(
-                    &mut out,
-                    &EmbedLine {
-                        input: &input,
-                        kind: "image",
-                        embedding: row,
-                    },
-                )?;
-            }
-            Ok(())
-        },
-    )?;
-    for chunk in args.text.chunks(args.batch_size.max(1)) {
-        let e = model.embed_texts(chunk)?;
-        for (text, row) in chunk.iter().zip(e.rows()) {
-            write_line(
-                &mut out,
-                &EmbedLine {
-                    input: text,
-                    kind: "text",
-                    embedding: row,
-                },
-            )?;
-        }
-    }
-    out.flush()?;
-    Ok(failures.exit_code())
-}
-
-fn classify(args: ClassifyArgs) -> anyhow::Result<ExitCode> {
-    let labels = LabelSet::from_file(&args.labels)?;
-    let mut model = load_model(&args.model, &args.images)?;
-    let head = ZeroShotHead::build(&labels, &mut model)?;
-    let mut failures = Failures::default();
-    let stdout = std::io::stdout();
-    let mut out = std::io::BufWriter::new(stdout.lock());
-    for_each_image_batch(
-        &mut model,
-        &args.image,
-        args.batch_size,
-        &mut failures,
-        |paths, e| {
-            for (path, row) in paths.iter().zip(e.rows()) {
-                let input = path.display().to_string();
-                write_line(
-                    &mut out,
-                    &ClassifyLine {
-                        input: &input,
-                        labels: head.top_k(row, args.top_k),
-                    },
-                )?;
-            }
-            Ok(())
-        },
-    )?;
-    out.flush()?;
-    Ok(failures.exit_code())
-}
-
-fn preprocess(args: PreprocessArgs) -> anyhow::Result<ExitCode> {
-    let dir = ModelDir::open(&args.model)?;
-    let mut pre = ImagePreprocessor::new(PreprocessorConfig::from_file(&dir.preprocessor_config)?);
-    pre.limits = args.images.limits();
-    pre.apply_exif_orientation = args.images.exif_orientation;
-    pre.mode = args.images.image_mode;
-    let per_image = pre.pixels_len();
-    let mut failures = Failures::default();
-    let mut data = Vec::with_capacity(per_image * args.files.len());
-    for path in &args.files {
-        push_pixels(&pre, path, &mut data, &mut failures);
-    }
-    let (h, w) = pre.config.output_size();
-    let n = data.len() / per_image;
-    let file = std::fs::File::create(&args.npy)
-        .with_context(|| format!("cannot create {}", args.npy.display()))?;
-    clipstream_model::npy::write_f32(std::io::BufWriter::new(file), &[n, 3, h, w], &data)
-        .with_context(|| format!("cannot write {}", args.npy.display()))?;
-    eprintln!(
-        "wrote {n} images [{n}, 3, {h}, {w}] to {}",
-        args.npy.display()
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{what} {{msg}} [{{bar:30}}] {{pos}}/{{len}} {{eta}}"
+        ))
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    Ok(failures.exit_code())
+    Some(bar)
 }
 
-fn tokenize(args: TokenizeArgs) -> anyhow::Result<ExitCode> {
-    let dir = ModelDir::open(&args.model)?;
-    let tokenizer = ClipTokenizer::from_model_dir(&dir)?;
-    let batch = tokenizer.encode_batch(&args.text)?;
-    let stdout = std::io::stdout();
-    let mut out = std::io::BufWriter::new(stdout.lock());
-    for (i, text) in args.text.iter().enumerate() {
-        let line = TokenizeLine {
-            text,
-            input_ids: batch.ids(i),
-            attention_mask: batch.mask(i),
-        };
-        write_line(&mut out, &line)?;
+/// A spool folder for this command, removed when dropped.
+pub(crate) struct Spool(pub(crate) PathBuf);
+
+impl Spool {
+    pub(crate) fn new(base: Option<&PathBuf>, what: &str) -> anyhow::Result<Spool> {
+        let base = base.cloned().unwrap_or_else(std::env::temp_dir);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let dir = base.join(format!("clipstream-{what}-{}-{nanos}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        Ok(Spool(dir))
     }
-    out.flush()?;
-    Ok(ExitCode::SUCCESS)
+
+    /// `folder` itself, or for an `s3://` one a local copy of its Parquet
+    /// files (an empty folder when there are none: a first night).
+    pub(crate) fn local(
+        &self,
+        s3: &clipstream_pipeline::config::S3Config,
+        folder: &Path,
+        k: usize,
+        expect: s3_folder::Expect,
+    ) -> anyhow::Result<PathBuf> {
+        if !s3_folder::is_s3(folder) {
+            return Ok(folder.to_path_buf());
+        }
+        let url = folder.to_string_lossy();
+        let dest = self.0.join(format!("in-{k}"));
+        std::fs::create_dir_all(&dest)?;
+        let n = s3_folder::download(s3, &url, &dest, expect)?;
+        eprintln!("copied {n} Parquet files of {url}");
+        Ok(dest)
+    }
+}
+
+impl Drop for Spool {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }

@@ -53,7 +53,7 @@ pub struct NightArgs {
     #[arg(long, value_name = "NAME")]
     pub change_column: Option<String>,
     /// Refuse a night that would delete more than this share of products.
-    #[arg(long, default_value_t = 10.0, value_name = "PERCENT", value_parser = crate::cli::percent)]
+    #[arg(long, default_value_t = 10.0, value_name = "PERCENT", value_parser = crate::args::percent)]
     pub max_deleted_percent: f64,
     /// Where s3:// folders are copied to be read (default: the system's
     /// temporary folder).

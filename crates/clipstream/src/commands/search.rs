@@ -12,7 +12,7 @@ use clipstream_pipeline::config::PipelineConfig;
 use clipstream_pipeline::search::{self, Hit, QueryModel, Target};
 use serde::Serialize;
 
-use crate::cli::{ImageArgs, ModelArgs, RuntimeArgs};
+use crate::args::{ImageArgs, ModelArgs, RuntimeArgs};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum TargetArg {
@@ -111,7 +111,7 @@ pub fn search(args: SearchArgs) -> anyhow::Result<ExitCode> {
         Some(p) => PipelineConfig::load(p)?.s3,
         None => Default::default(),
     };
-    let spool = super::catalog::Spool::new(args.spool.as_ref(), "search")?;
+    let spool = super::Spool::new(args.spool.as_ref(), "search")?;
     let output = spool.local(
         &s3,
         &args.output,

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::Problems;
+use crate::config::file::Problems;
 
 /// `[sink.kafka]`: one JSON message per record, keyed by id.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]

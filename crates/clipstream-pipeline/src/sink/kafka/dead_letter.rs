@@ -4,8 +4,11 @@
 
 use rdkafka::message::{Header, OwnedHeaders};
 
-use super::MESSAGE_OVERHEAD_BYTES;
-use crate::dead_letter::DeadLetter;
+use crate::record::DeadLetter;
+
+/// Room for a message's framing (record batch header, timestamps, headers
+/// that are not counted separately).
+pub(crate) const MESSAGE_OVERHEAD_BYTES: usize = 512;
 
 /// The SHA-256 of `bytes`, in hex.
 fn sha256_hex(bytes: &[u8]) -> String {

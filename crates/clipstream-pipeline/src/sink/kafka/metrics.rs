@@ -2,7 +2,8 @@
 
 use prometheus::IntCounterVec;
 
-use crate::stats::{Output, Register};
+use crate::stats::labels::Output;
+use crate::stats::register::Register;
 
 /// `clipstream_kafka_messages_produced_total`, by output.
 #[derive(Debug)]

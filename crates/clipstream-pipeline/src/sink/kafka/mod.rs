@@ -24,7 +24,7 @@
 //!   `clipstream.source.topic`, `clipstream.source.partition`,
 //!   `clipstream.source.offset` and `clipstream.id` (when known).
 //!
-//! This module holds the producer and the messages; `stage` runs the
+//! This module holds the producer and the messages; [`stage`] runs the
 //! stage (retries, dead-lettering what a topic refuses);
 //! [`dead_letter`] fits a dead letter into one message; [`config`] and
 //! [`metrics`] are its section and its metrics.
@@ -32,10 +32,10 @@
 pub mod config;
 pub mod dead_letter;
 pub mod metrics;
-mod stage;
+pub mod stage;
 
 pub use self::dead_letter::DeadLetterMessage;
-pub use self::stage::spawn;
+use self::dead_letter::MESSAGE_OVERHEAD_BYTES;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,7 +47,7 @@ use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use serde_json::json;
 
-use crate::dead_letter::DeadLetter;
+use crate::record::DeadLetter;
 use crate::record::OutputRow;
 use crate::stats::{Output, Stats};
 
@@ -336,10 +336,6 @@ impl KafkaOutputs {
 
 /// librdkafka's default `message.max.bytes`.
 const DEFAULT_MESSAGE_MAX_BYTES: usize = 1_000_000;
-
-/// Room for a message's framing (record batch header, timestamps, headers
-/// that are not counted separately).
-const MESSAGE_OVERHEAD_BYTES: usize = 512;
 
 /// Why a message was not delivered.
 #[derive(Debug, Clone, PartialEq)]

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::Problems;
+use crate::config::file::Problems;
 
 /// `[sink.parquet]`. Exactly one of `dir` / `url`
 /// ([`ParquetConfig::output`]).
@@ -85,7 +85,7 @@ impl ParquetConfig {
     pub fn output(&self) -> Result<ParquetOutput, String> {
         match (&self.dir, &self.url) {
             (Some(d), None) => Ok(ParquetOutput::Dir(d.clone())),
-            (None, Some(u)) => crate::s3::parse_s3_url(u)
+            (None, Some(u)) => crate::s3::config::parse_s3_url(u)
                 .map(|(bucket, prefix)| ParquetOutput::S3 { bucket, prefix }),
             (Some(_), Some(_)) => Err("set `dir` or `url`, not both".into()),
             (None, None) => {
@@ -139,7 +139,7 @@ impl ParquetConfig {
 
     pub(crate) fn resolve_paths(&mut self, base: &Path) {
         for p in [&mut self.dir, &mut self.spool_dir].into_iter().flatten() {
-            crate::config::absolute(base, p);
+            crate::config::file::absolute(base, p);
         }
     }
 }

@@ -30,7 +30,8 @@ use std::path::{Path, PathBuf};
 
 use crate::ack::PartitionKey;
 use crate::retry::FetchError;
-use crate::s3::{PutError, S3};
+use crate::s3::S3;
+use crate::s3::upload::PutError;
 
 /// Where complete files go.
 #[derive(Debug, Clone)]

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use prometheus::{Histogram, IntCounter};
 
-use crate::stats::Register;
+use crate::stats::register::Register;
 
 /// Files completed, their bytes, and how long each took to publish.
 #[derive(Debug)]

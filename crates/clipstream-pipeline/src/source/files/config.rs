@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::Problems;
+use crate::config::file::Problems;
 
 /// `[source]` with `kind = "files"`. Exactly one of `manifest` / `dir`
 /// ([`FilesSourceConfig::input`]).
@@ -78,7 +78,7 @@ impl FilesSourceConfig {
 
     pub(crate) fn resolve_paths(&mut self, base: &Path) {
         for p in [&mut self.manifest, &mut self.dir].into_iter().flatten() {
-            crate::config::absolute(base, p);
+            crate::config::file::absolute(base, p);
         }
     }
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::Problems;
+use crate::config::file::Problems;
 use crate::source::files::config::default_max_event_bytes;
 
 /// `[source]` with `kind = "kafka"`.

@@ -13,9 +13,9 @@ use rdkafka::error::KafkaResult;
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
+use super::config::KafkaSourceConfig;
 use super::start::{Ready, StartAt, Starter};
 use crate::ack::{AckTracker, PartitionKey};
-use crate::config::KafkaSourceConfig;
 use crate::sink::Control;
 use crate::stats::Stats;
 
@@ -298,14 +298,14 @@ impl Shared {
                 lock(&self.next_offset).insert(k.clone(), o);
             }
             None => {
-                tracing::warn!(partition = %name(k), "no start offset (auto.offset.reset names no end of the log): starting from librdkafka's position")
+                tracing::warn!(partition = %k, "no start offset (auto.offset.reset names no end of the log): starting from librdkafka's position")
             }
         }
         if !*lock(&self.backpressure) {
             self.resume(c, std::slice::from_ref(k));
         }
         self.count_assigned();
-        tracing::info!(partition = %name(k), from = ?r.at, "partition running");
+        tracing::info!(partition = %k, from = ?r.at, "partition running");
     }
 
     /// Resumes `keys`, each positioned first at the offset this source
@@ -322,7 +322,7 @@ impl Shared {
                     .seek(&k.source, k.partition, Offset::Offset(o), Duration::from_secs(5))
                     .map_err(|e| {
                         if unpositioned.insert(k.clone()) {
-                            tracing::info!(partition = %name(k), offset = o, error = %e, "cannot position the partition yet; it stays paused and is tried again");
+                            tracing::info!(partition = %k, offset = o, error = %e, "cannot position the partition yet; it stays paused and is tried again");
                         }
                     })
                     .is_ok(),
@@ -383,12 +383,9 @@ pub(super) fn keys_of(tpl: &TopicPartitionList) -> Vec<PartitionKey> {
         .collect()
 }
 
-pub(super) fn name(k: &PartitionKey) -> String {
-    format!("{}[{}]", k.source, k.partition)
-}
-
+/// Partitions as the logs show them.
 pub(super) fn names(keys: &[PartitionKey]) -> Vec<String> {
-    keys.iter().map(name).collect()
+    keys.iter().map(ToString::to_string).collect()
 }
 
 /// The consumer's context: rebalance, commit and statistics callbacks.

@@ -5,7 +5,8 @@ use std::time::Duration;
 use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge, IntGaugeVec};
 
 use crate::ack::PartitionKey;
-use crate::stats::{Register, ResultLabel};
+use crate::stats::labels::ResultLabel;
+use crate::stats::register::Register;
 
 /// The consumer's state as the group and the dashboards see it.
 #[derive(Debug)]

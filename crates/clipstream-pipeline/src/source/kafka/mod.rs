@@ -48,11 +48,11 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 
-use self::group::{Ctx, Phase, Shared, lock, name, names};
+use self::config::KafkaSourceConfig;
+use self::group::{Ctx, Phase, Shared, lock, names};
 use self::start::Starter;
 use super::{Cleanup, SourceContext};
 use crate::ack::{PartitionKey, Position};
-use crate::config::KafkaSourceConfig;
 use crate::record::{Origin, Received, parse_event};
 use crate::sink::Control;
 use crate::stats::Stats;
@@ -278,7 +278,7 @@ impl KafkaSource {
                         // Fetched before the pause of a new assignment took
                         // effect: it is read again once the partition starts.
                         let o = m.offset();
-                        tracing::trace!(partition = %name(&key), offset = o, "set aside (starting)");
+                        tracing::trace!(partition = %key, offset = o, "set aside (starting)");
                         *dropped = Some(dropped.map_or(o, |d| d.min(o)));
                         continue;
                     }
@@ -292,7 +292,7 @@ impl KafkaSource {
                 .get(&key)
                 .is_some_and(|&next| m.offset() < next)
             {
-                tracing::trace!(partition = %name(&key), offset = m.offset(), "skipped: already read");
+                tracing::trace!(partition = %key, offset = m.offset(), "skipped: already read");
                 continue;
             }
             last_seen.insert(key.clone(), Instant::now());
@@ -306,7 +306,7 @@ impl KafkaSource {
                 seq,
                 offset: m.offset(),
             };
-            tracing::trace!(partition = %name(&key), offset = position.offset, seq, "read");
+            tracing::trace!(partition = %key, offset = position.offset, seq, "read");
             lock(&shared.next_offset).insert(key.clone(), position.offset + 1);
             let ack = ctx.tracker.token(key.clone(), position);
             Stats::add(&ctx.stats.records.read, 1);

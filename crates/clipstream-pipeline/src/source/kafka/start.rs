@@ -92,7 +92,7 @@ impl Starter {
             match self.step(&partition, epoch).await {
                 Ok(at) => {
                     if attempt > 1 {
-                        tracing::info!(partition = %super::group::name(&partition), attempt, "partition ready after retries");
+                        tracing::info!(partition = %partition, attempt, "partition ready after retries");
                     }
                     let _ = self.ready.send(Ready {
                         partition,
@@ -105,7 +105,7 @@ impl Starter {
                     let pause = backoff.next_delay();
                     self.stats.kafka.start_retry();
                     tracing::warn!(
-                        partition = %super::group::name(&partition),
+                        partition = %partition,
                         attempt,
                         retry_in_ms = pause.as_millis() as u64,
                         "cannot start the partition yet (it stays paused; nothing is deleted): {why}"
@@ -160,7 +160,7 @@ impl Starter {
                 "latest" | "largest" | "end" => Some(high),
                 _ => None,
             };
-            tracing::info!(partition = %super::group::name(partition), reset = %self.reset, offset = ?at, "no committed offset: starting where auto.offset.reset says");
+            tracing::info!(partition = %partition, reset = %self.reset, offset = ?at, "no committed offset: starting where auto.offset.reset says");
             // Files from there on hold only records the log still has:
             // they are written again by the replay (a worker that started
             // the same way and stopped before its first commit left them).
@@ -182,7 +182,7 @@ impl Starter {
             // (a seek to c would fall back to auto.offset.reset, which may
             // skip the whole log), keep the files before it, and replace
             // those from it on.
-            tracing::warn!(partition = %super::group::name(partition), committed = c, log_start = low, "the log no longer holds offsets from the committed one on (retention): starting at the log's start");
+            tracing::warn!(partition = %partition, committed = c, log_start = low, "the log no longer holds offsets from the committed one on (retention): starting at the log's start");
             cleanup
                 .remove_from(partition, low, &owned)
                 .await

@@ -31,7 +31,7 @@ impl Corpus {
 pub fn ensure(dir: &Path) -> anyhow::Result<Corpus> {
     let part = |name: &str, n: usize, w: usize, h: usize, png: bool| -> anyhow::Result<_> {
         let sub = dir.join(name);
-        let have = super::list_images(&sub);
+        let have = super::common::list_images(&sub);
         if !have.is_empty() {
             return Ok(have);
         }
@@ -50,7 +50,7 @@ pub fn ensure(dir: &Path) -> anyhow::Result<Corpus> {
             };
             std::fs::write(sub.join(format!("{name}-{k:03}.{ext}")), bytes)?;
         }
-        Ok(super::list_images(&sub))
+        Ok(super::common::list_images(&sub))
     };
     Ok(Corpus {
         jpeg_small: part("jpeg-640x480", 48, 640, 480, false)?,

@@ -19,7 +19,7 @@ use anyhow::Context;
 use clipstream_model::ClipModel;
 use clipstream_model::preprocess::{ImageMode, buffers, resample};
 
-use super::BenchArgs;
+use super::common::BenchArgs;
 use super::corpus::{self, Corpus};
 
 /// This thread's CPU time where the system can tell (Linux), else the
@@ -31,7 +31,7 @@ const THREAD: libc::c_int = libc::RUSAGE_SELF;
 
 /// CPU seconds (user + system) used so far by `who`.
 fn cpu_seconds(who: libc::c_int) -> f64 {
-    super::usage(who).0
+    super::common::usage(who).0
 }
 
 /// One line of the table.
@@ -276,9 +276,9 @@ fn local_job(
         if i % 2 == 0 {
             ev["text"] = format!(
                 "a photo of a {} {} on a {} background, item {i}",
-                super::COLOURS[i % 6],
-                super::SHAPES[i % 4],
-                super::COLOURS[(i + 3) % 6]
+                super::common::COLOURS[i % 6],
+                super::common::SHAPES[i % 4],
+                super::common::COLOURS[(i + 3) % 6]
             )
             .into();
         }

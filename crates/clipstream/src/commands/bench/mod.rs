@@ -9,6 +9,7 @@
 //! `--host-cost` prints the host's CPU cost per record instead (see
 //! [`host_cost`]).
 
+mod common;
 mod corpus;
 mod host_cost;
 mod nightly;
@@ -19,84 +20,10 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use clap::Args;
 use clipstream_model::ClipModel;
 
-use crate::cli::{ImageArgs, ModelArgs};
-
-#[derive(Debug, Args)]
-pub struct BenchArgs {
-    #[command(flatten)]
-    pub model: ModelArgs,
-    #[command(flatten)]
-    pub images: ImageArgs,
-    /// Directory of images to use. If it holds no images, 64 synthetic
-    /// 640x480 JPEGs are written there first.
-    #[arg(long, value_name = "DIR", default_value = ".cache/bench-images")]
-    pub image_dir: PathBuf,
-    /// Batch size for the sessions.
-    #[arg(long, default_value_t = 32, value_name = "N")]
-    pub batch_size: usize,
-    /// Seconds to spend on each measurement (after one warm-up batch).
-    #[arg(long, default_value_t = 5.0, value_name = "S", value_parser = crate::cli::positive_seconds)]
-    pub seconds: f64,
-    /// Only measure these parts (repeatable): preprocess, vision, text,
-    /// embed, pipeline.
-    #[arg(long = "only", value_name = "PART")]
-    pub only: Vec<String>,
-    /// Records for the `pipeline` part (`clipstream run` on the images,
-    /// round robin, with the same batch size).
-    #[arg(long, default_value_t = 512, value_name = "N")]
-    pub pipeline_records: usize,
-    /// Print the host CPU cost per record instead: decode floor, exact
-    /// preprocessing (SIMD resize and scalar, side by side), the local job
-    /// on a catalog-like corpus, and the Python peers with `--python`.
-    #[arg(long)]
-    pub host_cost: bool,
-    /// The `--host-cost` corpus: 640x480 and 1600x1200 JPEGs and a few PNGs,
-    /// written there first if missing.
-    #[arg(long, value_name = "DIR", default_value = ".cache/bench-corpus")]
-    pub corpus: PathBuf,
-    /// Records for the `--host-cost` local job.
-    #[arg(long, default_value_t = 2000, value_name = "N")]
-    pub host_cost_records: usize,
-    /// A Python with Pillow and transformers (and torchvision for the fast
-    /// processor): `--host-cost` then times transformers' preprocessing and
-    /// Pillow's decode on the same files (scripts/bench_hf_preprocess.py,
-    /// run from the checkout).
-    #[arg(long, value_name = "PATH", env = "CLIPSTREAM_BENCH_PYTHON")]
-    pub python: Option<PathBuf>,
-    /// Time `clipstream plan` and `clipstream snapshot` on a catalog of N
-    /// products (5% changed, 1% removed) against a previous snapshot of N
-    /// rows of 512-d embeddings, beside copying that snapshot's files.
-    #[arg(long, value_name = "N")]
-    pub nightly: Option<usize>,
-    /// Where `--nightly` writes its data (removed afterwards unless
-    /// --keep-nightly; about 4.5 GB per million rows at the peak).
-    #[arg(long, value_name = "DIR", default_value = ".cache/bench-nightly")]
-    pub nightly_dir: PathBuf,
-    /// Keep `--nightly`'s data.
-    #[arg(long)]
-    pub keep_nightly: bool,
-    /// Time an exact `clipstream search` over N rows of 512-d embeddings:
-    /// Parquet decoding, a plain read of the decoded floats, and the scan,
-    /// side by side (the data goes under --nightly-dir).
-    #[arg(long, value_name = "N")]
-    pub search: Option<usize>,
-}
-
-/// CPU seconds (user + system) used so far by `who` (`RUSAGE_SELF`,
-/// `RUSAGE_CHILDREN`, ...), and its peak RSS in KiB.
-#[allow(unsafe_code)]
-fn usage(who: libc::c_int) -> (f64, i64) {
-    // SAFETY: getrusage writes one `rusage` into the zeroed value we own.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    if unsafe { libc::getrusage(who, &mut ru) } != 0 {
-        return (f64::NAN, 0);
-    }
-    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
-    (t(ru.ru_utime) + t(ru.ru_stime), ru.ru_maxrss)
-}
+pub use self::common::BenchArgs;
+use self::common::{COLOURS, SHAPES, list_images};
 
 struct Figure {
     name: &'static str,
@@ -323,29 +250,6 @@ fn pipeline_rate(args: &BenchArgs, files: &[PathBuf]) -> anyhow::Result<f64> {
     );
     let _ = std::fs::remove_dir_all(&dir);
     Ok(report.images as f64 / secs)
-}
-
-const COLOURS: [&str; 6] = ["red", "green", "blue", "yellow", "purple", "orange"];
-const SHAPES: [&str; 4] = ["circle", "square", "triangle", "star"];
-
-fn list_images(dir: &Path) -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| e.path())
-                .filter(|p| {
-                    p.extension().and_then(|e| e.to_str()).is_some_and(|e| {
-                        matches!(
-                            e.to_ascii_lowercase().as_str(),
-                            "jpg" | "jpeg" | "png" | "webp"
-                        )
-                    })
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    files.sort();
-    files
 }
 
 /// Lists the images of `dir`, writing 64 synthetic 640x480 JPEGs

@@ -23,14 +23,14 @@ use parquet::arrow::ArrowWriter;
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
 
-use super::BenchArgs;
+use super::common::BenchArgs;
 
 const DIM: usize = 512;
 const ROWS_PER_FILE: usize = 100_000;
 
 /// CPU seconds and peak RSS (KiB) of the finished child processes.
 fn children() -> (f64, i64) {
-    super::usage(libc::RUSAGE_CHILDREN)
+    super::common::usage(libc::RUSAGE_CHILDREN)
 }
 
 fn pseudo(i: usize, salt: u64) -> f32 {

@@ -15,7 +15,7 @@ use std::time::Instant;
 use clipstream_model::ModelDir;
 use clipstream_pipeline::search::{self, QueryModel, Target, Top};
 
-use super::BenchArgs;
+use super::common::BenchArgs;
 
 const DIM: usize = 512;
 

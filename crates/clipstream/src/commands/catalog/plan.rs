@@ -11,7 +11,7 @@ use clipstream_pipeline::catalog::plan::{PlanInput, PlanSummary};
 use clipstream_pipeline::catalog::{Columns, plan as planner, progress, s3_folder};
 use clipstream_pipeline::config::{PipelineConfig, Scheme};
 
-use super::{Spool, bar, column};
+use crate::commands::{Spool, bar};
 #[derive(Debug, Args)]
 pub struct PlanArgs {
     /// Tonight's catalog export: JSON Lines (.jsonl), CSV (.csv) or Parquet
@@ -59,12 +59,12 @@ pub struct PlanArgs {
     #[arg(long, value_name = "NAME")]
     pub change_column: Option<String>,
     /// The fleet's records/s, for the estimate of the night's encode time.
-    #[arg(long, value_name = "N", value_parser = crate::cli::positive_rate)]
+    #[arg(long, value_name = "N", value_parser = crate::args::positive_rate)]
     pub rate: Option<f64>,
     /// Refuse a night that would delete more than this share of the
     /// products in earlier output (a partial export must not empty the
     /// index).
-    #[arg(long, default_value_t = 10.0, value_name = "PERCENT", value_parser = crate::cli::percent)]
+    #[arg(long, default_value_t = 10.0, value_name = "PERCENT", value_parser = crate::args::percent)]
     pub max_deleted_percent: f64,
     /// Also send the planned events to the pipeline's Kafka topic (its
     /// [source] topics[0], keyed by product id) for the worker fleet, before
@@ -355,6 +355,10 @@ fn print_plan(s: &PlanSummary, args: &PlanArgs, written: bool) {
         planner::events_path(&args.night).display(),
         planner::deletions_path(&args.night).display()
     );
+}
+
+fn column(name: &str) -> Option<String> {
+    (!name.is_empty()).then(|| name.to_string())
 }
 
 #[cfg(test)]

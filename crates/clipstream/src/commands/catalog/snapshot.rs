@@ -9,7 +9,7 @@ use clipstream_pipeline::catalog::snapshot::SnapshotInput;
 use clipstream_pipeline::catalog::{plan as planner, s3_folder, snapshot as snapshotter};
 use clipstream_pipeline::config::PipelineConfig;
 
-use super::{Spool, bar};
+use crate::commands::{Spool, bar};
 #[derive(Debug, Args)]
 pub struct SnapshotArgs {
     /// The night's folder (written by `clipstream plan`).

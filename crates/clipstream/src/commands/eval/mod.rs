@@ -4,6 +4,7 @@
 //! or reads the labels a run already wrote (its Parquet output). Prints
 //! the figures, and writes them as JSON and as an HTML report with charts.
 
+mod charts;
 mod report;
 
 use std::collections::BTreeSet;
@@ -14,10 +15,10 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Args;
 use clipstream_model::{LabelSet, ZeroShotHead};
-use clipstream_pipeline::eval::{self, Metrics, Sample, Skipped};
-use serde::Serialize;
+use clipstream_pipeline::eval::{self, Sample, Skipped};
 
-use crate::cli::{ImageArgs, ModelArgs, RuntimeArgs};
+use self::report::{Report, SetReport};
+use crate::args::{ImageArgs, ModelArgs, RuntimeArgs};
 
 #[derive(Debug, Args)]
 pub struct EvalArgs {
@@ -80,37 +81,6 @@ pub struct EvalArgs {
     pub runtime: RuntimeArgs,
     #[command(flatten)]
     pub images: ImageArgs,
-}
-
-/// The figures of one label set.
-#[derive(Debug, Serialize)]
-pub struct SetReport {
-    /// The label set's file, or the output folder.
-    pub name: String,
-    /// Its classes, in order.
-    pub classes: Vec<String>,
-    /// Records left out, and why.
-    pub skipped: Skipped,
-    /// The figures.
-    pub metrics: Metrics,
-    /// Each record evaluated.
-    pub samples: Vec<Sample>,
-}
-
-/// The whole report.
-#[derive(Debug, Serialize)]
-pub struct Report {
-    /// Where the labels came from (`model DIR` or `output DIR`).
-    pub source: String,
-    /// The attribute of the true label.
-    pub truth_field: String,
-    /// Records read.
-    pub records: usize,
-    /// Records whose image could not be read (model mode), or manifest
-    /// lines that are not an event.
-    pub unreadable: usize,
-    /// One per label set.
-    pub sets: Vec<SetReport>,
 }
 
 /// A manifest line: id, image and true label (if any).
@@ -197,7 +167,7 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<ExitCode> {
             {
                 stem = format!("{k}-{stem}");
             }
-            for (chart, svg) in report::charts(set)? {
+            for (chart, svg) in charts::charts(&set.metrics, &set.classes)? {
                 let path = dir.join(format!("{stem}-{chart}.svg"));
                 std::fs::write(&path, svg)
                     .with_context(|| format!("writing {}", path.display()))?;
@@ -264,9 +234,9 @@ fn from_model(args: &EvalArgs, model_dir: &Path) -> anyhow::Result<Report> {
             "warning: {not_local} records with non-local images (s3://, http://) left out: evaluate a run's output with --output for those"
         );
     }
-    let mut failures = super::Failures::default();
+    let mut failures = crate::commands::model::Failures::default();
     let mut embedded: std::collections::HashMap<PathBuf, Vec<f32>> = Default::default();
-    let progress = crate::commands::catalog::bar("eval");
+    let progress = crate::commands::bar("eval");
     let images: Vec<PathBuf> = paths
         .iter()
         .filter(|p| !p.as_os_str().is_empty())
@@ -275,7 +245,7 @@ fn from_model(args: &EvalArgs, model_dir: &Path) -> anyhow::Result<Report> {
     if let Some(b) = &progress {
         b.set_length(images.len() as u64);
     }
-    super::for_each_image_batch(
+    crate::commands::model::for_each_image_batch(
         &mut model,
         &images,
         args.batch_size,

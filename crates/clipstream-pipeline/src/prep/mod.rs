@@ -3,73 +3,20 @@
 //! split into one job per tower ([`crate::assemble`]: the tower that
 //! finishes last builds the row).
 
+pub mod config;
+pub mod metrics;
+
 use std::sync::Arc;
 
-use clipstream_model::{ClipTokenizer, DecodeLimits, ImagePreprocessor};
-use serde::{Deserialize, Serialize};
+use clipstream_model::{ClipTokenizer, ImagePreprocessor};
 
+pub use self::config::ImageConfig;
+pub use self::metrics::PrepMetrics;
 use crate::assemble::{InFlight, TextJob, VisionJob};
 use crate::dead_letter::{Kind, Stage};
 use crate::fetch::Fetched;
 use crate::record::Done;
 use crate::stats::Stats;
-
-/// `[image]`: decoding limits and options.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
-#[serde(deny_unknown_fields)]
-pub struct ImageConfig {
-    /// Byte and pixel limits (`max_bytes`, `max_pixels`).
-    #[serde(default, flatten)]
-    pub limits: DecodeLimits,
-    /// Apply EXIF orientation (transformers does not). Default false.
-    #[serde(default)]
-    pub apply_exif_orientation: bool,
-    /// `exact` (default: bit-identical to transformers) or `fast` (large
-    /// JPEGs decoded at a reduced DCT scale; several times less CPU on big
-    /// photos, embeddings within a small cosine distance of exact).
-    #[serde(default)]
-    pub mode: clipstream_model::preprocess::ImageMode,
-}
-
-impl ImageConfig {
-    pub(crate) fn check(&self, p: &mut crate::config::Problems) {
-        if self.limits.max_pixels == 0 || self.limits.max_bytes == 0 {
-            p.bad("image", "`max_pixels` and `max_bytes` must be positive");
-        }
-    }
-}
-
-/// The CPU stage's metrics.
-#[derive(Debug)]
-pub struct PrepMetrics {
-    decode_seconds: prometheus::Histogram,
-    tokenize_seconds: prometheus::Histogram,
-}
-
-impl PrepMetrics {
-    pub(crate) fn register(r: &crate::stats::Register) -> Self {
-        PrepMetrics {
-            decode_seconds: r.seconds(
-                "clipstream_decode_duration_seconds",
-                "Time to decode and preprocess one image.",
-            ),
-            tokenize_seconds: r.seconds(
-                "clipstream_tokenize_duration_seconds",
-                "Time to tokenize one text.",
-            ),
-        }
-    }
-
-    /// One image decoded and preprocessed in `took`.
-    pub fn decoded(&self, took: std::time::Duration) {
-        self.decode_seconds.observe(took.as_secs_f64());
-    }
-
-    /// One text tokenized in `took`.
-    pub fn tokenized(&self, took: std::time::Duration) {
-        self.tokenize_seconds.observe(took.as_secs_f64());
-    }
-}
 
 /// Everything one prep thread needs.
 #[derive(Debug, Clone)]

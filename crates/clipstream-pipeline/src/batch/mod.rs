@@ -4,99 +4,20 @@
 //! which owns the ONNX Runtime session. So the next batch is assembled
 //! while the current one runs, and no more than one batch waits.
 
+pub mod config;
+pub mod metrics;
+
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use clipstream_model::tokenize::TokenBatch;
 use clipstream_model::{EmbeddingBatch, ModelError, TextEncoder, VisionEncoder};
-use serde::{Deserialize, Serialize};
 
+pub use self::config::BatchConfig;
+pub use self::metrics::EncoderMetrics;
 use crate::assemble::{Assembler, InFlight, Part, TextJob, VisionJob};
 use crate::fatal::Fatal;
 use crate::stats::{Stats, Tower};
-
-/// Dynamic batching of one tower (`[engine] vision_batch` / `text_batch`).
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct BatchConfig {
-    /// Largest batch.
-    pub max_size: usize,
-    /// Longest a batch waits for more items after its first, in ms.
-    pub max_wait_ms: u64,
-}
-
-impl BatchConfig {
-    /// `max_wait_ms` as a duration.
-    pub fn max_wait(&self) -> Duration {
-        Duration::from_millis(self.max_wait_ms)
-    }
-}
-
-/// The encoders' metrics.
-#[derive(Debug)]
-pub struct EncoderMetrics {
-    batch_size: prometheus::HistogramVec,
-    inference_seconds: prometheus::HistogramVec,
-    queue_wait_seconds: prometheus::HistogramVec,
-    info: prometheus::IntGaugeVec,
-}
-
-impl EncoderMetrics {
-    pub(crate) fn register(r: &crate::stats::Register) -> Self {
-        use crate::stats::{BATCH_BUCKETS, SECONDS_BUCKETS};
-        let m = EncoderMetrics {
-            batch_size: r.histogram_vec(
-                "clipstream_batch_size",
-                "Inputs per encoder batch, by tower.",
-                &["tower"],
-                &BATCH_BUCKETS,
-            ),
-            inference_seconds: r.histogram_vec(
-                "clipstream_inference_duration_seconds",
-                "ONNX Runtime time per batch, by tower.",
-                &["tower"],
-                &SECONDS_BUCKETS,
-            ),
-            queue_wait_seconds: r.histogram_vec(
-                "clipstream_queue_wait_seconds",
-                "Time an input waits for its encoder batch to start, by tower.",
-                &["tower"],
-                &SECONDS_BUCKETS,
-            ),
-            info: r.gauge_vec(
-                "clipstream_encoder_info",
-                "The model and execution provider in use (value 1).",
-                &["model", "provider"],
-            ),
-        };
-        for t in Tower::ALL {
-            m.queue_wait_seconds.with_label_values(&[t.as_str()]);
-            m.batch_size.with_label_values(&[t.as_str()]);
-            m.inference_seconds.with_label_values(&[t.as_str()]);
-        }
-        m
-    }
-
-    /// One batch of `size` inputs that ran for `took`.
-    pub fn batch(&self, tower: Tower, size: usize, took: std::time::Duration) {
-        self.batch_size
-            .with_label_values(&[tower.as_str()])
-            .observe(size as f64);
-        self.inference_seconds
-            .with_label_values(&[tower.as_str()])
-            .observe(took.as_secs_f64());
-    }
-
-    /// The histogram of how long `tower`'s inputs wait for their batch.
-    pub fn queue_wait(&self, tower: Tower) -> prometheus::Histogram {
-        self.queue_wait_seconds.with_label_values(&[tower.as_str()])
-    }
-
-    /// The model and execution provider in use.
-    pub fn info(&self, model: &str, provider: &str) {
-        self.info.with_label_values(&[model, provider]).set(1);
-    }
-}
 
 /// Collects jobs from `rx` into batches for `tx`, until `rx` closes.
 pub fn batcher<J: Send + 'static>(

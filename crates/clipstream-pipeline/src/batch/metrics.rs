@@ -1,0 +1,69 @@
+//! The encoders' metrics.
+
+use crate::stats::labels::Tower;
+
+/// The encoders' metrics.
+#[derive(Debug)]
+pub struct EncoderMetrics {
+    batch_size: prometheus::HistogramVec,
+    inference_seconds: prometheus::HistogramVec,
+    queue_wait_seconds: prometheus::HistogramVec,
+    info: prometheus::IntGaugeVec,
+}
+
+impl EncoderMetrics {
+    pub(crate) fn register(r: &crate::stats::register::Register) -> Self {
+        use crate::stats::register::{BATCH_BUCKETS, SECONDS_BUCKETS};
+        let m = EncoderMetrics {
+            batch_size: r.histogram_vec(
+                "clipstream_batch_size",
+                "Inputs per encoder batch, by tower.",
+                &["tower"],
+                &BATCH_BUCKETS,
+            ),
+            inference_seconds: r.histogram_vec(
+                "clipstream_inference_duration_seconds",
+                "ONNX Runtime time per batch, by tower.",
+                &["tower"],
+                &SECONDS_BUCKETS,
+            ),
+            queue_wait_seconds: r.histogram_vec(
+                "clipstream_queue_wait_seconds",
+                "Time an input waits for its encoder batch to start, by tower.",
+                &["tower"],
+                &SECONDS_BUCKETS,
+            ),
+            info: r.gauge_vec(
+                "clipstream_encoder_info",
+                "The model and execution provider in use (value 1).",
+                &["model", "provider"],
+            ),
+        };
+        for t in Tower::ALL {
+            m.queue_wait_seconds.with_label_values(&[t.as_str()]);
+            m.batch_size.with_label_values(&[t.as_str()]);
+            m.inference_seconds.with_label_values(&[t.as_str()]);
+        }
+        m
+    }
+
+    /// One batch of `size` inputs that ran for `took`.
+    pub fn batch(&self, tower: Tower, size: usize, took: std::time::Duration) {
+        self.batch_size
+            .with_label_values(&[tower.as_str()])
+            .observe(size as f64);
+        self.inference_seconds
+            .with_label_values(&[tower.as_str()])
+            .observe(took.as_secs_f64());
+    }
+
+    /// The histogram of how long `tower`'s inputs wait for their batch.
+    pub fn queue_wait(&self, tower: Tower) -> prometheus::Histogram {
+        self.queue_wait_seconds.with_label_values(&[tower.as_str()])
+    }
+
+    /// The model and execution provider in use.
+    pub fn info(&self, model: &str, provider: &str) {
+        self.info.with_label_values(&[model, provider]).set(1);
+    }
+}
