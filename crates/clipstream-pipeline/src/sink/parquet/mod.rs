@@ -45,18 +45,12 @@ use std::sync::Arc;
 
 pub use self::config::{ParquetConfig, ParquetOutput};
 pub use self::destination::{Destination, PublishError, date_folder};
-use self::file::{OpenFile, hostname, write_buffered};
+pub use self::file::{FINGERPRINT_KEY, MODEL_ID_KEY, TMP_SUFFIX};
+use self::file::{OpenFile, ROW_GROUP_MAX_BYTES, hostname};
 pub use self::schema::{schema, to_batch};
 use crate::ack::{AckToken, PartitionKey};
 use crate::record::OutputRow;
 use crate::stats::Stats;
-
-/// Suffix of files being written.
-pub const TMP_SUFFIX: &str = ".parquet.tmp";
-
-/// Rows buffered before they are encoded into the file, whatever
-/// `row_group_rows` says (long texts make large rows).
-const ROW_GROUP_MAX_BYTES: u64 = 8 << 20;
 
 /// A partition's current range of records.
 struct Range {
@@ -126,11 +120,6 @@ impl From<anyhow::Error> for SinkError {
         SinkError(format!("{e:#}"))
     }
 }
-
-/// The file metadata key holding the model's fingerprint.
-pub const FINGERPRINT_KEY: &str = "clipstream.model_fingerprint";
-/// The file metadata key holding the model id.
-pub const MODEL_ID_KEY: &str = "clipstream.model_id";
 
 impl ParquetWriter {
     /// Records `fingerprint` (`ClipModel::fingerprint`) in every file's
@@ -255,7 +244,7 @@ impl ParquetWriter {
         f.acks.push(ack);
         f.rows += 1;
         if f.buffered.len() >= row_group_rows || f.buffered_bytes >= ROW_GROUP_MAX_BYTES {
-            write_buffered(f, &self.schema, self.dim, &self.model_id)?;
+            f.write_buffered(&self.schema, self.dim, &self.model_id)?;
         }
         if full {
             self.complete(&key)?;
@@ -314,7 +303,7 @@ impl ParquetWriter {
         self.ranges
             .values()
             .filter_map(|r| r.file.as_ref())
-            .map(|f| f.buffered_bytes + f.writer.in_progress_size() as u64)
+            .map(OpenFile::in_memory)
             .sum()
     }
 
@@ -325,12 +314,113 @@ impl ParquetWriter {
             .ranges
             .iter_mut()
             .filter_map(|(_, r)| r.file.as_mut())
-            .max_by_key(|f| f.buffered_bytes + f.writer.in_progress_size() as u64);
+            .max_by_key(|f| f.in_memory());
         if let Some(f) = largest {
-            write_buffered(f, &self.schema, self.dim, &self.model_id)?;
-            f.writer.flush()?;
+            f.flush(&self.schema, self.dim, &self.model_id)?;
         }
         Ok(())
+    }
+
+    /// Starts `key`'s next file at `first_offset`.
+    fn create(
+        &mut self,
+        key: &PartitionKey,
+        first_offset: i64,
+        date: Option<String>,
+        first_time_ms: Option<i64>,
+    ) -> Result<OpenFile, SinkError> {
+        let folder = date
+            .as_ref()
+            .map(|d| format!("dt={d}/"))
+            .unwrap_or_default();
+        let rel = format!(
+            "{folder}{}{first_offset:010}.parquet",
+            destination::stem(key)
+        );
+        self.files_started += 1;
+        let props = file::properties(
+            self.config.zstd_level,
+            self.config.row_group_rows,
+            &self.model_id,
+            self.model_fingerprint.as_deref(),
+        )?;
+        Ok(OpenFile::create(
+            self.dest.build_dir(),
+            rel,
+            self.files_started,
+            date,
+            first_time_ms,
+            &self.schema,
+            props,
+        )?)
+    }
+
+    /// Drops a partition's range without publishing it: its tokens fail.
+    fn abort(&mut self, key: &PartitionKey) {
+        if let Some(r) = self.ranges.remove(key) {
+            if let Some(f) = r.file {
+                f.abandon();
+            }
+            for ack in r.held_rows.into_iter().chain(r.held_dead) {
+                ack.failed();
+            }
+        }
+    }
+
+    /// Finishes and publishes the open file of `key`'s range, keeping its
+    /// tokens with the range.
+    fn publish_file(&mut self, key: &PartitionKey) -> Result<(), SinkError> {
+        let Some(range) = self.ranges.get_mut(key) else {
+            return Ok(());
+        };
+        let Some(f) = range.file.take() else {
+            return Ok(());
+        };
+        // The review lines of its rows are on disk before they count as
+        // written.
+        if let Some((review, dirty)) = self.review.as_mut()
+            && *dirty
+        {
+            review
+                .sync()
+                .map_err(|e| e.context("syncing the review file"))?;
+            *dirty = false;
+        }
+        let started = std::time::Instant::now();
+        let f = f.finish(&self.schema, self.dim, &self.model_id)?;
+        let current = f.acks.first().is_none_or(AckToken::is_current);
+        let owned = {
+            let first = f.acks.first();
+            move || first.is_none_or(AckToken::is_current)
+        };
+        let tag = format!("{}-{}", self.writer_id, f.number);
+        let published = if current {
+            self.dest.publish(&f.tmp, &f.rel, &tag, &owned)
+        } else {
+            Err(PublishError::NotOwned)
+        };
+        let _ = std::fs::remove_file(&f.tmp);
+        match published {
+            Ok(name) => {
+                self.stats.parquet.published(started.elapsed());
+                tracing::debug!(file = %name, rows = f.rows, "parquet file published");
+                let range = self
+                    .ranges
+                    .get_mut(key)
+                    .ok_or_else(|| SinkError("range vanished".into()))?;
+                range.published.push((name, f.bytes, f.rows));
+                range.held_rows.extend(f.acks);
+                Ok(())
+            }
+            Err(PublishError::NotOwned) => {
+                for ack in f.acks {
+                    ack.failed();
+                }
+                self.abort(key);
+                Ok(())
+            }
+            Err(PublishError::Failed(why)) => Err(SinkError(why)),
+        }
     }
 
     /// Publishes `key`'s range: its file, then every token it holds.
