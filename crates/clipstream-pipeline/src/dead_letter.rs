@@ -1,5 +1,6 @@
 //! Bad input, in one place: every kind of permanent failure a record can
-//! have, the stage that finds it, and what a dead letter carries. Kinds here
+//! have and the stage that finds it (what a dead letter carries is
+//! [`crate::record::DeadLetter`], beside the record's origin). Kinds here
 //! are never retried; transient faults (I/O hiccups, S3 5xx, timeouts) are
 //! retried where they happen and never become dead letters. Where dead
 //! letters go is `[dead_letter]` ([`DeadLetterConfig`]).

@@ -4,7 +4,9 @@
 //!
 //! - `cli`: the command line and its subcommands; `args`: arguments
 //!   several subcommands share.
-//! - `commands/`: one module per subcommand; `run` below dispatches.
+//! - `commands/`: one module per subcommand (`model` holds the four model
+//!   commands: embed, classify, preprocess, tokenize); `run` below
+//!   dispatches.
 
 mod args;
 mod cli;

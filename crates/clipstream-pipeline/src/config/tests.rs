@@ -250,6 +250,11 @@ fn exactly_one_of_pairs_have_one_rule() {
     let p = parse(&both).expect_err("both");
     assert_eq!(p[0].path, "source");
     assert!(p[0].message.contains("not both"), "{p:?}");
+    // Both outputs: that one problem, and none made up from it.
+    let both = format!("{MINIMAL}url = \"s3://b/p/\"\n");
+    let p = parse(&both).expect_err("both");
+    let paths: Vec<&str> = p.iter().map(|p| p.path.as_str()).collect();
+    assert_eq!(paths, vec!["sink.parquet"], "{p:?}");
     let c = parse(KAFKA).expect("valid");
     assert_eq!(
         c.sink.parquet.output(),

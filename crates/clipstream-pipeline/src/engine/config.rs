@@ -130,8 +130,9 @@ impl Default for ShutdownConfig {
 /// flight must be finished and their offsets committed. On a stop it is
 /// `[shutdown] drain_deadline_secs`; on a rebalance, for the revoked
 /// partitions only, `[source] drain_deadline_ms`
-/// ([`crate::source::KafkaSourceConfig::rebalance_drain`]). Both are
-/// checked positive here, and the rebalance one below the session timeout.
+/// ([`crate::source::KafkaSourceConfig::rebalance_drain`]). The stop drain
+/// is checked here (positive, below 1e9 s); the rebalance drain beside the
+/// Kafka source (below the session timeout, which is at most an hour).
 impl ShutdownConfig {
     /// The whole drain on stop.
     pub fn drain_deadline(&self) -> Duration {

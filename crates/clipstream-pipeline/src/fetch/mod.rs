@@ -50,23 +50,20 @@ pub use crate::retry::{FetchError, with_retries};
 pub fn resolve(uri: &str, allowed: &[Scheme], base: &Path) -> Result<Location, FetchError> {
     let perm = |k, m: String| Err(FetchError::Permanent(k, m));
     let (written, rest) = uri.split_once("://").unwrap_or(("file", uri));
-    let Some(scheme) = Scheme::parse(written) else {
-        return perm(
-            Kind::SchemeNotAllowed,
-            format!("scheme `{}` is not supported", written.to_ascii_lowercase()),
-        );
+    let scheme = match Scheme::parse(written) {
+        Some(s) if allowed.contains(&s) => s,
+        _ => {
+            let allowed: Vec<&str> = allowed.iter().map(|s| s.as_str()).collect();
+            return perm(
+                Kind::SchemeNotAllowed,
+                format!(
+                    "scheme `{}` is not allowed by this pipeline (allowed: {})",
+                    written.to_ascii_lowercase(),
+                    allowed.join(", ")
+                ),
+            );
+        }
     };
-    if !allowed.contains(&scheme) {
-        let allowed: Vec<&str> = allowed.iter().map(|s| s.as_str()).collect();
-        return perm(
-            Kind::SchemeNotAllowed,
-            format!(
-                "scheme `{}` is not allowed by this pipeline (allowed: {})",
-                scheme.as_str(),
-                allowed.join(", ")
-            ),
-        );
-    }
     match scheme {
         Scheme::File => {
             if rest.is_empty() {

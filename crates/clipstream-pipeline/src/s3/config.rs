@@ -34,6 +34,9 @@ pub struct S3Config {
     pub backoff_ms: u64,
 }
 
+/// One hour, in ms: the longest of the S3 durations.
+const HOUR_MS: u64 = 3_600_000;
+
 fn default_s3_timeout() -> u64 {
     10_000
 }
@@ -67,18 +70,23 @@ impl S3Config {
         if self.max_attempts == 0 {
             p.bad("s3.max_attempts", "must be at least 1");
         }
-        // At most an hour each, so that no deadline computed from them
-        // (ten times the timeout for a whole transfer) can overflow.
-        for (key, v) in [
-            ("s3.request_timeout_ms", self.request_timeout_ms),
-            ("s3.backoff_ms", self.backoff_ms),
-        ] {
-            if v == 0 || v > 3_600_000 {
-                p.bad(key, format!("{v} must be between 1 and 3600000 (one hour)"));
-            }
+        // At most an hour each, so that no deadline or backoff computed
+        // from them (ten times the timeout for a whole transfer; the
+        // backoff doubled per attempt, with jitter) can overflow.
+        if self.request_timeout_ms == 0 || self.request_timeout_ms > HOUR_MS {
+            p.bad(
+                "s3.request_timeout_ms",
+                format!(
+                    "{} must be between 1 and {HOUR_MS} (one hour)",
+                    self.request_timeout_ms
+                ),
+            );
         }
-        if self.max_attempts > 100 {
-            p.bad("s3.max_attempts", "must be at most 100");
+        if self.backoff_ms > HOUR_MS {
+            p.bad(
+                "s3.backoff_ms",
+                format!("{} must be at most {HOUR_MS} (one hour)", self.backoff_ms),
+            );
         }
         if let Some(e) = &self.endpoint
             && !(e.starts_with("http://") || e.starts_with("https://"))

@@ -94,12 +94,10 @@ impl ParquetConfig {
         }
     }
 
-    /// The local output directory, when the output is local.
+    /// The local output directory, when `dir` is set (with `url` too the
+    /// config is refused, and no other problem is made up for it).
     pub fn local_dir(&self) -> Option<&Path> {
-        match (&self.dir, &self.url) {
-            (Some(d), None) => Some(d),
-            _ => None,
-        }
+        self.dir.as_deref()
     }
 
     pub(crate) fn check(&self, p: &mut Problems) {
