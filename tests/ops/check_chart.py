@@ -418,6 +418,10 @@ def check_scenario(chart, label: str, values: dict, defaults: dict, kube_version
     providers = parsed["runtime"]["providers"]
     c.ok(all(isinstance(p, dict) and p.get("kind") in ("cpu", "cuda", "tensorrt") for p in providers),
          f"{label}: [runtime] providers are tables tagged by kind", str(providers))
+    fmt = merged["pipeline"]["sink"]["kafka"].get("embeddings_format") or "json"
+    written = parsed.get("sink", {}).get("kafka", {}).get("embeddings_format", "json")
+    c.ok(written == fmt or not merged["pipeline"]["sink"]["kafka"].get("embeddings_topic"),
+         f"{label}: [sink.kafka] embeddings_format is the values' ({fmt})", f"written: {written}")
     refs = env_refs(toml_text)
     env_names = {e["name"] for e in ctr.get("env", [])}
     missing = sorted(refs - env_names)
@@ -520,6 +524,7 @@ BAD_VALUES = [
     ("replicaCount: -1", {"replicaCount": -1}, "at '/replicaCount': minimum"),
     ("unknown top-level key", {"replicaCont": 3}, "additional properties 'replicaCont' not allowed"),
     ("unknown pipeline key", {"pipeline": {"source": {"topic": "x"}}}, "additional properties 'topic' not allowed"),
+    ("embeddings format msgpack", {"pipeline": {"sink": {"kafka": {"embeddings_format": "msgpack"}}}}, "value must be one of 'json', 'f32le'"),
     ("grace period below the drain deadline", {"terminationGracePeriodSeconds": 10}, "terminationGracePeriodSeconds (10) must be greater than pipeline.shutdown.drain_deadline_secs (20)"),
     ("grace period equal to the drain deadline", {"terminationGracePeriodSeconds": 30, "pipeline": {"shutdown": {"drain_deadline_secs": 30}}}, "must be greater than pipeline.shutdown.drain_deadline_secs (30)"),
     ("bad provider name", {"pipeline": {"runtime": {"providers": ["cuda", "gpu"]}}}, "value must be one of 'cpu', 'cuda', 'tensorrt'"),

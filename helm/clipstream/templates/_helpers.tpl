@@ -280,6 +280,11 @@ brokers = {{ . | toJson }}
 {{- with $p.sink.kafka.embeddings_topic }}
 embeddings_topic = {{ . | toJson }}
 {{- end }}
+{{- with $p.sink.kafka.embeddings_format }}
+{{- if ne . "json" }}
+embeddings_format = {{ . | toJson }}
+{{- end }}
+{{- end }}
 {{- with $p.sink.kafka.labels_topic }}
 labels_topic = {{ . | toJson }}
 {{- end }}

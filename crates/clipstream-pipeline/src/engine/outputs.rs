@@ -72,6 +72,7 @@ pub(super) async fn connect_outputs(
     let (model_id, stats) = (model_id.to_string(), Arc::clone(stats));
     let topics = Topics {
         embeddings: k.embeddings_topic,
+        embeddings_format: k.embeddings_format,
         labels: k.labels_topic,
         review: k.review_topic,
         dead_letters,

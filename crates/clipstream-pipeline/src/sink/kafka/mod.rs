@@ -31,9 +31,11 @@
 
 pub mod config;
 pub mod dead_letter;
+pub mod message;
 pub mod metrics;
 pub mod stage;
 
+use self::config::EmbeddingsFormat;
 pub use self::dead_letter::DeadLetterMessage;
 use self::dead_letter::MESSAGE_OVERHEAD_BYTES;
 
@@ -43,7 +45,7 @@ use std::time::Duration;
 use rdkafka::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::OwnedHeaders;
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use serde_json::json;
 
@@ -74,6 +76,8 @@ impl ClientContext for OutputContext {
 pub struct Topics {
     /// Embeddings.
     pub embeddings: Option<String>,
+    /// How embeddings messages are written.
+    pub embeddings_format: EmbeddingsFormat,
     /// Top-k labels.
     pub labels: Option<String>,
     /// Records routed to review.
@@ -86,6 +90,7 @@ pub struct Topics {
 pub struct KafkaOutputs {
     producer: FutureProducer<OutputContext>,
     embeddings: Option<String>,
+    embeddings_format: EmbeddingsFormat,
     labels: Option<String>,
     review: Option<String>,
     dead_letters: Option<String>,
@@ -139,6 +144,7 @@ impl KafkaOutputs {
     ) -> anyhow::Result<KafkaOutputs> {
         let Topics {
             embeddings,
+            embeddings_format,
             labels,
             review,
             dead_letters,
@@ -174,6 +180,7 @@ impl KafkaOutputs {
         Ok(KafkaOutputs {
             producer,
             embeddings,
+            embeddings_format,
             labels,
             review,
             dead_letters,
@@ -217,25 +224,10 @@ impl KafkaOutputs {
 
     async fn row(&self, row: &OutputRow) -> Result<(), DeliveryError> {
         let embeddings = self.embeddings.as_deref().map(|topic| {
-            let attributes = row
-                .attributes
-                .as_deref()
-                .and_then(|a| serde_json::from_str::<serde_json::Value>(a).ok());
-            let value = json!({
-                "id": row.id,
-                "source": {"topic": &*row.source, "partition": row.partition, "offset": row.offset},
-                "image_uri": row.image_uri,
-                "image_etag": row.image_etag,
-                "text": row.text,
-                "attributes": attributes,
-                "image_embedding": row.image_embedding,
-                "text_embedding": row.text_embedding,
-                "clip_score": row.clip_score,
-                "model_id": self.model_id,
-                "event_time_ms": row.event_time_ms,
-                "processed_at_ms": row.processed_at_ms,
-            });
-            (topic, value.to_string())
+            (
+                topic,
+                message::embeddings_message(row, &self.model_id, self.embeddings_format),
+            )
         });
         let labelled = |labels: &[clipstream_model::zero_shot::Label]| {
             labels
@@ -256,7 +248,7 @@ impl KafkaOutputs {
                     value["needs_review"] = json!(needs);
                     value["review_reason"] = json!(row.review_reason);
                 }
-                Some((topic, value.to_string()))
+                Some((topic, value.to_string().into_bytes()))
             }
             _ => None,
         };
@@ -264,7 +256,7 @@ impl KafkaOutputs {
             (Some(topic), Some(true)) => {
                 let mut value = crate::review::line(row);
                 value["model_id"] = json!(self.model_id);
-                Some((topic, value.to_string()))
+                Some((topic, value.to_string().into_bytes()))
             }
             _ => None,
         };
@@ -272,21 +264,26 @@ impl KafkaOutputs {
         let e = async {
             match &embeddings {
                 Some((t, v)) => {
-                    self.send(Output::Embeddings, t, key, v.as_bytes(), None)
-                        .await
+                    let headers = (self.embeddings_format != EmbeddingsFormat::Json).then(|| {
+                        OwnedHeaders::new().insert(Header {
+                            key: message::FORMAT_HEADER,
+                            value: Some(self.embeddings_format.as_str()),
+                        })
+                    });
+                    self.send(Output::Embeddings, t, key, v, headers).await
                 }
                 None => Ok(()),
             }
         };
         let l = async {
             match &labels {
-                Some((t, v)) => self.send(Output::Labels, t, key, v.as_bytes(), None).await,
+                Some((t, v)) => self.send(Output::Labels, t, key, v, None).await,
                 None => Ok(()),
             }
         };
         let r = async {
             match &review {
-                Some((t, v)) => self.send(Output::Review, t, key, v.as_bytes(), None).await,
+                Some((t, v)) => self.send(Output::Review, t, key, v, None).await,
                 None => Ok(()),
             }
         };

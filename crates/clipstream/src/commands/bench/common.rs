@@ -66,6 +66,10 @@ pub struct BenchArgs {
     /// side by side (the data goes under --nightly-dir).
     #[arg(long, value_name = "N")]
     pub search: Option<usize>,
+    /// Compare the embeddings topic's two message formats (json, f32le):
+    /// bytes and CPU per message, side by side (--model is not loaded).
+    #[arg(long)]
+    pub messages: bool,
 }
 
 /// CPU seconds (user + system) used so far by `who` (`RUSAGE_SELF`,

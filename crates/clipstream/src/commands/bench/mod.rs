@@ -7,11 +7,13 @@
 //! Figures are printed, never asserted.
 //!
 //! `--host-cost` prints the host's CPU cost per record instead (see
-//! [`host_cost`]).
+//! [`host_cost`]); `--messages` the embeddings topic's two formats
+//! ([`messages`]).
 
 mod common;
 mod corpus;
 mod host_cost;
+mod messages;
 mod nightly;
 mod search;
 
@@ -57,6 +59,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     }
     if let Some(n) = args.search {
         search::run(&args, n)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if args.messages {
+        messages::run(&args)?;
         return Ok(ExitCode::SUCCESS);
     }
     let want = |part: &str| args.only.is_empty() || args.only.iter().any(|p| p == part);
