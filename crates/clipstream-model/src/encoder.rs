@@ -97,6 +97,16 @@ fn describe(outlets: &[Outlet]) -> String {
 
 impl Tower {
     fn load(path: &Path, options: &RuntimeOptions, output_name: &str) -> Result<Self, ModelError> {
+        Self::load_from(path, None, options, output_name)
+    }
+
+    /// [`Tower::load`] of `bytes` (an edited `path`) when given.
+    fn load_from(
+        path: &Path,
+        bytes: Option<&[u8]>,
+        options: &RuntimeOptions,
+        output_name: &str,
+    ) -> Result<Self, ModelError> {
         let rt = runtime::init(options.library.as_deref())?;
         let ort_err =
             |e: ort::Error<ort::session::builder::SessionBuilder>| ModelError::Ort(e.to_string());
@@ -113,12 +123,14 @@ impl Tower {
         let mut builder = builder
             .with_inter_op_spinning(options.spinning)
             .map_err(ort_err)?;
-        let session = builder
-            .commit_from_file(path)
-            .map_err(|e| ModelError::BadGraph {
-                path: path.to_path_buf(),
-                reason: format!("ONNX Runtime could not load it: {e}"),
-            })?;
+        let session = match bytes {
+            Some(b) => builder.commit_from_memory(b),
+            None => builder.commit_from_file(path),
+        }
+        .map_err(|e| ModelError::BadGraph {
+            path: path.to_path_buf(),
+            reason: format!("ONNX Runtime could not load it: {e}"),
+        })?;
         let output = session
             .outputs()
             .iter()
@@ -203,6 +215,20 @@ impl Tower {
     }
 }
 
+/// What the image tower takes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PixelInput {
+    /// Rescaled, normalised floats, written by the host (as exported).
+    #[default]
+    Float,
+    /// The resized, cropped bytes; the tower rescales and normalises them
+    /// itself, exactly as the host would ([`crate::onnx_edit`], a graph
+    /// edit made at load time): a quarter of the bytes, no float work on
+    /// the host.
+    Uint8,
+}
+
 /// The image tower.
 #[derive(Debug)]
 pub struct VisionEncoder {
@@ -215,9 +241,40 @@ impl VisionEncoder {
     /// Loads `vision_model*.onnx`; finds its pixel input (`pixel_values`, or
     /// the only rank-4 float input) and its `image_embeds` output.
     pub fn load(path: &Path, options: &RuntimeOptions) -> Result<Self, ModelError> {
-        let tower = Tower::load(path, options, "image_embeds")?;
+        Self::load_with(path, options, None)
+    }
+
+    /// Loads `vision_model*.onnx` to take uint8 pixels: its `pixel_values`
+    /// input becomes `pixel_bytes`, each byte mapped through `lut` (per
+    /// channel; [`crate::ImagePreprocessor::lut`]) inside the graph.
+    pub fn load_uint8(
+        path: &Path,
+        options: &RuntimeOptions,
+        lut: &[[f32; 256]; 3],
+    ) -> Result<Self, ModelError> {
+        let bytes = std::fs::read(path).map_err(|e| ModelError::BadGraph {
+            path: path.to_path_buf(),
+            reason: format!("cannot read it: {e}"),
+        })?;
+        let edited =
+            crate::onnx_edit::uint8_pixels(&bytes, "pixel_values", lut).map_err(|why| {
+                ModelError::BadGraph {
+                    path: path.to_path_buf(),
+                    reason: format!("cannot give it a uint8 input: {why}"),
+                }
+            })?;
+        drop(bytes);
+        Self::load_with(path, options, Some(&edited))
+    }
+
+    fn load_with(
+        path: &Path,
+        options: &RuntimeOptions,
+        bytes: Option<&[u8]>,
+    ) -> Result<Self, ModelError> {
+        let tower = Tower::load_from(path, bytes, options, "image_embeds")?;
         let input = tower
-            .input(&["pixel_values"])
+            .input(&[crate::onnx_edit::BYTES_INPUT, "pixel_values"])
             .or_else(|| {
                 let floats: Vec<&Outlet> = tower
                     .session
@@ -245,7 +302,7 @@ impl VisionEncoder {
         let (input_type, _) = tensor_info(input).unwrap_or((TensorElementType::Float32, vec![]));
         if !matches!(
             input_type,
-            TensorElementType::Float32 | TensorElementType::Float16
+            TensorElementType::Float32 | TensorElementType::Float16 | TensorElementType::Uint8
         ) {
             return Err(ModelError::BadGraph {
                 path: path.to_path_buf(),
@@ -265,6 +322,42 @@ impl VisionEncoder {
         self.tower.provider
     }
 
+    /// What the tower takes.
+    pub fn pixel_input(&self) -> PixelInput {
+        if self.input_type == TensorElementType::Uint8 {
+            PixelInput::Uint8
+        } else {
+            PixelInput::Float
+        }
+    }
+
+    /// Embeds `n` images given as resized, cropped bytes `[n, 3, h, w]`
+    /// (a tower loaded with [`VisionEncoder::load_uint8`]).
+    pub fn embed_bytes(
+        &mut self,
+        pixels: &[u8],
+        n: usize,
+        (h, w): (usize, usize),
+    ) -> Result<EmbeddingBatch, ModelError> {
+        if n == 0 {
+            return Ok(EmbeddingBatch {
+                dim: 0,
+                data: Vec::new(),
+            });
+        }
+        if self.input_type != TensorElementType::Uint8 {
+            return Err(ModelError::Ort(
+                "this vision tower takes float pixels, not bytes".into(),
+            ));
+        }
+        assert_eq!(pixels.len(), n * 3 * h * w, "pixel buffer size");
+        let shape = [n as i64, 3, h as i64, w as i64];
+        let t = &mut self.tower;
+        let tensor = TensorRef::from_array_view((shape, pixels))?;
+        let outputs = t.session.run(ort::inputs![self.input.as_str() => tensor])?;
+        Tower::extract(&outputs, &t.output, t.output_type, n)
+    }
+
     /// The ONNX file.
     pub fn path(&self) -> &Path {
         &self.tower.path
@@ -282,6 +375,11 @@ impl VisionEncoder {
                 dim: 0,
                 data: Vec::new(),
             });
+        }
+        if self.input_type == TensorElementType::Uint8 {
+            return Err(ModelError::Ort(
+                "this vision tower takes bytes (embed_bytes), not floats".into(),
+            ));
         }
         assert_eq!(pixels.len(), n * 3 * h * w, "pixel buffer size");
         let shape = [n as i64, 3, h as i64, w as i64];

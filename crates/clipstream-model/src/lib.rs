@@ -24,6 +24,7 @@ pub mod encoder;
 pub mod error;
 pub mod model_dir;
 pub mod npy;
+pub mod onnx_edit;
 pub mod preprocess;
 pub mod runtime;
 pub mod tokenize;

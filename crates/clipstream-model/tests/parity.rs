@@ -369,3 +369,63 @@ fn fp16_and_quantized_variants_load_and_agree() {
     println!("variant quantized: image cosine to fp32 reference {cos:.5}");
     assert!(cos >= 0.9, "quantized cosine {cos}");
 }
+
+/// A vision tower given a uint8 input at load time (rescale and normalise
+/// inside the graph, from the preprocessor's own table) embeds every
+/// fixture image bit for bit as the float path does, in fp32 and in fp16,
+/// in one batch and one by one; the host writes a quarter of the bytes.
+#[test]
+fn uint8_input_embeds_bit_for_bit_as_the_float_path() {
+    use clipstream_model::encoder::PixelInput;
+    let mut m = model();
+    let size = m.preprocessor.config.output_size();
+    let per = m.preprocessor.pixels_len();
+    let lut = m.preprocessor.lut();
+    let images: Vec<Vec<u8>> = reference()
+        .images
+        .iter()
+        .map(|r| std::fs::read(fixtures().join(&r.file)).expect("image"))
+        .collect();
+    let n = images.len();
+    let mut floats = vec![0f32; n * per];
+    let mut bytes = vec![0u8; n * per];
+    for (k, img) in images.iter().enumerate() {
+        m.preprocessor
+            .preprocess_into(img, &mut floats[k * per..(k + 1) * per])
+            .expect("float path");
+        m.preprocessor
+            .preprocess_bytes_into(img, &mut bytes[k * per..(k + 1) * per])
+            .expect("byte path");
+    }
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let dir = ModelDir::open(model_root()).expect("model dir");
+    for variant in [Variant::Fp32, Variant::Fp16] {
+        let path = dir.tower(Tower::Vision, &variant).expect("vision");
+        let mut float = VisionEncoder::load(&path, &RuntimeOptions::default()).expect("float");
+        let mut uint8 =
+            VisionEncoder::load_uint8(&path, &RuntimeOptions::default(), &lut).expect("uint8");
+        assert_eq!(float.pixel_input(), PixelInput::Float);
+        assert_eq!(uint8.pixel_input(), PixelInput::Uint8);
+        let want = float.embed(&floats, n, size).expect("float embed");
+        let got = uint8.embed_bytes(&bytes, n, size).expect("uint8 embed");
+        assert_eq!(
+            bits(&got.data),
+            bits(&want.data),
+            "{variant:?}: a batch of {n}"
+        );
+        for k in 0..n {
+            let one = uint8
+                .embed_bytes(&bytes[k * per..(k + 1) * per], 1, size)
+                .expect("one");
+            let dim = want.dim;
+            assert_eq!(
+                bits(&one.data),
+                bits(&want.data[k * dim..(k + 1) * dim]),
+                "{variant:?}: image {k} alone"
+            );
+        }
+        // Each tower refuses the other's input.
+        assert!(uint8.embed(&floats, n, size).is_err());
+        assert!(float.embed_bytes(&bytes, n, size).is_err());
+    }
+}

@@ -128,9 +128,21 @@ impl ImagePreprocessor {
     /// fault as far as the caller is concerned: it comes back as
     /// [`ImageError::Corrupt`], so one file never takes a worker down.
     pub fn preprocess_into(&self, bytes: &[u8], out: &mut [f32]) -> Result<(), ImageError> {
+        self.guarded(bytes, |decoded| {
+            self.pixel_values_sized(&decoded.rgb, decoded.full_size, out)
+        })
+    }
+
+    /// Decodes `bytes` and runs `then` on the image, a panic in either
+    /// being this input's [`ImageError::Corrupt`].
+    fn guarded(
+        &self,
+        bytes: &[u8],
+        then: impl FnOnce(&Decoded) -> Result<(), ImageError>,
+    ) -> Result<(), ImageError> {
         let run = std::panic::AssertUnwindSafe(|| {
             let decoded = self.decode(bytes)?;
-            let done = self.pixel_values_sized(&decoded.rgb, decoded.full_size, out);
+            let done = then(&decoded);
             buffers::give_bytes(decoded.rgb.data);
             done
         });
@@ -180,6 +192,62 @@ impl ImagePreprocessor {
         rgb: &Image8,
         full_size: (usize, usize),
         out: &mut [f32],
+    ) -> Result<(), ImageError> {
+        let lut = self.lut();
+        self.fill_sized(rgb, full_size, out, |ch, byte| lut[ch][byte as usize])
+    }
+
+    /// The value each byte of each channel becomes: rescaled, then
+    /// normalised, with transformers' arithmetic (the rescale in float64
+    /// rounded to float32, the normalisation in float32).
+    pub fn lut(&self) -> [[f32; 256]; 3] {
+        let c = &self.config;
+        let mut lut = [[0f32; 256]; 3];
+        for (ch, table) in lut.iter_mut().enumerate() {
+            for (v, slot) in table.iter_mut().enumerate() {
+                let mut x = if c.do_rescale {
+                    (v as f64 * c.rescale_factor) as f32
+                } else {
+                    v as f32
+                };
+                if c.do_normalize {
+                    x = (x - c.image_mean[ch] as f32) / c.image_std[ch] as f32;
+                }
+                *slot = x;
+            }
+        }
+        lut
+    }
+
+    /// [`ImagePreprocessor::pixel_values_sized`] without the rescale and
+    /// the normalisation: the resized, cropped bytes, `[3, H, W]`, for a
+    /// tower that maps them itself ([`crate::onnx_edit`]); padding is 0,
+    /// whose value the tower maps as the float path writes it.
+    pub fn pixel_bytes_sized(
+        &self,
+        rgb: &Image8,
+        full_size: (usize, usize),
+        out: &mut [u8],
+    ) -> Result<(), ImageError> {
+        self.fill_sized(rgb, full_size, out, |_, byte| byte)
+    }
+
+    /// Decodes `bytes` and writes its resized, cropped bytes into `out`
+    /// (`pixels_len()` bytes); see [`ImagePreprocessor::preprocess_into`].
+    pub fn preprocess_bytes_into(&self, bytes: &[u8], out: &mut [u8]) -> Result<(), ImageError> {
+        self.guarded(bytes, |decoded| {
+            self.pixel_bytes_sized(&decoded.rgb, decoded.full_size, out)
+        })
+    }
+
+    /// Resize and crop into `out`, each byte of channel `ch` written as
+    /// `value(ch, byte)`.
+    fn fill_sized<T: Copy>(
+        &self,
+        rgb: &Image8,
+        full_size: (usize, usize),
+        out: &mut [T],
+        value: impl Fn(usize, u8) -> T,
     ) -> Result<(), ImageError> {
         let c = &self.config;
         let (h, w) = if c.do_resize {
@@ -246,17 +314,9 @@ impl ImagePreprocessor {
         );
         // One lookup table per channel: the value depends only on the byte.
         for ch in 0..3 {
-            let mut lut = [0f32; 256];
+            let mut lut = [value(ch, 0); 256];
             for (v, slot) in lut.iter_mut().enumerate() {
-                let mut x = if c.do_rescale {
-                    (v as f64 * c.rescale_factor) as f32
-                } else {
-                    v as f32
-                };
-                if c.do_normalize {
-                    x = (x - c.image_mean[ch] as f32) / c.image_std[ch] as f32;
-                }
-                *slot = x;
+                *slot = value(ch, v as u8);
             }
             let dst = &mut out[ch * plane..(ch + 1) * plane];
             if img.width != ow || img.height != oh {
