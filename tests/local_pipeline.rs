@@ -492,3 +492,65 @@ fn the_benchmarks_run_and_print_every_figure() {
         );
     }
 }
+
+/// `[image] model_input = "uint8"`: the same records through a tower that
+/// takes bytes (rescale and normalise inside the graph) give the same rows,
+/// embeddings and labels bit for bit, and the same dead letters.
+#[test]
+fn uint8_model_input_writes_the_float_runs_rows_bit_for_bit() {
+    let dir = scratch("local-uint8");
+    let input = build_input(&dir, 150, 23);
+    let mut outputs = Vec::new();
+    for (name, pixels) in [
+        ("float", clipstream_model::encoder::PixelInput::Float),
+        ("uint8", clipstream_model::encoder::PixelInput::Uint8),
+    ] {
+        let out = dir.join(name);
+        let mut c = local_config(&dir, &input.manifest, &out, 1000);
+        c.image.model_input = pixels;
+        let p = write_pipeline(&dir, name, &c);
+        let run = clipstream(&["run", "-v", "--no-progress", s(&p)]);
+        let log = String::from_utf8_lossy(&run.stderr);
+        assert!(run.status.success(), "{name}: {log}");
+        // The tower really takes what the config asks for.
+        assert!(log.contains(&format!("pixel_input={pixels:?}")), "{log}");
+        let rows = check_exactly_once(&input, &out);
+        let dead = read_dead_letters(&out.join("_dead_letters.jsonl"));
+        outputs.push((rows, dead));
+    }
+    let by_id = |rows: &[serde_json::Value]| {
+        rows.iter()
+            .map(|r| {
+                let bits = |v: &serde_json::Value| {
+                    floats(v).iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+                };
+                (
+                    r["id"].as_str().expect("id").to_string(),
+                    (
+                        bits(&r["image_embedding"]),
+                        bits(&r["text_embedding"]),
+                        r["labels"].clone(),
+                    ),
+                )
+            })
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    let (float, uint8) = (by_id(&outputs[0].0), by_id(&outputs[1].0));
+    assert_eq!(float.len(), uint8.len());
+    assert!(
+        float.values().filter(|v| !v.0.is_empty()).count() > 50,
+        "images embedded"
+    );
+    for (id, f) in &float {
+        assert_eq!(Some(f), uint8.get(id), "{id}");
+    }
+    let kinds = |d: &[serde_json::Value]| {
+        let mut k: Vec<String> = d
+            .iter()
+            .map(|l| format!("{}:{}", l["id"], l["kind"]))
+            .collect();
+        k.sort();
+        k
+    };
+    assert_eq!(kinds(&outputs[0].1), kinds(&outputs[1].1), "dead letters");
+}

@@ -12,60 +12,11 @@ use half::f16;
 use ort::session::Session;
 use ort::value::{Outlet, TensorElementType, TensorRef, ValueType};
 
-use crate::error::{ImageError, ModelError};
-use crate::model_dir::{ModelDir, Tower as TowerKind, Variant};
-use crate::preprocess::{ImagePreprocessor, PreprocessorConfig};
+use crate::error::ModelError;
 use crate::runtime::{self, RuntimeOptions};
-use crate::tokenize::{ClipTokenizer, TokenBatch};
+use crate::tokenize::TokenBatch;
 
-/// L2-normalised embeddings, row-major `[len, dim]`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct EmbeddingBatch {
-    /// Embedding width.
-    pub dim: usize,
-    /// `len * dim` values.
-    pub data: Vec<f32>,
-}
-
-impl EmbeddingBatch {
-    /// Number of rows.
-    pub fn len(&self) -> usize {
-        self.data.len().checked_div(self.dim).unwrap_or(0)
-    }
-    /// True when there are no rows.
-    pub fn is_empty(&self) -> bool {
-        self.data.is_empty()
-    }
-    /// Row `i`.
-    pub fn row(&self, i: usize) -> &[f32] {
-        &self.data[i * self.dim..(i + 1) * self.dim]
-    }
-    /// Iterates rows.
-    pub fn rows(&self) -> impl Iterator<Item = &[f32]> {
-        self.data.chunks_exact(self.dim.max(1))
-    }
-}
-
-/// Normalises each row to unit L2 norm (in f64, rounded once).
-pub fn l2_normalize_rows(data: &mut [f32], dim: usize) {
-    for row in data.chunks_exact_mut(dim.max(1)) {
-        let norm = row
-            .iter()
-            .map(|&v| f64::from(v) * f64::from(v))
-            .sum::<f64>()
-            .sqrt();
-        if norm > 0.0 {
-            for v in row.iter_mut() {
-                *v = (f64::from(*v) / norm) as f32;
-            }
-        }
-    }
-}
-
-/// Cosine similarity of two unit vectors (their dot product).
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
-}
+pub use crate::embedding::{EmbeddingBatch, dot, l2_normalize_rows};
 
 /// What is common to both towers.
 #[derive(Debug)]
@@ -521,91 +472,5 @@ impl TextEncoder {
         let t = &mut self.tower;
         let outputs = t.session.run(inputs)?;
         Tower::extract(&outputs, &t.output, t.output_type, tokens.len)
-    }
-}
-
-/// A whole model: preprocessing, tokenizer and both towers.
-#[derive(Debug)]
-pub struct ClipModel {
-    /// Where it came from.
-    pub dir: ModelDir,
-    /// Which export of the towers.
-    pub variant: Variant,
-    /// Image preprocessing.
-    pub preprocessor: ImagePreprocessor,
-    /// Tokenizer.
-    pub tokenizer: ClipTokenizer,
-    /// Image tower.
-    pub vision: VisionEncoder,
-    /// Text tower.
-    pub text: TextEncoder,
-}
-
-impl ClipModel {
-    /// Loads a model directory.
-    pub fn load(
-        root: impl AsRef<Path>,
-        variant: &Variant,
-        options: &RuntimeOptions,
-    ) -> Result<Self, ModelError> {
-        let dir = ModelDir::open(root)?;
-        let preprocessor =
-            ImagePreprocessor::new(PreprocessorConfig::from_file(&dir.preprocessor_config)?);
-        let tokenizer = ClipTokenizer::from_model_dir(&dir)?;
-        let vision = VisionEncoder::load(&dir.tower(TowerKind::Vision, variant)?, options)?;
-        let text = TextEncoder::load(&dir.tower(TowerKind::Text, variant)?, options)?;
-        Ok(ClipModel {
-            dir,
-            variant: variant.clone(),
-            preprocessor,
-            tokenizer,
-            vision,
-            text,
-        })
-    }
-
-    /// The id written into output rows.
-    pub fn model_id(&self) -> String {
-        self.dir.model_id(&self.variant)
-    }
-
-    /// What determines this model's image and text embeddings, as a hash:
-    /// [`ModelDir::fingerprint`], with `+fast` when images are preprocessed
-    /// in fast mode (its embeddings differ slightly from exact mode's).
-    pub fn fingerprint(&self) -> Result<String, ModelError> {
-        let base = self.dir.fingerprint(&self.variant)?;
-        Ok(format!(
-            "{base}{}",
-            self.preprocessor.mode.fingerprint_suffix()
-        ))
-    }
-
-    /// Embeds already decoded-and-preprocessed images.
-    pub fn embed_pixels(&mut self, pixels: &[f32], n: usize) -> Result<EmbeddingBatch, ModelError> {
-        let size = self.preprocessor.config.output_size();
-        self.vision.embed(pixels, n, size)
-    }
-
-    /// Decodes, preprocesses and embeds one image's bytes. Bad images are an
-    /// `Ok(Err(..))`: the model is fine, the input is not.
-    pub fn embed_image_bytes(
-        &mut self,
-        bytes: &[u8],
-    ) -> Result<Result<Vec<f32>, ImageError>, ModelError> {
-        let pixels = match self.preprocessor.preprocess(bytes) {
-            Ok(p) => p,
-            Err(e) => return Ok(Err(e)),
-        };
-        let batch = self.embed_pixels(&pixels, 1)?;
-        Ok(Ok(batch.data))
-    }
-
-    /// Tokenizes and embeds texts.
-    pub fn embed_texts<S: AsRef<str>>(
-        &mut self,
-        texts: &[S],
-    ) -> Result<EmbeddingBatch, ModelError> {
-        let tokens = self.tokenizer.encode_batch(texts)?;
-        self.text.embed(&tokens)
     }
 }

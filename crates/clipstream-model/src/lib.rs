@@ -12,7 +12,9 @@
 //!   for bit (Pillow's colour conversions and bicubic resampling).
 //! - [`tokenize`]: `CLIPTokenizerFast` through the `tokenizers` crate.
 //! - [`encoder`]: one ORT session per tower; input/output names discovered
-//!   from the session; fp32 / fp16 / int8 exports alike.
+//!   from the session; fp32 / fp16 / int8 exports alike; a vision tower can
+//!   take uint8 pixels through [`onnx_edit`], a graph edit at load time.
+//! - [`clip_model`]: the whole model (preprocessing, tokenizer, towers).
 //! - [`zero_shot`]: label sets (class names × prompt templates) and the
 //!   softmax head.
 //! - [`npy`]: reading and writing `.npy` arrays, for parity checks.
@@ -20,6 +22,8 @@
 //! The types are synchronous and `Send`; callers decide on threads (the
 //! pipeline runs preprocessing on a CPU pool and each tower on its own thread).
 
+pub mod clip_model;
+pub mod embedding;
 pub mod encoder;
 pub mod error;
 pub mod model_dir;
@@ -30,7 +34,8 @@ pub mod runtime;
 pub mod tokenize;
 pub mod zero_shot;
 
-pub use encoder::{ClipModel, EmbeddingBatch, TextEncoder, VisionEncoder};
+pub use clip_model::ClipModel;
+pub use encoder::{EmbeddingBatch, TextEncoder, VisionEncoder};
 pub use error::{ImageError, ModelError};
 pub use model_dir::{ModelDir, Tower, Variant};
 pub use preprocess::{DecodeLimits, ImagePreprocessor, PreprocessorConfig};

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::encoder::{EmbeddingBatch, dot, l2_normalize_rows};
+use crate::embedding::{EmbeddingBatch, dot, l2_normalize_rows};
 use crate::error::ModelError;
 
 /// The default logit scale: CLIP's learned temperature saturates at 100.
@@ -147,7 +147,7 @@ impl ZeroShotHead {
     /// Embeds the prompts with `model`'s text tower and builds the head.
     pub fn build(
         set: &LabelSet,
-        model: &mut crate::encoder::ClipModel,
+        model: &mut crate::clip_model::ClipModel,
     ) -> Result<Self, ModelError> {
         let prompts = set.prompts();
         let mut data = Vec::new();

@@ -377,7 +377,7 @@ fn fp16_and_quantized_variants_load_and_agree() {
 #[test]
 fn uint8_input_embeds_bit_for_bit_as_the_float_path() {
     use clipstream_model::encoder::PixelInput;
-    let mut m = model();
+    let m = model();
     let size = m.preprocessor.config.output_size();
     let per = m.preprocessor.pixels_len();
     let lut = m.preprocessor.lut();

@@ -55,13 +55,32 @@ pub enum Part {
     Text,
 }
 
+/// An image's `[3, H, W]` model input, in the form its tower takes.
+#[derive(Debug)]
+pub enum Pixels {
+    /// Rescaled, normalised values.
+    Float(Vec<f32>),
+    /// The resized, cropped bytes (a tower with a uint8 input).
+    Bytes(Vec<u8>),
+}
+
+impl Pixels {
+    /// Bytes of memory it takes.
+    pub fn memory(&self) -> u64 {
+        match self {
+            Pixels::Float(v) => 4 * v.len() as u64,
+            Pixels::Bytes(v) => v.len() as u64,
+        }
+    }
+}
+
 /// An image waiting for the vision tower.
 #[derive(Debug)]
 pub struct VisionJob {
     /// Its record.
     pub rec: Arc<InFlight>,
-    /// `[3, H, W]` pixel values.
-    pub pixels: Vec<f32>,
+    /// Its model input.
+    pub pixels: Pixels,
     /// The pixels' charge against the memory budget.
     pub memory: crate::budget::Charge,
 }
@@ -70,7 +89,11 @@ impl Drop for VisionJob {
     /// The pixel buffer goes back for the next image (mapping a fresh one
     /// per image costs page faults; see `preprocess::buffers`).
     fn drop(&mut self) {
-        clipstream_model::preprocess::buffers::give_pixels(std::mem::take(&mut self.pixels));
+        use clipstream_model::preprocess::buffers;
+        match &mut self.pixels {
+            Pixels::Float(v) => buffers::give_pixels(std::mem::take(v)),
+            Pixels::Bytes(v) => buffers::give_pixel_bytes(std::mem::take(v)),
+        }
     }
 }
 

@@ -49,6 +49,7 @@ thread_local! {
 }
 
 static PIXELS: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
+static PIXEL_U8: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
 
 /// A byte buffer of `len` bytes, reusing one of this thread's: its
 /// contents are unspecified (the caller overwrites every byte).
@@ -111,6 +112,34 @@ pub fn give_pixels(v: Vec<f32>) {
     let mut pool = PIXELS.lock().unwrap_or_else(|e| e.into_inner());
     let kept: usize = pool.iter().map(|b| 4 * b.capacity()).sum();
     if kept + bytes <= PIXEL_BYTES.load(Ordering::Relaxed) {
+        pool.push(v);
+    }
+}
+
+/// A model-input buffer of `len` bytes (a tower with a uint8 input;
+/// contents unspecified), reusing one given back with
+/// [`give_pixel_bytes`].
+pub fn pixel_bytes(len: usize) -> Vec<u8> {
+    let reused = {
+        let mut pool = PIXEL_U8.lock().unwrap_or_else(|e| e.into_inner());
+        pool.iter()
+            .position(|b| b.capacity() >= len)
+            .map(|i| pool.swap_remove(i))
+    };
+    let mut v = reused.unwrap_or_default();
+    v.resize(len, 0);
+    v
+}
+
+/// Gives a byte model-input buffer back for reuse (or frees it), within
+/// the same bound as [`give_pixels`].
+pub fn give_pixel_bytes(v: Vec<u8>) {
+    if v.capacity() < SMALL {
+        return;
+    }
+    let mut pool = PIXEL_U8.lock().unwrap_or_else(|e| e.into_inner());
+    let kept: usize = pool.iter().map(Vec::capacity).sum();
+    if kept + v.capacity() <= PIXEL_BYTES.load(Ordering::Relaxed) {
         pool.push(v);
     }
 }

@@ -10,12 +10,13 @@ pub mod metrics;
 use std::sync::Arc;
 use std::time::Instant;
 
+use clipstream_model::encoder::PixelInput;
 use clipstream_model::tokenize::TokenBatch;
 use clipstream_model::{EmbeddingBatch, ModelError, TextEncoder, VisionEncoder};
 
 pub use self::config::BatchConfig;
 pub use self::metrics::EncoderMetrics;
-use crate::assemble::{Assembler, InFlight, Part, TextJob, VisionJob};
+use crate::assemble::{Assembler, InFlight, Part, Pixels, TextJob, VisionJob};
 use crate::fatal::Fatal;
 use crate::stats::{Stats, Tower};
 
@@ -138,23 +139,42 @@ pub fn vision_encoder(
         .name("encode-vision".into())
         .spawn(move || {
             let per = 3 * size.0 * size.1;
-            let mut pixels = Vec::new();
+            let (mut floats, mut bytes) = (Vec::new(), Vec::new());
+            let width = match encoder.pixel_input() {
+                PixelInput::Float => 4,
+                PixelInput::Uint8 => 1,
+            };
             for batch in rx.iter() {
                 let started = Instant::now();
                 // The batch's input, and ONNX Runtime's copy of it.
-                let _input = budget.charge(2 * 4 * (batch.len() * per) as u64);
+                let _input = budget.charge(2 * width * (batch.len() * per) as u64);
                 let result = encode_isolating(&batch, |jobs| {
-                    pixels.clear();
+                    floats.clear();
+                    bytes.clear();
                     let Some(jobs) = jobs else {
-                        // The probe: a neutral (mean-colour) image.
-                        pixels.resize(per, 0.0);
-                        return encoder.embed(&pixels, 1, size);
+                        // The probe: a neutral image (the mean colour; mid
+                        // grey in bytes).
+                        return match encoder.pixel_input() {
+                            PixelInput::Float => {
+                                floats.resize(per, 0.0);
+                                encoder.embed(&floats, 1, size)
+                            }
+                            PixelInput::Uint8 => {
+                                bytes.resize(per, 128);
+                                encoder.embed_bytes(&bytes, 1, size)
+                            }
+                        };
                     };
-                    pixels.reserve(jobs.len() * per);
                     for j in jobs {
-                        pixels.extend_from_slice(&j.pixels);
+                        match &j.pixels {
+                            Pixels::Float(p) => floats.extend_from_slice(p),
+                            Pixels::Bytes(p) => bytes.extend_from_slice(p),
+                        }
                     }
-                    encoder.embed(&pixels, jobs.len(), size)
+                    match encoder.pixel_input() {
+                        PixelInput::Float => encoder.embed(&floats, jobs.len(), size),
+                        PixelInput::Uint8 => encoder.embed_bytes(&bytes, jobs.len(), size),
+                    }
                 });
                 let recs = batch.iter().map(|j| &j.rec);
                 if !finish_batch(&asm, &fatal, Part::Image, recs, result, started) {

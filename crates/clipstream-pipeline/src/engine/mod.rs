@@ -215,6 +215,7 @@ fn spawn_model_stages(
         stats: Arc::clone(stats),
     };
     let size = parts.preprocessor.config.output_size();
+    let pixel_input = parts.vision.pixel_input();
     let max_len = parts.tokenizer.max_len();
     let fatal = &stats.fatal;
     let mut threads = vec![
@@ -256,6 +257,7 @@ fn spawn_model_stages(
         q.fetched.1.clone(),
         PrepContext {
             preprocessor: parts.preprocessor,
+            pixel_input,
             tokenizer: parts.tokenizer,
             vision: q.vision.0.clone(),
             text: q.text.0.clone(),

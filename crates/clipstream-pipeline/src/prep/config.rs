@@ -18,6 +18,14 @@ pub struct ImageConfig {
     /// photos, embeddings within a small cosine distance of exact).
     #[serde(default)]
     pub mode: clipstream_model::preprocess::ImageMode,
+    /// What the vision tower is given: `float` (default: rescaled,
+    /// normalised pixels, written by the host) or `uint8` (the resized,
+    /// cropped bytes; a graph edit at load time makes the tower rescale and
+    /// normalise them itself, with the same table, so embeddings are bit
+    /// for bit the same: a quarter of the bytes per image, no float work
+    /// on the host).
+    #[serde(default)]
+    pub model_input: clipstream_model::encoder::PixelInput,
 }
 
 impl ImageConfig {

@@ -8,11 +8,12 @@ pub mod metrics;
 
 use std::sync::Arc;
 
-use clipstream_model::{ClipTokenizer, ImagePreprocessor};
+use clipstream_model::encoder::PixelInput;
+use clipstream_model::{ClipTokenizer, ImageError, ImagePreprocessor};
 
 pub use self::config::ImageConfig;
 pub use self::metrics::PrepMetrics;
-use crate::assemble::{InFlight, TextJob, VisionJob};
+use crate::assemble::{InFlight, Pixels, TextJob, VisionJob};
 use crate::dead_letter::{Kind, Stage};
 use crate::fetch::Fetched;
 use crate::record::Done;
@@ -23,6 +24,8 @@ use crate::stats::Stats;
 pub struct PrepContext {
     /// Image preprocessing.
     pub preprocessor: ImagePreprocessor,
+    /// What the vision tower takes.
+    pub pixel_input: PixelInput,
     /// Tokenizer.
     pub tokenizer: ClipTokenizer,
     /// Jobs for the vision tower.
@@ -60,6 +63,25 @@ pub fn spawn_threads(
         .collect()
 }
 
+/// Decodes and preprocesses an image into the form its tower takes.
+fn preprocess(ctx: &PrepContext, bytes: &[u8]) -> Result<Pixels, ImageError> {
+    use clipstream_model::preprocess::buffers;
+    let pre = &ctx.preprocessor;
+    match ctx.pixel_input {
+        PixelInput::Float => pre.preprocess(bytes).map(Pixels::Float),
+        PixelInput::Uint8 => {
+            let mut out = buffers::pixel_bytes(pre.pixels_len());
+            match pre.preprocess_bytes_into(bytes, &mut out) {
+                Ok(()) => Ok(Pixels::Bytes(out)),
+                Err(e) => {
+                    buffers::give_pixel_bytes(out);
+                    Err(e)
+                }
+            }
+        }
+    }
+}
+
 /// Prepares one record; false when downstream is gone.
 fn prepare(f: Fetched, ctx: &PrepContext) -> bool {
     let Fetched {
@@ -80,7 +102,7 @@ fn prepare(f: Fetched, ctx: &PrepContext) -> bool {
             ctx.budget.charge(pixels * 4)
         });
     let pixels = match &bytes {
-        Some(b) => match ctx.preprocessor.preprocess(b).inspect(|_| {
+        Some(b) => match preprocess(ctx, b).inspect(|_| {
             ctx.stats.prep.decoded(started.elapsed());
         }) {
             Ok(p) => Some(p),
@@ -128,7 +150,7 @@ fn prepare(f: Fetched, ctx: &PrepContext) -> bool {
             .vision
             .send(VisionJob {
                 rec: Arc::clone(&rec),
-                memory: ctx.budget.charge(4 * pixels.len() as u64),
+                memory: ctx.budget.charge(pixels.memory()),
                 pixels,
             })
             .is_err()

@@ -54,7 +54,12 @@ pub fn validate(args: ValidateArgs) -> anyhow::Result<ExitCode> {
 
 /// Loads the model and label set named by the config.
 pub fn components(cfg: &PipelineConfig) -> anyhow::Result<Components> {
-    let mut model = ClipModel::load(&cfg.model.dir, &cfg.model.variant, &cfg.runtime)?;
+    let mut model = ClipModel::load_with(
+        &cfg.model.dir,
+        &cfg.model.variant,
+        &cfg.runtime,
+        cfg.image.model_input,
+    )?;
     model.preprocessor.limits = cfg.image.limits;
     model.preprocessor.apply_exif_orientation = cfg.image.apply_exif_orientation;
     model.preprocessor.mode = cfg.image.mode;
@@ -70,7 +75,7 @@ pub fn components(cfg: &PipelineConfig) -> anyhow::Result<Components> {
     let dim = model.embed_texts(&["dimension probe"])?.dim;
     let model_id = model.model_id();
     let model_fingerprint = model.fingerprint()?;
-    tracing::info!(model = %model_id, fingerprint = %model_fingerprint, dim, provider = model.vision.provider(), "model loaded");
+    tracing::info!(model = %model_id, fingerprint = %model_fingerprint, dim, provider = model.vision.provider(), pixel_input = ?model.vision.pixel_input(), "model loaded");
     Ok(Components {
         preprocessor: model.preprocessor,
         tokenizer: model.tokenizer,
