@@ -167,17 +167,36 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let records = args.host_cost_records;
     let mut before = args.model.runtime.options();
     before.spinning = true;
+    use clipstream_model::encoder::PixelInput::{Float, Uint8};
     let jobs = [
-        ("exact", args.model.runtime.options(), ImageMode::Exact),
-        ("fast", args.model.runtime.options(), ImageMode::Fast),
+        (
+            "exact",
+            args.model.runtime.options(),
+            ImageMode::Exact,
+            Float,
+        ),
+        (
+            "exact, uint8 model input",
+            args.model.runtime.options(),
+            ImageMode::Exact,
+            Uint8,
+        ),
+        ("fast", args.model.runtime.options(), ImageMode::Fast, Float),
+        (
+            "fast, uint8 model input",
+            args.model.runtime.options(),
+            ImageMode::Fast,
+            Uint8,
+        ),
         (
             "exact, ORT threads spinning: the old default",
             before,
             ImageMode::Exact,
+            Float,
         ),
     ];
-    for (label, runtime, mode) in jobs {
-        let job = local_job(args, &corpus, records, runtime, mode)?;
+    for (label, runtime, mode, input) in jobs {
+        let job = local_job(args, &corpus, records, runtime, mode, input)?;
         rows.push(Row {
             name: format!("local job, {label}"),
             rate: job.records as f64 / job.wall,
@@ -262,6 +281,7 @@ fn local_job(
     records: usize,
     runtime: clipstream_model::RuntimeOptions,
     mode: ImageMode,
+    model_input: clipstream_model::encoder::PixelInput,
 ) -> anyhow::Result<Job> {
     use std::io::Write;
     let dir = std::env::temp_dir().join(format!("clipstream-host-cost-{}", std::process::id()));
@@ -301,6 +321,7 @@ fn local_job(
     cfg.runtime = runtime;
     cfg.image.limits = args.images.limits();
     cfg.image.mode = mode;
+    cfg.image.model_input = model_input;
     let threads = format!(
         "{records} records over the corpus, captions on half; ORT intra threads {}, spinning {}",
         cfg.runtime
