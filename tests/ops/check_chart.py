@@ -418,10 +418,11 @@ def check_scenario(chart, label: str, values: dict, defaults: dict, kube_version
     providers = parsed["runtime"]["providers"]
     c.ok(all(isinstance(p, dict) and p.get("kind") in ("cpu", "cuda", "tensorrt") for p in providers),
          f"{label}: [runtime] providers are tables tagged by kind", str(providers))
-    fmt = merged["pipeline"]["sink"]["kafka"].get("embeddings_format") or "json"
+    # The format goes with the embeddings topic: none without it.
+    topic = merged["pipeline"]["sink"]["kafka"].get("embeddings_topic")
+    fmt = (merged["pipeline"]["sink"]["kafka"].get("embeddings_format") or "json") if topic else "json"
     written = parsed.get("sink", {}).get("kafka", {}).get("embeddings_format", "json")
-    c.ok(written == fmt or not merged["pipeline"]["sink"]["kafka"].get("embeddings_topic"),
-         f"{label}: [sink.kafka] embeddings_format is the values' ({fmt})", f"written: {written}")
+    c.ok(written == fmt, f"{label}: [sink.kafka] embeddings_format is the values' ({fmt})", f"written: {written}")
     refs = env_refs(toml_text)
     env_names = {e["name"] for e in ctr.get("env", [])}
     missing = sorted(refs - env_names)

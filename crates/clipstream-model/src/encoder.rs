@@ -175,8 +175,9 @@ pub enum PixelInput {
     Float,
     /// The resized, cropped bytes; the tower rescales and normalises them
     /// itself, exactly as the host would ([`crate::onnx_edit`], a graph
-    /// edit made at load time): a quarter of the bytes, no float work on
-    /// the host.
+    /// edit made at load time): a quarter of the bytes, and on a GPU no
+    /// float work on the host (on a CPU the tower's mapping costs more
+    /// than the host's: see the README's Performance).
     Uint8,
 }
 
@@ -251,10 +252,14 @@ impl VisionEncoder {
                 ),
             })?;
         let (input_type, _) = tensor_info(input).unwrap_or((TensorElementType::Float32, vec![]));
-        if !matches!(
+        // Bytes only where the edit put them: a tower exported with a uint8
+        // input of its own may expect something else of them.
+        let bytes_ok = bytes.is_some() && input.name() == crate::onnx_edit::BYTES_INPUT;
+        if !(matches!(
             input_type,
-            TensorElementType::Float32 | TensorElementType::Float16 | TensorElementType::Uint8
-        ) {
+            TensorElementType::Float32 | TensorElementType::Float16
+        ) || bytes_ok && input_type == TensorElementType::Uint8)
+        {
             return Err(ModelError::BadGraph {
                 path: path.to_path_buf(),
                 reason: format!("input `{}` is {input_type:?}; float expected", input.name()),

@@ -7,8 +7,9 @@
 //! from a table of `3 * 256` values, the very values host preprocessing
 //! writes for each byte of each channel ([`crate::ImagePreprocessor::lut`]).
 //! So the tower sees bit for bit the floats it saw before, while the host
-//! writes one byte per value instead of four and does no float work, and a
-//! GPU gets a quarter of the bytes.
+//! writes one byte per value instead of four and, on a GPU, leaves the
+//! float work to the device, which gets a quarter of the bytes (on a CPU
+//! the three nodes cost more than the host's fused loop).
 //!
 //! ONNX files are protobuf: this module reads just enough of it (the model's
 //! graph, the graph's inputs) and writes the new graph around the old
@@ -139,9 +140,9 @@ fn tensor(name: &str, dims: &[u64], data_type: u64, raw: &[u8]) -> Vec<u8> {
     t
 }
 
-/// The element type and the shape (its `TensorShapeProto` bytes) of a
-/// `ValueInfoProto`.
-fn tensor_type(value_info: &[u8]) -> Result<(u64, Vec<u8>), String> {
+/// The element type and the shape (its `TensorShapeProto` bytes, when it
+/// has one) of a `ValueInfoProto`.
+fn tensor_type(value_info: &[u8]) -> Result<(u64, Option<Vec<u8>>), String> {
     let ty = fields(value_info)?
         .into_iter()
         .find(|f| f.number == 2)
@@ -150,11 +151,11 @@ fn tensor_type(value_info: &[u8]) -> Result<(u64, Vec<u8>), String> {
         .into_iter()
         .find(|f| f.number == 1)
         .ok_or("the input is not a tensor")?;
-    let (mut elem, mut shape) = (0, Vec::new());
+    let (mut elem, mut shape) = (0, None);
     for f in fields(tensor.payload)? {
         match f.number {
             1 => elem = f.value,
-            2 => shape = f.payload.to_vec(),
+            2 => shape = Some(f.payload.to_vec()),
             _ => {}
         }
     }
@@ -168,24 +169,98 @@ fn name_of(value_info: &[u8]) -> Result<&[u8], String> {
         .map_or(&[][..], |f| f.payload))
 }
 
+/// Names the edit adds to the graph.
+const ADDED: [&str; 5] = [
+    BYTES_INPUT,
+    "clipstream_pixel_index0",
+    "clipstream_pixel_index",
+    "clipstream_pixel_lut",
+    "clipstream_channel_offsets",
+];
+
+/// The edit needs IR 4 (initializers need not be graph inputs) and the
+/// default domain's opset 7 (`Add` broadcasts, `Cast` takes `to` as an int).
+fn check_versions(top: &[Field<'_>]) -> Result<(), String> {
+    let ir = top.iter().find(|f| f.number == 1).map_or(0, |f| f.value);
+    if ir < 4 {
+        return Err(format!("ONNX IR version {ir}; 4 or later needed"));
+    }
+    for f in top.iter().filter(|f| f.number == 8) {
+        let (mut domain, mut version) = (&[][..], 0);
+        for g in fields(f.payload)? {
+            match g.number {
+                1 => domain = g.payload,
+                2 => version = g.value,
+                _ => {}
+            }
+        }
+        if (domain.is_empty() || domain == b"ai.onnx") && version < 7 {
+            return Err(format!("opset {version}; 7 or later needed"));
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a graph that already uses a name the edit adds, whose `input`
+/// is also an initializer, or whose weights are in external data (the
+/// edited model is loaded from memory, where no file lies beside it).
+fn check_names(graph: &[Field<'_>], input: &str) -> Result<(), String> {
+    let mut names: Vec<(&[u8], &str)> = Vec::new();
+    for f in graph {
+        match f.number {
+            // Node outputs.
+            1 => {
+                for g in fields(f.payload)?.into_iter().filter(|g| g.number == 2) {
+                    names.push((g.payload, "a node output"));
+                }
+            }
+            // Initializers: their names, and where their data lies.
+            5 => {
+                for g in fields(f.payload)? {
+                    match g.number {
+                        8 => names.push((g.payload, "an initializer")),
+                        14 if g.value == 1 => {
+                            return Err("its weights are in external data; the uint8 input \
+                                        needs them inside the .onnx file"
+                                .into());
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            11 => names.push((name_of(f.payload)?, "a graph input")),
+            _ => {}
+        }
+    }
+    for (name, what) in names {
+        if let Some(added) = ADDED.iter().find(|a| a.as_bytes() == name) {
+            return Err(format!("`{added}` is already {what} of the graph"));
+        }
+        if name == input.as_bytes() && what == "an initializer" {
+            return Err(format!("`{input}` is also an initializer"));
+        }
+    }
+    Ok(())
+}
+
 /// `model` (a serialised `ModelProto`) with its graph input `input` (a
 /// float or float16 image batch) replaced by the uint8 [`BYTES_INPUT`] of
 /// the same shape, mapped through `lut` (per channel: the value of each
 /// byte) inside the graph.
 pub fn uint8_pixels(model: &[u8], input: &str, lut: &[[f32; 256]; 3]) -> Result<Vec<u8>, String> {
     let top = fields(model)?;
-    let graph = top
-        .iter()
-        .find(|f| f.number == 7)
-        .ok_or("the model has no graph")?;
+    check_versions(&top)?;
+    let mut graphs = top.iter().filter(|f| f.number == 7);
+    let graph = graphs.next().ok_or("the model has no graph")?;
+    if graphs.next().is_some() {
+        return Err("the model has its graph in several pieces".into());
+    }
     let graph_fields = fields(graph.payload)?;
+    check_names(&graph_fields, input)?;
     let mut found = None;
     for f in graph_fields.iter().filter(|f| f.number == 11) {
         if name_of(f.payload)? == input.as_bytes() {
             found = Some(tensor_type(f.payload)?);
-        }
-        if name_of(f.payload)? == BYTES_INPUT.as_bytes() {
-            return Err(format!("the graph already has an input `{BYTES_INPUT}`"));
         }
     }
     let (elem, shape) = found.ok_or_else(|| format!("the graph has no input `{input}`"))?;
@@ -247,7 +322,9 @@ pub fn uint8_pixels(model: &[u8], input: &str, lut: &[[f32; 256]; 3]) -> Result<
             // The new input, in the old one's place.
             let mut tensor_ty = Vec::new();
             put_uint(&mut tensor_ty, 1, UINT8);
-            put_bytes(&mut tensor_ty, 2, &shape);
+            if let Some(shape) = &shape {
+                put_bytes(&mut tensor_ty, 2, shape);
+            }
             let mut ty = Vec::new();
             put_bytes(&mut ty, 1, &tensor_ty);
             let mut vi = Vec::new();
@@ -301,5 +378,98 @@ mod tests {
         let lut = [[0f32; 256]; 3];
         assert!(uint8_pixels(&m, "pixel_values", &lut).is_err());
         assert!(uint8_pixels(&[0xff, 0xff], "pixel_values", &lut).is_err());
+    }
+
+    /// A model with `pixel_values` (float [1,3,2,2]) and whatever `extra`
+    /// graph fields, at IR `ir` and opset `opset`.
+    fn model(ir: u64, opset: u64, extra: &[u8]) -> Vec<u8> {
+        let mut shape = Vec::new();
+        for d in [1u64, 3, 2, 2] {
+            let mut dim = Vec::new();
+            put_uint(&mut dim, 1, d);
+            put_bytes(&mut shape, 1, &dim);
+        }
+        let mut tensor_ty = Vec::new();
+        put_uint(&mut tensor_ty, 1, FLOAT);
+        put_bytes(&mut tensor_ty, 2, &shape);
+        let mut ty = Vec::new();
+        put_bytes(&mut ty, 1, &tensor_ty);
+        let mut vi = Vec::new();
+        put_bytes(&mut vi, 1, b"pixel_values");
+        put_bytes(&mut vi, 2, &ty);
+        let mut g = Vec::new();
+        put_bytes(&mut g, 11, &vi);
+        g.extend_from_slice(extra);
+        let mut op = Vec::new();
+        put_bytes(&mut op, 1, b"");
+        put_uint(&mut op, 2, opset);
+        let mut m = Vec::new();
+        put_uint(&mut m, 1, ir);
+        put_bytes(&mut m, 8, &op);
+        put_bytes(&mut m, 7, &g);
+        m
+    }
+
+    #[test]
+    fn what_the_edit_cannot_do_is_refused_with_the_reason() {
+        let lut = [[0.5f32; 256]; 3];
+        let edited = uint8_pixels(&model(8, 17, &[]), "pixel_values", &lut).expect("edits");
+        // The new input replaces the old one; the table has 768 values.
+        let top = fields(&edited).expect("model");
+        let graph = fields(top.iter().find(|f| f.number == 7).expect("graph").payload)
+            .expect("graph fields");
+        let inputs: Vec<&[u8]> = graph
+            .iter()
+            .filter(|f| f.number == 11)
+            .map(|f| name_of(f.payload).expect("name"))
+            .collect();
+        assert_eq!(inputs, vec![BYTES_INPUT.as_bytes()]);
+        assert_eq!(graph.iter().filter(|f| f.number == 1).count(), 3);
+        let (elem, shape) = tensor_type(
+            graph
+                .iter()
+                .find(|f| f.number == 11)
+                .expect("input")
+                .payload,
+        )
+        .expect("type");
+        assert_eq!(elem, UINT8);
+        assert!(shape.is_some());
+
+        let err = |m: Vec<u8>| uint8_pixels(&m, "pixel_values", &lut).expect_err("refused");
+        assert!(err(model(3, 17, &[])).contains("IR version 3"));
+        assert!(err(model(8, 6, &[])).contains("opset 6"));
+        let mut external = Vec::new();
+        put_bytes(&mut external, 8, b"w");
+        put_uint(&mut external, 14, 1);
+        let mut g = Vec::new();
+        put_bytes(&mut g, 5, &external);
+        assert!(err(model(8, 17, &g)).contains("external data"));
+        let mut taken = Vec::new();
+        put_bytes(&mut taken, 8, b"clipstream_pixel_lut");
+        let mut g = Vec::new();
+        put_bytes(&mut g, 5, &taken);
+        assert!(err(model(8, 17, &g)).contains("`clipstream_pixel_lut` is already an initializer"));
+        let mut g = Vec::new();
+        put_bytes(
+            &mut g,
+            1,
+            &node(&["x"], "clipstream_pixel_index", "n", "Relu", None),
+        );
+        assert!(err(model(8, 17, &g)).contains("already a node output"));
+        let mut init = Vec::new();
+        put_bytes(&mut init, 8, b"pixel_values");
+        let mut g = Vec::new();
+        put_bytes(&mut g, 5, &init);
+        assert!(err(model(8, 17, &g)).contains("also an initializer"));
+        let mut twice = model(8, 17, &[]);
+        let graph_again: Vec<u8> = fields(&twice.clone())
+            .expect("fields")
+            .iter()
+            .filter(|f| f.number == 7)
+            .flat_map(|f| f.raw.to_vec())
+            .collect();
+        twice.extend_from_slice(&graph_again);
+        assert!(err(twice).contains("several pieces"));
     }
 }

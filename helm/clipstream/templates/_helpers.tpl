@@ -279,10 +279,10 @@ brokers = {{ . | toJson }}
 {{- end }}
 {{- with $p.sink.kafka.embeddings_topic }}
 embeddings_topic = {{ . | toJson }}
-{{- end }}
 {{- with $p.sink.kafka.embeddings_format }}
 {{- if ne . "json" }}
 embeddings_format = {{ . | toJson }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- with $p.sink.kafka.labels_topic }}

@@ -140,14 +140,16 @@ pub fn vision_encoder(
         .spawn(move || {
             let per = 3 * size.0 * size.1;
             let (mut floats, mut bytes) = (Vec::new(), Vec::new());
+            // Bytes per value of the batch's input and ONNX Runtime's
+            // copies of it: floats, and their copy; or bytes, and the
+            // edited graph's int32, int32 and float tensors.
             let width = match encoder.pixel_input() {
-                PixelInput::Float => 4,
-                PixelInput::Uint8 => 1,
+                PixelInput::Float => 2 * 4,
+                PixelInput::Uint8 => 1 + 4 + 4 + 4,
             };
             for batch in rx.iter() {
                 let started = Instant::now();
-                // The batch's input, and ONNX Runtime's copy of it.
-                let _input = budget.charge(2 * width * (batch.len() * per) as u64);
+                let _input = budget.charge(width * (batch.len() * per) as u64);
                 let result = encode_isolating(&batch, |jobs| {
                     floats.clear();
                     bytes.clear();

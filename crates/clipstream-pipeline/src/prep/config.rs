@@ -22,8 +22,8 @@ pub struct ImageConfig {
     /// normalised pixels, written by the host) or `uint8` (the resized,
     /// cropped bytes; a graph edit at load time makes the tower rescale and
     /// normalise them itself, with the same table, so embeddings are bit
-    /// for bit the same: a quarter of the bytes per image, no float work
-    /// on the host).
+    /// for bit the same: a quarter of the bytes per image; meant for GPUs,
+    /// as on a CPU the tower's mapping costs more than the host's).
     #[serde(default)]
     pub model_input: clipstream_model::encoder::PixelInput,
 }

@@ -20,10 +20,12 @@
 //!
 //! With 512-d vectors that is about a quarter of the JSON's bytes, and
 //! writing it costs a copy instead of formatting a thousand decimals
-//! (`clipstream bench --only messages` prints both, side by side). A
+//! (`clipstream bench --messages` prints both, side by side). A
 //! reader in Python: `h = int.from_bytes(v[4:8], "little");
 //! meta = json.loads(v[8:8 + h]); vecs = numpy.frombuffer(v, "<f4",
-//! offset=8 + h).reshape(len(meta["vectors"]), meta["dim"])`.
+//! offset=8 + h).reshape(len(meta["vectors"]), meta["dim"])`. A removed
+//! product's tombstone (`clipstream snapshot`) has no value and no
+//! `clipstream.format` header, in either format.
 
 use serde_json::{Value, json};
 
@@ -60,14 +62,19 @@ fn fields(row: &OutputRow, model_id: &str) -> serde_json::Map<String, Value> {
     }
 }
 
-/// The value of `row`'s embeddings message in `format`.
-pub fn embeddings_message(row: &OutputRow, model_id: &str, format: EmbeddingsFormat) -> Vec<u8> {
+/// The value of `row`'s embeddings message in `format`; `Err` when its
+/// vectors cannot be written as one `dim` (none, or of different lengths).
+pub fn embeddings_message(
+    row: &OutputRow,
+    model_id: &str,
+    format: EmbeddingsFormat,
+) -> Result<Vec<u8>, String> {
     let mut m = fields(row, model_id);
     match format {
         EmbeddingsFormat::Json => {
             m.insert("image_embedding".into(), json!(row.image_embedding));
             m.insert("text_embedding".into(), json!(row.text_embedding));
-            Value::Object(m).to_string().into_bytes()
+            Ok(Value::Object(m).to_string().into_bytes())
         }
         EmbeddingsFormat::F32le => {
             let vectors: Vec<(&str, &[f32])> = [
@@ -78,6 +85,12 @@ pub fn embeddings_message(row: &OutputRow, model_id: &str, format: EmbeddingsFor
             .filter_map(|(name, v)| Some((name, v?)))
             .collect();
             let dim = vectors.first().map_or(0, |(_, v)| v.len());
+            if dim == 0 || vectors.iter().any(|(_, v)| v.len() != dim) {
+                let lengths: Vec<usize> = vectors.iter().map(|(_, v)| v.len()).collect();
+                return Err(format!(
+                    "f32le needs vectors of one non-zero length; this row's are {lengths:?}"
+                ));
+            }
             m.insert("dim".into(), json!(dim));
             m.insert(
                 "vectors".into(),
@@ -95,7 +108,7 @@ pub fn embeddings_message(row: &OutputRow, model_id: &str, format: EmbeddingsFor
                     out.extend_from_slice(&x.to_le_bytes());
                 }
             }
-            out
+            Ok(out)
         }
     }
 }
@@ -159,10 +172,11 @@ mod tests {
             (None, Some(text.clone())),
         ] {
             let r = row(img.clone(), txt.clone());
-            let json: Value =
-                serde_json::from_slice(&embeddings_message(&r, "m", EmbeddingsFormat::Json))
-                    .expect("json");
-            let bin = embeddings_message(&r, "m", EmbeddingsFormat::F32le);
+            let json: Value = serde_json::from_slice(
+                &embeddings_message(&r, "m", EmbeddingsFormat::Json).expect("json"),
+            )
+            .expect("json");
+            let bin = embeddings_message(&r, "m", EmbeddingsFormat::F32le).expect("f32le");
             let (mut meta, vecs) = read_f32le(&bin);
             let names: Vec<String> = meta["vectors"]
                 .as_array()
@@ -196,7 +210,21 @@ mod tests {
             assert_eq!(m.remove("dim"), Some(json!(512)));
             m.remove("vectors");
             assert_eq!(meta, expected);
-            assert!(bin.len() * 3 < embeddings_message(&r, "m", EmbeddingsFormat::Json).len());
+            let json_len = embeddings_message(&r, "m", EmbeddingsFormat::Json)
+                .expect("json")
+                .len();
+            assert!(bin.len() * 3 < json_len);
         }
+    }
+
+    /// Vectors that cannot share one `dim` are refused, not misdescribed.
+    #[test]
+    fn vectors_of_different_lengths_are_refused() {
+        let r = row(Some(vec![0.5; 512]), Some(vec![0.5; 768]));
+        let e = embeddings_message(&r, "m", EmbeddingsFormat::F32le).expect_err("lengths");
+        assert!(e.contains("[512, 768]"), "{e}");
+        assert!(embeddings_message(&r, "m", EmbeddingsFormat::Json).is_ok());
+        let none = row(None, None);
+        assert!(embeddings_message(&none, "m", EmbeddingsFormat::F32le).is_err());
     }
 }

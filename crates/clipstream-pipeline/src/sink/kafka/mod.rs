@@ -8,7 +8,9 @@
 //! and a Parquet file completes (and is committed) as one unit.
 //!
 //! Messages (JSON, key = record id):
-//! - embeddings: `{"id", "source": {"topic", "partition", "offset"},
+//! - embeddings (or, with `embeddings_format = "f32le"`, the same fields
+//!   as a header and the vectors as float32: see [`message`]):
+//!   `{"id", "source": {"topic", "partition", "offset"},
 //!   "image_uri", "image_etag", "text", "attributes", "image_embedding",
 //!   "text_embedding", "clip_score", "model_id", "event_time_ms",
 //!   "processed_at_ms"}`;
@@ -223,12 +225,14 @@ impl KafkaOutputs {
     }
 
     async fn row(&self, row: &OutputRow) -> Result<(), DeliveryError> {
-        let embeddings = self.embeddings.as_deref().map(|topic| {
-            (
+        let embeddings = match self.embeddings.as_deref() {
+            Some(topic) => Some((
                 topic,
-                message::embeddings_message(row, &self.model_id, self.embeddings_format),
-            )
-        });
+                message::embeddings_message(row, &self.model_id, self.embeddings_format)
+                    .map_err(DeliveryError::Permanent)?,
+            )),
+            None => None,
+        };
         let labelled = |labels: &[clipstream_model::zero_shot::Label]| {
             labels
                 .iter()
