@@ -47,6 +47,9 @@ cargo fmt --all -- --check
 step "cargo clippy (-D warnings)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+step "rustdoc of the library crates (-D warnings: the module maps' links must resolve)"
+RUSTDOCFLAGS="-D warnings" cargo doc --locked --no-deps -p clipstream-model -p clipstream-pipeline
+
 step "cargo test"
 cargo test --workspace --locked
 
