@@ -10,6 +10,14 @@ pub struct EmbeddingBatch {
 }
 
 impl EmbeddingBatch {
+    /// No rows.
+    pub fn empty() -> Self {
+        EmbeddingBatch {
+            dim: 0,
+            data: Vec::new(),
+        }
+    }
+
     /// Number of rows.
     pub fn len(&self) -> usize {
         self.data.len().checked_div(self.dim).unwrap_or(0)

@@ -287,6 +287,36 @@ impl VisionEncoder {
         }
     }
 
+    /// The `[n, 3, h, w]` shape of a batch of `len` values given as
+    /// `given`; `None` for an empty batch, an error when the tower takes
+    /// the other form.
+    fn batch_shape(
+        &self,
+        given: PixelInput,
+        len: usize,
+        n: usize,
+        (h, w): (usize, usize),
+    ) -> Result<Option<[i64; 4]>, ModelError> {
+        if n == 0 {
+            return Ok(None);
+        }
+        match (self.pixel_input(), given) {
+            (PixelInput::Float, PixelInput::Uint8) => {
+                return Err(ModelError::Ort(
+                    "this vision tower takes float pixels, not bytes".into(),
+                ));
+            }
+            (PixelInput::Uint8, PixelInput::Float) => {
+                return Err(ModelError::Ort(
+                    "this vision tower takes bytes (embed_bytes), not floats".into(),
+                ));
+            }
+            _ => {}
+        }
+        assert_eq!(len, n * 3 * h * w, "pixel buffer size");
+        Ok(Some([n as i64, 3, h as i64, w as i64]))
+    }
+
     /// Embeds `n` images given as resized, cropped bytes `[n, 3, h, w]`
     /// (a tower loaded with [`VisionEncoder::load_uint8`]).
     pub fn embed_bytes(
@@ -295,19 +325,9 @@ impl VisionEncoder {
         n: usize,
         (h, w): (usize, usize),
     ) -> Result<EmbeddingBatch, ModelError> {
-        if n == 0 {
-            return Ok(EmbeddingBatch {
-                dim: 0,
-                data: Vec::new(),
-            });
-        }
-        if self.input_type != TensorElementType::Uint8 {
-            return Err(ModelError::Ort(
-                "this vision tower takes float pixels, not bytes".into(),
-            ));
-        }
-        assert_eq!(pixels.len(), n * 3 * h * w, "pixel buffer size");
-        let shape = [n as i64, 3, h as i64, w as i64];
+        let Some(shape) = self.batch_shape(PixelInput::Uint8, pixels.len(), n, (h, w))? else {
+            return Ok(EmbeddingBatch::empty());
+        };
         let t = &mut self.tower;
         let tensor = TensorRef::from_array_view((shape, pixels))?;
         let outputs = t.session.run(ort::inputs![self.input.as_str() => tensor])?;
@@ -326,19 +346,9 @@ impl VisionEncoder {
         n: usize,
         (h, w): (usize, usize),
     ) -> Result<EmbeddingBatch, ModelError> {
-        if n == 0 {
-            return Ok(EmbeddingBatch {
-                dim: 0,
-                data: Vec::new(),
-            });
-        }
-        if self.input_type == TensorElementType::Uint8 {
-            return Err(ModelError::Ort(
-                "this vision tower takes bytes (embed_bytes), not floats".into(),
-            ));
-        }
-        assert_eq!(pixels.len(), n * 3 * h * w, "pixel buffer size");
-        let shape = [n as i64, 3, h as i64, w as i64];
+        let Some(shape) = self.batch_shape(PixelInput::Float, pixels.len(), n, (h, w))? else {
+            return Ok(EmbeddingBatch::empty());
+        };
         let t = &mut self.tower;
         let outputs = match self.input_type {
             TensorElementType::Float16 => {
@@ -433,10 +443,7 @@ impl TextEncoder {
     /// Embeds a tokenized batch.
     pub fn embed(&mut self, tokens: &TokenBatch) -> Result<EmbeddingBatch, ModelError> {
         if tokens.len == 0 {
-            return Ok(EmbeddingBatch {
-                dim: 0,
-                data: Vec::new(),
-            });
+            return Ok(EmbeddingBatch::empty());
         }
         let shape = [tokens.len as i64, tokens.max_len as i64];
         let as_i32 = |v: &[i64]| v.iter().map(|&x| x as i32).collect::<Vec<i32>>();
