@@ -174,6 +174,20 @@ impl ImagePreprocessor {
         }
     }
 
+    /// Decodes `bytes` into a new `[3, H, W]` byte buffer for a tower with a
+    /// uint8 input; the buffer comes from [`buffers::pixel_bytes`]: hand it
+    /// to [`buffers::give_pixel_bytes`] when done with it.
+    pub fn preprocess_bytes(&self, bytes: &[u8]) -> Result<Vec<u8>, ImageError> {
+        let mut out = buffers::pixel_bytes(self.pixels_len());
+        match self.preprocess_bytes_into(bytes, &mut out) {
+            Ok(()) => Ok(out),
+            Err(e) => {
+                buffers::give_pixel_bytes(out);
+                Err(e)
+            }
+        }
+    }
+
     /// Resize, crop, rescale and normalise an RGB image into `out`.
     ///
     /// Only the pixels that survive the crop are resized (see

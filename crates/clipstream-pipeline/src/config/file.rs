@@ -3,6 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
+/// One hour, in ms: the longest any `_ms` duration may be, so that no
+/// deadline or backoff computed from one can overflow.
+pub const HOUR_MS: u64 = 3_600_000;
+
 /// A problem found in a config, with its path in the file.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Problem {

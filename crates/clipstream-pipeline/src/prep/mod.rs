@@ -65,20 +65,9 @@ pub fn spawn_threads(
 
 /// Decodes and preprocesses an image into the form its tower takes.
 fn preprocess(ctx: &PrepContext, bytes: &[u8]) -> Result<Pixels, ImageError> {
-    use clipstream_model::preprocess::buffers;
-    let pre = &ctx.preprocessor;
     match ctx.pixel_input {
-        PixelInput::Float => pre.preprocess(bytes).map(Pixels::Float),
-        PixelInput::Uint8 => {
-            let mut out = buffers::pixel_bytes(pre.pixels_len());
-            match pre.preprocess_bytes_into(bytes, &mut out) {
-                Ok(()) => Ok(Pixels::Bytes(out)),
-                Err(e) => {
-                    buffers::give_pixel_bytes(out);
-                    Err(e)
-                }
-            }
-        }
+        PixelInput::Float => ctx.preprocessor.preprocess(bytes).map(Pixels::Float),
+        PixelInput::Uint8 => ctx.preprocessor.preprocess_bytes(bytes).map(Pixels::Bytes),
     }
 }
 

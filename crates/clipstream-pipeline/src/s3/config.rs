@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::file::Problems;
+use crate::config::file::{HOUR_MS, Problems};
 
 /// `[s3]`: the S3 client. Credentials come from the standard AWS chain
 /// (environment, profile, web identity, instance metadata).
@@ -33,9 +33,6 @@ pub struct S3Config {
     #[serde(default = "default_s3_backoff")]
     pub backoff_ms: u64,
 }
-
-/// One hour, in ms: the longest of the S3 durations.
-const HOUR_MS: u64 = 3_600_000;
 
 fn default_s3_timeout() -> u64 {
     10_000

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::file::Problems;
+use crate::config::file::{HOUR_MS, Problems};
 use crate::source::files::config::default_max_event_bytes;
 
 /// `[source]` with `kind = "kafka"`.
@@ -62,9 +62,6 @@ impl OffsetReset {
         }
     }
 }
-
-/// One hour, in ms: the longest of the source's durations.
-const HOUR_MS: u64 = 3_600_000;
 
 fn default_commit_interval() -> u64 {
     1000
