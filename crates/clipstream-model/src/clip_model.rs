@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use crate::embedding::EmbeddingBatch;
-use crate::encoder::{PixelInput, TextEncoder, VisionEncoder};
+use crate::encoder::{PixelInput, PixelsMut, TextEncoder, VisionEncoder};
 use crate::error::{ImageError, ModelError};
 use crate::model_dir::{ModelDir, Tower as TowerKind, Variant};
 use crate::preprocess::{ImagePreprocessor, PreprocessorConfig};
@@ -81,32 +81,57 @@ impl ClipModel {
         ))
     }
 
-    /// Embeds already decoded-and-preprocessed images.
+    /// Embeds already decoded-and-preprocessed images: read in place on
+    /// the CPU; on a GPU copied into the tower's pinned input buffer
+    /// ([`VisionEncoder::embed_filled`]).
     pub fn embed_pixels(&mut self, pixels: &[f32], n: usize) -> Result<EmbeddingBatch, ModelError> {
         let size = self.preprocessor.config.output_size();
-        self.vision.embed(pixels, n, size)
+        if !self.vision.io_binding() {
+            return self.vision.embed(pixels, n, size);
+        }
+        let per = self.preprocessor.pixels_len();
+        if pixels.len() != n * per {
+            return Err(ModelError::Ort(format!(
+                "{} pixel values for {n} images of {per}",
+                pixels.len()
+            )));
+        }
+        self.vision.embed_filled(n, size, |buffer| match buffer {
+            PixelsMut::Float(dst) => {
+                dst.copy_from_slice(pixels);
+                Ok(())
+            }
+            PixelsMut::Bytes(_) => Err(ModelError::Ort(
+                "this vision tower takes bytes (embed_bytes), not floats".into(),
+            )),
+        })
     }
 
-    /// Decodes, preprocesses and embeds one image's bytes. Bad images are an
+    /// Decodes, preprocesses and embeds one image's bytes, preprocessing
+    /// straight into the tower's input buffer. Bad images are an
     /// `Ok(Err(..))`: the model is fine, the input is not.
     pub fn embed_image_bytes(
         &mut self,
         bytes: &[u8],
     ) -> Result<Result<Vec<f32>, ImageError>, ModelError> {
         let size = self.preprocessor.config.output_size();
-        if self.vision.pixel_input() == PixelInput::Uint8 {
-            let mut pixels = vec![0u8; self.preprocessor.pixels_len()];
-            if let Err(e) = self.preprocessor.preprocess_bytes_into(bytes, &mut pixels) {
-                return Ok(Err(e));
+        let pre = &self.preprocessor;
+        let mut bad = None;
+        let embedded = self.vision.embed_filled(1, size, |buffer| {
+            match buffer {
+                PixelsMut::Float(dst) => pre.preprocess_into(bytes, dst),
+                PixelsMut::Bytes(dst) => pre.preprocess_bytes_into(bytes, dst),
             }
-            return Ok(Ok(self.vision.embed_bytes(&pixels, 1, size)?.data));
+            .map_err(|e| {
+                let why = ModelError::Ort(e.to_string());
+                bad = Some(e);
+                why
+            })
+        });
+        match bad {
+            Some(e) => Ok(Err(e)),
+            None => Ok(Ok(embedded?.data)),
         }
-        let pixels = match self.preprocessor.preprocess(bytes) {
-            Ok(p) => p,
-            Err(e) => return Ok(Err(e)),
-        };
-        let batch = self.embed_pixels(&pixels, 1)?;
-        Ok(Ok(batch.data))
     }
 
     /// Tokenizes and embeds texts.

@@ -14,6 +14,8 @@ use ort::value::{Outlet, TensorElementType, TensorRef, ValueType};
 
 use crate::error::ModelError;
 use crate::runtime::{self, RuntimeOptions};
+pub use crate::staging::PixelsMut;
+use crate::staging::Staging;
 use crate::tokenize::TokenBatch;
 
 pub use crate::embedding::{EmbeddingBatch, dot, l2_normalize_rows};
@@ -187,6 +189,12 @@ pub struct VisionEncoder {
     tower: Tower,
     input: String,
     input_type: TensorElementType,
+    /// The GPU the session runs on, if any.
+    device: Option<i32>,
+    /// [`VisionEncoder::embed_filled`]'s buffer, made on first use.
+    staging: Option<Staging>,
+    /// See [`VisionEncoder::force_io_binding`].
+    force_binding: Option<bool>,
 }
 
 impl VisionEncoder {
@@ -266,10 +274,18 @@ impl VisionEncoder {
             });
         }
         let input = input.name().to_string();
+        let device = options
+            .providers
+            .iter()
+            .find(|p| p.name() == tower.provider)
+            .and_then(|p| p.device_id());
         Ok(VisionEncoder {
             tower,
             input,
             input_type,
+            device,
+            staging: None,
+            force_binding: None,
         })
     }
 
@@ -337,6 +353,71 @@ impl VisionEncoder {
     /// The ONNX file.
     pub fn path(&self) -> &Path {
         &self.tower.path
+    }
+
+    /// Embeds `n` images that `fill` writes straight into the tower's own
+    /// input buffer, in the form the tower takes ([`PixelsMut::Float`],
+    /// `[n, 3, h, w]` as [`VisionEncoder::embed`] takes them, or
+    /// [`PixelsMut::Bytes`] for a [`VisionEncoder::load_uint8`] tower; an
+    /// error from `fill` is returned as is). The buffer is kept from batch
+    /// to batch. On a GPU provider it is pinned host memory, so the copy
+    /// to the device is a DMA ([`VisionEncoder::pinned`]), and the batch
+    /// goes in through ONNX Runtime's I/O binding; on the CPU the session
+    /// reads it in place. On the CPU both ways give the embeddings of
+    /// [`VisionEncoder::embed`] / [`VisionEncoder::embed_bytes`] bit for
+    /// bit (tested); on a GPU, `scripts/gpu-check.sh` compares them with
+    /// the CPU's.
+    pub fn embed_filled(
+        &mut self,
+        n: usize,
+        (h, w): (usize, usize),
+        fill: impl FnOnce(PixelsMut<'_>) -> Result<(), ModelError>,
+    ) -> Result<EmbeddingBatch, ModelError> {
+        if n == 0 {
+            return Ok(EmbeddingBatch::empty());
+        }
+        let shape = [n as i64, 3, h as i64, w as i64];
+        let t = &mut self.tower;
+        let staging = match &mut self.staging {
+            Some(s) => s,
+            None => self
+                .staging
+                .insert(Staging::new(&t.session, self.device, &t.output)?),
+        };
+        if let Some(on) = self.force_binding {
+            staging.bind = on;
+        }
+        let (output, output_type) = (&t.output, t.output_type);
+        staging.run(
+            &mut t.session,
+            &self.input,
+            self.input_type,
+            shape,
+            fill,
+            |outputs| Tower::extract(outputs, output, output_type, n),
+        )
+    }
+
+    /// Runs [`VisionEncoder::embed_filled`] through ONNX Runtime's I/O
+    /// binding (`Some(true)`) or `Session::run` (`Some(false)`) whatever
+    /// the provider; `None`: binding on GPU providers only (the default).
+    /// For tests of both paths.
+    #[doc(hidden)]
+    pub fn force_io_binding(&mut self, on: Option<bool>) {
+        self.force_binding = on;
+    }
+
+    /// Whether [`VisionEncoder::embed_filled`] goes through I/O binding (a
+    /// GPU provider, or [`VisionEncoder::force_io_binding`]).
+    pub fn io_binding(&self) -> bool {
+        self.force_binding.unwrap_or(self.device.is_some())
+    }
+
+    /// Whether [`VisionEncoder::embed_filled`]'s buffer is pinned host
+    /// memory (a CUDA or TensorRT session whose pinned allocator answered;
+    /// `false` until the first batch).
+    pub fn pinned(&self) -> bool {
+        self.staging.as_ref().is_some_and(Staging::pinned)
     }
 
     /// Embeds `n` preprocessed images laid out `[n, 3, h, w]` in `pixels`.

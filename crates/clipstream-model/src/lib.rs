@@ -13,7 +13,9 @@
 //! - [`tokenize`]: `CLIPTokenizerFast` through the `tokenizers` crate.
 //! - [`encoder`]: one ORT session per tower; input/output names discovered
 //!   from the session; fp32 / fp16 / int8 exports alike; a vision tower can
-//!   take uint8 pixels through [`onnx_edit`], a graph edit at load time.
+//!   take uint8 pixels through [`onnx_edit`], a graph edit at load time;
+//!   a pipeline writes a batch straight into the tower's input buffer
+//!   (`staging`: on a GPU, pinned host memory and I/O binding).
 //! - [`clip_model`]: the whole model (preprocessing, tokenizer, towers).
 //! - [`zero_shot`]: label sets (class names × prompt templates) and the
 //!   softmax head.
@@ -31,6 +33,7 @@ pub mod npy;
 pub mod onnx_edit;
 pub mod preprocess;
 pub mod runtime;
+mod staging;
 pub mod tokenize;
 pub mod zero_shot;
 

@@ -117,6 +117,15 @@ impl ExecutionProvider {
         }
     }
 
+    /// The GPU's ordinal; `None` on the CPU.
+    pub fn device_id(&self) -> Option<i32> {
+        match self {
+            ExecutionProvider::Cpu => None,
+            ExecutionProvider::Cuda { device_id, .. }
+            | ExecutionProvider::TensorRt { device_id, .. } => Some(*device_id),
+        }
+    }
+
     /// Parses the short CLI form: `cpu`, `cuda`, `cuda:1`, `tensorrt`,
     /// `tensorrt:0:fp16`.
     pub fn parse_short(s: &str) -> Result<Self, String> {

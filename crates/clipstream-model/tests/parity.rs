@@ -429,3 +429,111 @@ fn uint8_input_embeds_bit_for_bit_as_the_float_path() {
         assert!(float.embed_bytes(&bytes, n, size).is_err());
     }
 }
+
+/// `embed_filled` (the pipeline's path: pixels written straight into the
+/// tower's own input buffer, run through I/O binding) embeds bit for bit as
+/// `embed` / `embed_bytes` do, for fp32, fp16 and uint8 towers, across
+/// batches of changing size (the buffer grows; a bound output of the last
+/// batch's shape would not fit) and repeated runs (a stale binding would
+/// return the previous batch), through I/O binding (the GPU path) and
+/// `Session::run`; an error from the filler is returned, and the next
+/// batch still works.
+#[test]
+fn embed_filled_embeds_bit_for_bit_as_embed() {
+    use clipstream_model::ModelError;
+    use clipstream_model::encoder::PixelsMut;
+    let m = model();
+    let size = m.preprocessor.config.output_size();
+    let per = m.preprocessor.pixels_len();
+    let lut = m.preprocessor.lut();
+    let images: Vec<Vec<u8>> = reference()
+        .images
+        .iter()
+        .map(|r| std::fs::read(fixtures().join(&r.file)).expect("image"))
+        .collect();
+    let n = images.len();
+    assert!(n >= 3, "the fixtures hold {n} images");
+    let mut floats = vec![0f32; n * per];
+    let mut bytes = vec![0u8; n * per];
+    for (k, img) in images.iter().enumerate() {
+        m.preprocessor
+            .preprocess_into(img, &mut floats[k * per..(k + 1) * per])
+            .expect("float path");
+        m.preprocessor
+            .preprocess_bytes_into(img, &mut bytes[k * per..(k + 1) * per])
+            .expect("byte path");
+    }
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let dir = ModelDir::open(model_root()).expect("model dir");
+    for (variant, binding) in [
+        (Variant::Fp32, false),
+        (Variant::Fp16, false),
+        (Variant::Fp32, true),
+        (Variant::Fp16, true),
+    ] {
+        let path = dir.tower(Tower::Vision, &variant).expect("vision");
+        let opts = RuntimeOptions::default();
+        let mut float = VisionEncoder::load(&path, &opts).expect("float");
+        let mut uint8 = VisionEncoder::load_uint8(&path, &opts, &lut).expect("uint8");
+        // Through I/O binding (the GPU's way, here without a device copy or
+        // pinned memory) and directly (the CPU's way).
+        float.force_io_binding(Some(binding));
+        uint8.force_io_binding(Some(binding));
+        let want = float.embed(&floats, n, size).expect("embed");
+        let dim = want.dim;
+        // One image, another of the same size (a stale input would give
+        // the first one's), more (the buffer grows), all, one from the
+        // middle, all again: sizes change and come back.
+        let ranges = [0..1, 1..2, 0..n - 1, 0..n, 2..3, 0..n];
+        for r in ranges {
+            let rows = r.len();
+            let expect = bits(&want.data[r.start * dim..r.end * dim]);
+            let (fs, bs) = (
+                &floats[r.start * per..r.end * per],
+                &bytes[r.start * per..r.end * per],
+            );
+            let got = float
+                .embed_filled(rows, size, |buf| match buf {
+                    PixelsMut::Float(dst) => {
+                        dst.copy_from_slice(fs);
+                        Ok(())
+                    }
+                    PixelsMut::Bytes(_) => panic!("a float tower asked for bytes"),
+                })
+                .expect("float embed_filled");
+            assert_eq!(
+                bits(&got.data),
+                expect,
+                "{variant:?} float rows {r:?}, binding {binding}"
+            );
+            let got = uint8
+                .embed_filled(rows, size, |buf| match buf {
+                    PixelsMut::Bytes(dst) => {
+                        dst.copy_from_slice(bs);
+                        Ok(())
+                    }
+                    PixelsMut::Float(_) => panic!("a uint8 tower asked for floats"),
+                })
+                .expect("uint8 embed_filled");
+            assert_eq!(
+                bits(&got.data),
+                expect,
+                "{variant:?} uint8 rows {r:?}, binding {binding}"
+            );
+        }
+        let err = float
+            .embed_filled(2, size, |_| Err(ModelError::Ort("no pixels".into())))
+            .expect_err("the filler's error");
+        assert!(err.to_string().contains("no pixels"), "{err}");
+        let again = float
+            .embed_filled(1, size, |buf| match buf {
+                PixelsMut::Float(dst) => {
+                    dst.copy_from_slice(&floats[..per]);
+                    Ok(())
+                }
+                PixelsMut::Bytes(_) => unreachable!(),
+            })
+            .expect("after an error");
+        assert_eq!(bits(&again.data), bits(&want.data[..dim]));
+    }
+}
