@@ -57,6 +57,12 @@ impl EncoderMetrics {
             .observe(took.as_secs_f64());
     }
 
+    /// Seconds `tower` has spent in ONNX Runtime, and its batches.
+    pub fn inference_total(&self, tower: Tower) -> (f64, u64) {
+        let h = self.inference_seconds.with_label_values(&[tower.as_str()]);
+        (h.get_sample_sum(), h.get_sample_count())
+    }
+
     /// The histogram of how long `tower`'s inputs wait for their batch.
     pub fn queue_wait(&self, tower: Tower) -> prometheus::Histogram {
         self.queue_wait_seconds.with_label_values(&[tower.as_str()])

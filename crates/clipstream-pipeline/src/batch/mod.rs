@@ -10,7 +10,7 @@ pub mod metrics;
 use std::sync::Arc;
 use std::time::Instant;
 
-use clipstream_model::encoder::PixelInput;
+use clipstream_model::encoder::{PixelInput, PixelsMut};
 use clipstream_model::tokenize::TokenBatch;
 use clipstream_model::{EmbeddingBatch, ModelError, TextEncoder, VisionEncoder};
 
@@ -126,6 +126,43 @@ fn finish_batch<'a>(
         })
 }
 
+/// Copies the jobs' pixels into the tower's buffer, `per` values each.
+fn fill_batch(jobs: &[&VisionJob], buffer: PixelsMut<'_>, per: usize) -> Result<(), ModelError> {
+    fn copy<T: Copy>(dst: &mut [T], src: &[T], per: usize) -> Result<(), ModelError> {
+        if src.len() != per {
+            return Err(ModelError::Ort(format!(
+                "an image has {} pixel values; the tower takes {per}",
+                src.len()
+            )));
+        }
+        dst.copy_from_slice(src);
+        Ok(())
+    }
+    let wrong = || ModelError::Ort("an image was preprocessed for another input form".into());
+    if per == 0 {
+        return Err(ModelError::Ort("the model's input size is empty".into()));
+    }
+    match buffer {
+        PixelsMut::Float(dst) => {
+            for (job, dst) in jobs.iter().zip(dst.chunks_exact_mut(per)) {
+                match &job.pixels {
+                    Pixels::Float(p) => copy(dst, p, per)?,
+                    Pixels::Bytes(_) => return Err(wrong()),
+                }
+            }
+        }
+        PixelsMut::Bytes(dst) => {
+            for (job, dst) in jobs.iter().zip(dst.chunks_exact_mut(per)) {
+                match &job.pixels {
+                    Pixels::Bytes(p) => copy(dst, p, per)?,
+                    Pixels::Float(_) => return Err(wrong()),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Runs the vision tower on batches until `rx` closes or the tower fails.
 pub fn vision_encoder(
     mut encoder: VisionEncoder,
@@ -139,7 +176,6 @@ pub fn vision_encoder(
         .name("encode-vision".into())
         .spawn(move || {
             let per = 3 * size.0 * size.1;
-            let (mut floats, mut bytes) = (Vec::new(), Vec::new());
             // Bytes per value of the batch's input and ONNX Runtime's
             // copies of it: floats, and their copy; or bytes, and the
             // edited graph's int32, int32 and float tensors.
@@ -151,32 +187,21 @@ pub fn vision_encoder(
                 let started = Instant::now();
                 let _input = budget.charge(width * (batch.len() * per) as u64);
                 let result = encode_isolating(&batch, |jobs| {
-                    floats.clear();
-                    bytes.clear();
-                    let Some(jobs) = jobs else {
-                        // The probe: a neutral image (the mean colour; mid
-                        // grey in bytes).
-                        return match encoder.pixel_input() {
-                            PixelInput::Float => {
-                                floats.resize(per, 0.0);
-                                encoder.embed(&floats, 1, size)
+                    // Each image is copied once, straight into the tower's
+                    // input buffer (pinned host memory on a GPU).
+                    let n = jobs.map_or(1, <[&VisionJob]>::len);
+                    encoder.embed_filled(n, size, |buffer| {
+                        let Some(jobs) = jobs else {
+                            // The probe: a neutral image (the mean colour;
+                            // mid grey in bytes).
+                            match buffer {
+                                PixelsMut::Float(dst) => dst.fill(0.0),
+                                PixelsMut::Bytes(dst) => dst.fill(128),
                             }
-                            PixelInput::Uint8 => {
-                                bytes.resize(per, 128);
-                                encoder.embed_bytes(&bytes, 1, size)
-                            }
+                            return Ok(());
                         };
-                    };
-                    for j in jobs {
-                        match &j.pixels {
-                            Pixels::Float(p) => floats.extend_from_slice(p),
-                            Pixels::Bytes(p) => bytes.extend_from_slice(p),
-                        }
-                    }
-                    match encoder.pixel_input() {
-                        PixelInput::Float => encoder.embed(&floats, jobs.len(), size),
-                        PixelInput::Uint8 => encoder.embed_bytes(&bytes, jobs.len(), size),
-                    }
+                        fill_batch(jobs, buffer, per)
+                    })
                 });
                 let recs = batch.iter().map(|j| &j.rec);
                 if !finish_batch(&asm, &fatal, Part::Image, recs, result, started) {
