@@ -5,7 +5,9 @@
 # GPU utilisation sampled by nvidia-smi and the host CPU-ms per record
 # (with float and with uint8 model input, `[image] model_input`, side by
 # side: the uint8 input is meant for GPUs and has only been measured on CPU).
-# Exits non-zero with the reason on any mismatch. Meant to finish within 10
+# The parity step also checks that images reach the GPU through a pinned
+# host buffer and I/O binding. Exits non-zero with the reason on any
+# mismatch. Meant to finish within 10
 # minutes on one H100/H200.
 #
 #   scripts/gpu-check.sh                # needs nvidia-smi, python3 with pip
@@ -54,8 +56,14 @@ for i in "${images[@]}"; do args+=(--image "$i"); done
 args+=(--text "a red circle" --text "a photo of a blue square")
 for variant in fp32 fp16; do
   "$bin" embed --model "$model" --variant "$variant" --provider cpu "${args[@]}" >"$out/cpu-$variant.jsonl"
-  "$bin" embed --model "$model" --variant "$variant" --provider cuda "${args[@]}" >"$out/cuda-$variant.jsonl" \
-    || fail "embedding on CUDA ($variant) failed"
+  # Images go through the pinned input buffer and I/O binding (the
+  # pipeline's path); the log says whether the buffer is pinned.
+  CLIPSTREAM_LOG=warn,clipstream_model=info \
+    "$bin" embed --model "$model" --variant "$variant" --provider cuda "${args[@]}" \
+    >"$out/cuda-$variant.jsonl" 2>"$out/cuda-$variant.log" \
+    || { cat "$out/cuda-$variant.log" >&2; fail "embedding on CUDA ($variant) failed"; }
+  grep -q 'vision input buffer.*pinned=true.*io_binding=true' "$out/cuda-$variant.log" \
+    || fail "the CUDA session gave no pinned input buffer ($variant): $(grep -i pinned "$out/cuda-$variant.log" || echo 'no log line')"
 done
 "$python" - "$out" <<'PY' || fail "CUDA embeddings differ from CPU ones"
 import json, math, sys

@@ -403,6 +403,8 @@ fn the_benchmarks_run_and_print_every_figure() {
         .collect();
     for part in [
         "jpeg_decode_alone",
+        "jpeg_decode_1600x1200_whole",
+        "jpeg_decode_1600x1200_at_1_8_dct_scale",
         "exact_preprocess_640x480_jpeg_scalar",
         "exact_preprocess_640x480_jpeg_default",
         "exact_preprocess_1600x1200_jpeg_default",
@@ -411,6 +413,8 @@ fn the_benchmarks_run_and_print_every_figure() {
         "local_job_exact ",
         "local_job_fast ",
         "local_job_exact_ort_threads_spinning",
+        "local_job_exact_640x480_jpegs_only",
+        "local_job_fast_640x480_jpegs_only",
     ] {
         let line = lines
             .iter()
@@ -476,6 +480,8 @@ fn the_benchmarks_run_and_print_every_figure() {
         "4",
         "--pipeline-records",
         "16",
+        "--rounds",
+        "2",
         "--image-dir",
         images.to_str().expect("utf8"),
     ]);
@@ -491,6 +497,9 @@ fn the_benchmarks_run_and_print_every_figure() {
             "no {part} figure in:\n{stdout}"
         );
     }
+    // The raw session and the pipeline, in turn, twice.
+    assert_eq!(stdout.matches("round ").count(), 2, "{stdout}");
+    assert!(stdout.contains("rounds=2"), "{stdout}");
 }
 
 /// `[image] model_input = "uint8"`: the same records through a tower that

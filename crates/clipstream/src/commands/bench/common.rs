@@ -31,6 +31,11 @@ pub struct BenchArgs {
     /// round robin, with the same batch size).
     #[arg(long, default_value_t = 512, value_name = "N")]
     pub pipeline_records: usize,
+    /// When both `vision` and `pipeline` are measured, take them in turn
+    /// this many times and report medians and the median of each round's
+    /// ratio (a shared machine's speed drifts between two measurements).
+    #[arg(long, default_value_t = 3, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub rounds: u32,
     /// Print the host CPU cost per record instead: decode floor, exact
     /// preprocessing (SIMD resize and scalar, side by side), the local job
     /// on a catalog-like corpus, and the Python peers with `--python`.

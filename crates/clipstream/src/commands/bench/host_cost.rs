@@ -17,10 +17,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clipstream_model::ClipModel;
-use clipstream_model::preprocess::{ImageMode, buffers, resample};
+use clipstream_model::preprocess::{ImageMode, buffers, decode, resample};
 
 use super::common::BenchArgs;
-use super::corpus::{self, Corpus};
+use super::corpus;
 
 /// This thread's CPU time where the system can tell (Linux), else the
 /// process's (the one-core figures then include the other threads).
@@ -103,6 +103,30 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             }
         ),
     });
+    // A large photo: decoding it whole, and at the smallest DCT scale
+    // (1/8), where little is left but the entropy decoding every scale
+    // pays: the floor of what a reduced-scale decode (fast mode) can cost.
+    for (label, cover) in [
+        ("whole", None),
+        ("at 1/8 DCT scale: the entropy-decoding floor", Some((1, 1))),
+    ] {
+        let mut i = 0;
+        let (rate, cpu_ms, n) = one_core(s, || {
+            let bytes = &large[i % large.len()];
+            let d = decode::decode_reduced(bytes, &pre.limits, false, &|_, _| cover)?;
+            buffers::give_bytes(std::hint::black_box(d).rgb.data);
+            i += 1;
+            Ok(1)
+        })?;
+        rows.push(Row {
+            name: format!("JPEG decode, 1600x1200, {label}"),
+            rate,
+            unit: "images/s",
+            cpu_ms,
+            n,
+            note: String::new(),
+        });
+    }
     for (simd, label) in [(false, "scalar resize, before"), (true, "default")] {
         resample::set_simd(simd);
         for (files, size) in [(&small, "640x480"), (&large, "1600x1200")] {
@@ -168,35 +192,49 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let mut before = args.model.runtime.options();
     before.spinning = true;
     use clipstream_model::encoder::PixelInput::{Float, Uint8};
+    let all = corpus.all();
+    let opts = || args.model.runtime.options();
     let jobs = [
-        (
-            "exact",
-            args.model.runtime.options(),
-            ImageMode::Exact,
-            Float,
-        ),
+        ("exact", &all, opts(), ImageMode::Exact, Float),
         (
             "exact, uint8 model input",
-            args.model.runtime.options(),
+            &all,
+            opts(),
             ImageMode::Exact,
             Uint8,
         ),
-        ("fast", args.model.runtime.options(), ImageMode::Fast, Float),
+        ("fast", &all, opts(), ImageMode::Fast, Float),
         (
             "fast, uint8 model input",
-            args.model.runtime.options(),
+            &all,
+            opts(),
             ImageMode::Fast,
             Uint8,
         ),
         (
+            "exact, 640x480 JPEGs only",
+            &corpus.jpeg_small,
+            opts(),
+            ImageMode::Exact,
+            Float,
+        ),
+        (
+            "fast, 640x480 JPEGs only",
+            &corpus.jpeg_small,
+            opts(),
+            ImageMode::Fast,
+            Float,
+        ),
+        (
             "exact, ORT threads spinning: the old default",
+            &all,
             before,
             ImageMode::Exact,
             Float,
         ),
     ];
-    for (label, runtime, mode, input) in jobs {
-        let job = local_job(args, &corpus, records, runtime, mode, input)?;
+    for (label, files, runtime, mode, input) in jobs {
+        let job = local_job(args, files, records, runtime, mode, input)?;
         rows.push(Row {
             name: format!("local job, {label}"),
             rate: job.records as f64 / job.wall,
@@ -272,12 +310,12 @@ struct Job {
 }
 
 /// `clipstream run` with default engine settings on `records` events over
-/// the corpus (round robin; a caption on every other record), measured
+/// `files` (round robin; a caption on every other record), measured
 /// from the start of the engine to its report (model loaded beforehand).
 /// The note says how ONNX Runtime's threads were set.
 fn local_job(
     args: &BenchArgs,
-    corpus: &Corpus,
+    files: &[PathBuf],
     records: usize,
     runtime: clipstream_model::RuntimeOptions,
     mode: ImageMode,
@@ -288,7 +326,6 @@ fn local_job(
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let manifest = dir.join("events.jsonl");
-    let files = corpus.all();
     let mut f = std::io::BufWriter::new(std::fs::File::create(&manifest)?);
     for i in 0..records {
         let p = std::fs::canonicalize(&files[i % files.len()])?;
@@ -323,7 +360,8 @@ fn local_job(
     cfg.image.mode = mode;
     cfg.image.model_input = model_input;
     let threads = format!(
-        "{records} records over the corpus, captions on half; ORT intra threads {}, spinning {}",
+        "{records} records over {} files, captions on half; ORT intra threads {}, spinning {}",
+        files.len(),
         cfg.runtime
             .intra_threads_for("cpu")
             .map_or("ORT's default".to_string(), |n| n.to_string()),
