@@ -37,19 +37,21 @@ pub enum PixelsMut<'a> {
 /// See the module docs.
 #[derive(Debug)]
 pub(crate) struct Staging {
-    allocator: Allocator,
-    pinned: bool,
-    /// Run through `binding` (GPU providers) rather than `Session::run`.
-    pub(crate) bind: bool,
-    binding: IoBinding,
-    /// The output, bound to host memory.
-    output: String,
+    // Declared (so dropped) first: the buffers, then what they came from.
     /// The buffers and the images each has room for: one that only grows
     /// (run directly), or, bound, one per batch size, the two sizes used
     /// last (full batches and the last partial one), most recent first.
     buffers: Vec<(usize, DynTensor)>,
     /// Floats for a float16 tower, converted into the buffer.
     scratch: Vec<f32>,
+    /// Made on the first bound run.
+    binding: Option<IoBinding>,
+    /// Run through `binding` (GPU providers) rather than `Session::run`.
+    pub(crate) bind: bool,
+    /// The output, bound to host memory.
+    output: String,
+    allocator: Allocator,
+    pinned: bool,
 }
 
 impl Staging {
@@ -80,13 +82,13 @@ impl Staging {
             "vision input buffer"
         );
         Ok(Staging {
-            allocator: pinned.unwrap_or_default(),
-            pinned: is_pinned,
-            bind: device.is_some(),
-            binding: session.create_binding()?,
-            output: output.to_string(),
             buffers: Vec::new(),
             scratch: Vec::new(),
+            binding: None,
+            bind: device.is_some(),
+            output: output.to_string(),
+            allocator: pinned.unwrap_or_default(),
+            pinned: is_pinned,
         })
     }
 
@@ -129,7 +131,9 @@ impl Staging {
             }
             None => {
                 // Nothing may point into a buffer once it is gone.
-                self.binding.clear_inputs();
+                if let Some(b) = &mut self.binding {
+                    b.clear_inputs();
+                }
                 self.buffers.truncate(if self.bind { 1 } else { 0 });
                 let b = DynTensor::new(&self.allocator, ty, shape)?;
                 self.buffers.insert(0, (n, b));
@@ -161,16 +165,19 @@ impl Staging {
             }
         }
         if self.bind {
-            self.binding.bind_input(input, &*buffer)?;
+            let binding = match &mut self.binding {
+                Some(b) => b,
+                None => self.binding.insert(session.create_binding()?),
+            };
+            binding.bind_input(input, &*buffer)?;
             // The copy to the device starts at binding, asynchronously:
             // done before the buffer can be written or freed again.
-            self.binding.synchronize_inputs()?;
+            binding.synchronize_inputs()?;
             // Afresh each run: a bound output keeps the tensor ONNX Runtime
             // allocated for the last batch, whose shape a batch of another
             // size does not fit.
-            self.binding
-                .bind_output_to_device(&self.output, &MemoryInfo::default())?;
-            let outputs = session.run_binding(&self.binding)?;
+            binding.bind_output_to_device(&self.output, &MemoryInfo::default())?;
+            let outputs = session.run_binding(binding)?;
             return read(&outputs);
         }
         // The batch: a view of the buffer's first `n` images.

@@ -41,13 +41,14 @@ pub enum PixelInput {
 /// The image tower.
 #[derive(Debug)]
 pub struct VisionEncoder {
+    /// [`VisionEncoder::embed_filled`]'s buffer, made on first use;
+    /// declared (so dropped) before the session it was made for.
+    staging: Option<Staging>,
     tower: Tower,
     input: String,
     input_type: TensorElementType,
     /// The GPU the session runs on, if any.
     device: Option<i32>,
-    /// [`VisionEncoder::embed_filled`]'s buffer, made on first use.
-    staging: Option<Staging>,
     /// See [`VisionEncoder::force_io_binding`].
     force_binding: Option<bool>,
 }
