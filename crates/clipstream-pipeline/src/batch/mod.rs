@@ -128,7 +128,33 @@ fn finish_batch<'a>(
 
 /// Copies the jobs' pixels into the tower's buffer, `per` values each.
 fn fill_batch(jobs: &[&VisionJob], buffer: PixelsMut<'_>, per: usize) -> Result<(), ModelError> {
-    fn copy<T: Copy>(dst: &mut [T], src: &[T], per: usize) -> Result<(), ModelError> {
+    if per == 0 {
+        return Err(ModelError::Ort("the model's input size is empty".into()));
+    }
+    match buffer {
+        PixelsMut::Float(dst) => copy_each(jobs, dst, per, |p| match p {
+            Pixels::Float(v) => Some(v),
+            Pixels::Bytes(_) => None,
+        }),
+        PixelsMut::Bytes(dst) => copy_each(jobs, dst, per, |p| match p {
+            Pixels::Bytes(v) => Some(v),
+            Pixels::Float(_) => None,
+        }),
+    }
+}
+
+/// [`fill_batch`] for one form: `form` gives a job's pixels in it, or
+/// `None` when they were preprocessed for the other.
+fn copy_each<T: Copy>(
+    jobs: &[&VisionJob],
+    dst: &mut [T],
+    per: usize,
+    form: impl Fn(&Pixels) -> Option<&Vec<T>>,
+) -> Result<(), ModelError> {
+    for (job, dst) in jobs.iter().zip(dst.chunks_exact_mut(per)) {
+        let src = form(&job.pixels).ok_or_else(|| {
+            ModelError::Ort("an image was preprocessed for another input form".into())
+        })?;
         if src.len() != per {
             return Err(ModelError::Ort(format!(
                 "an image has {} pixel values; the tower takes {per}",
@@ -136,29 +162,6 @@ fn fill_batch(jobs: &[&VisionJob], buffer: PixelsMut<'_>, per: usize) -> Result<
             )));
         }
         dst.copy_from_slice(src);
-        Ok(())
-    }
-    let wrong = || ModelError::Ort("an image was preprocessed for another input form".into());
-    if per == 0 {
-        return Err(ModelError::Ort("the model's input size is empty".into()));
-    }
-    match buffer {
-        PixelsMut::Float(dst) => {
-            for (job, dst) in jobs.iter().zip(dst.chunks_exact_mut(per)) {
-                match &job.pixels {
-                    Pixels::Float(p) => copy(dst, p, per)?,
-                    Pixels::Bytes(_) => return Err(wrong()),
-                }
-            }
-        }
-        PixelsMut::Bytes(dst) => {
-            for (job, dst) in jobs.iter().zip(dst.chunks_exact_mut(per)) {
-                match &job.pixels {
-                    Pixels::Bytes(p) => copy(dst, p, per)?,
-                    Pixels::Float(_) => return Err(wrong()),
-                }
-            }
-        }
     }
     Ok(())
 }
