@@ -344,6 +344,13 @@ fn metrics_health_and_readiness_are_served_during_a_run() {
     );
     assert!(text.contains(r#"provider="cpu""#), "{text}");
     assert!(text.contains(r#"tower="vision""#) && text.contains(r#"tower="text""#));
+    // Images were encoded, so the vision tower's runs took host CPU.
+    let cpu = text
+        .lines()
+        .find(|l| l.starts_with(r#"clipstream_encoder_cpu_seconds_total{tower="vision"}"#))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no vision tower CPU seconds:\n{text}"));
+    assert!(cpu > 0.0, "{cpu}");
     // Exposition format: every sample is NAME[{labels}] VALUE, every family has HELP and TYPE.
     for line in text
         .lines()

@@ -19,12 +19,15 @@
 //! - [`clip_model`]: the whole model (preprocessing, tokenizer, towers).
 //! - [`zero_shot`]: label sets (class names × prompt templates) and the
 //!   softmax head.
+//! - [`cpu`]: the host CPU time of a tower's runs (the caller inside `run`
+//!   and ONNX Runtime's pool threads, named `ort-vision` / `ort-text`).
 //! - [`npy`]: reading and writing `.npy` arrays, for parity checks.
 //!
 //! The types are synchronous and `Send`; callers decide on threads (the
 //! pipeline runs preprocessing on a CPU pool and each tower on its own thread).
 
 pub mod clip_model;
+pub mod cpu;
 pub mod embedding;
 pub mod encoder;
 pub mod error;

@@ -17,11 +17,14 @@
 //! session reads the buffer in place, one buffer that only grows.
 //! Measured on CPU only: no GPU has run this yet.
 
+use std::time::Duration;
+
 use half::f16;
 use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::{IoBinding, Session, SessionOutputs};
 use ort::value::{DynTensor, TensorElementType, TensorRef};
 
+use crate::cpu::timed;
 use crate::error::ModelError;
 
 /// The batch buffer in the form the tower takes.
@@ -98,11 +101,12 @@ impl Staging {
     }
 
     /// Lets `fill` write the batch of `shape` (`[n, 3, h, w]`) in `ty`'s
-    /// form, runs `session` on it as `input`, and hands the outputs to
+    /// form, runs `session` on it as `input` (the calling thread's CPU
+    /// time in the run added to `run_time`), and hands the outputs to
     /// `read`.
     pub(crate) fn run<R>(
         &mut self,
-        session: &mut Session,
+        (session, run_time): (&mut Session, &mut Duration),
         input: &str,
         ty: TensorElementType,
         shape: [i64; 4],
@@ -177,7 +181,7 @@ impl Staging {
             // allocated for the last batch, whose shape a batch of another
             // size does not fit.
             binding.bind_output_to_device(&self.output, &MemoryInfo::default())?;
-            let outputs = session.run_binding(binding)?;
+            let outputs = timed(run_time, || session.run_binding(binding))?;
             return read(&outputs);
         }
         // The batch: a view of the buffer's first `n` images.
@@ -195,7 +199,7 @@ impl Staging {
                 TensorRef::from_array_view((shape, data))?.into_dyn()
             }
         };
-        let outputs = session.run(ort::inputs![input => view])?;
+        let outputs = timed(run_time, || session.run(ort::inputs![input => view]))?;
         read(&outputs)
     }
 }

@@ -67,3 +67,52 @@ fn a_missing_gpu_is_an_error_unless_something_else_is_allowed() {
     let v = load(vec![ExecutionProvider::Cpu], false).expect("cpu");
     assert_eq!(v.provider(), "cpu");
 }
+
+/// Names of this process's threads.
+fn thread_names() -> Vec<String> {
+    std::fs::read_dir("/proc/self/task")
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+                .map(|n| n.trim().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_towers_runs_count_their_host_cpu_and_its_pool_threads_are_named() {
+    let mut enc = VisionEncoder::load(
+        &vision_model(),
+        &RuntimeOptions {
+            intra_threads: 2,
+            ..RuntimeOptions::default()
+        },
+    )
+    .expect("the tiny vision tower loads");
+    assert!(
+        thread_names().iter().any(|n| n == "ort-vision"),
+        "ONNX Runtime's pool thread is spawned named: {:?}",
+        thread_names()
+    );
+    let (n, side) = (8, 224);
+    let pixels = vec![0.25f32; n * 3 * side * side];
+    let mut last = enc.cpu_time();
+    for round in 0..3 {
+        enc.embed(&pixels, n, (side, side)).expect("embed");
+        enc.embed_filled(n, (side, side), |b| match b {
+            clipstream_model::encoder::PixelsMut::Float(dst) => {
+                dst.fill(0.25);
+                Ok(())
+            }
+            clipstream_model::encoder::PixelsMut::Bytes(_) => panic!("a float tower"),
+        })
+        .expect("embed_filled");
+        let now = enc.cpu_time();
+        assert!(now > last, "round {round}: {now:?} after {last:?}");
+        last = now;
+    }
+    // 48 images of 224x224 through a ViT with 32-pixel patches: well over
+    // a millisecond of CPU, well under the wall time of a slow machine.
+    assert!(last > std::time::Duration::from_millis(1), "{last:?}");
+}

@@ -88,7 +88,7 @@ impl VisionEncoder {
         options: &RuntimeOptions,
         bytes: Option<&[u8]>,
     ) -> Result<Self, ModelError> {
-        let tower = Tower::load_from(path, bytes, options, "image_embeds")?;
+        let tower = Tower::load_from("vision", path, bytes, options, "image_embeds")?;
         let input = tower
             .input(&[crate::onnx_edit::BYTES_INPUT, "pixel_values"])
             .or_else(|| {
@@ -202,8 +202,15 @@ impl VisionEncoder {
         };
         let t = &mut self.tower;
         let tensor = TensorRef::from_array_view((shape, pixels))?;
-        let outputs = t.session.run(ort::inputs![self.input.as_str() => tensor])?;
-        Tower::extract(&outputs, &t.output, t.output_type, n)
+        let input = self.input.as_str();
+        t.embed(n, |s| s.run(ort::inputs![input => tensor]))
+    }
+
+    /// Host CPU time of this tower's runs so far: ONNX Runtime's pool
+    /// threads and the callers' time inside the runs (on the CPU provider,
+    /// the inference itself; see [`crate::cpu`]).
+    pub fn cpu_time(&self) -> std::time::Duration {
+        self.tower.cpu_time()
     }
 
     /// The ONNX file.
@@ -243,14 +250,14 @@ impl VisionEncoder {
         if let Some(on) = self.force_binding {
             staging.bind = on;
         }
-        let (output, output_type) = (&t.output, t.output_type);
+        let (output, output_type) = (t.output.clone(), t.output_type);
         staging.run(
-            &mut t.session,
+            t.session_timed(),
             &self.input,
             self.input_type,
             shape,
             fill,
-            |outputs| Tower::extract(outputs, output, output_type, n),
+            |outputs| Tower::extract(outputs, &output, output_type, n),
         )
     }
 
@@ -287,17 +294,17 @@ impl VisionEncoder {
             return Ok(EmbeddingBatch::empty());
         };
         let t = &mut self.tower;
-        let outputs = match self.input_type {
+        let input = self.input.as_str();
+        match self.input_type {
             TensorElementType::Float16 => {
                 let half: Vec<f16> = pixels.iter().map(|&v| f16::from_f32(v)).collect();
                 let tensor = TensorRef::from_array_view((shape, half.as_slice()))?;
-                t.session.run(ort::inputs![self.input.as_str() => tensor])?
+                t.embed(n, |s| s.run(ort::inputs![input => tensor]))
             }
             _ => {
                 let tensor = TensorRef::from_array_view((shape, pixels))?;
-                t.session.run(ort::inputs![self.input.as_str() => tensor])?
+                t.embed(n, |s| s.run(ort::inputs![input => tensor]))
             }
-        };
-        Tower::extract(&outputs, &t.output, t.output_type, n)
+        }
     }
 }

@@ -23,7 +23,7 @@ impl TextEncoder {
     /// Loads `text_model*.onnx`; finds `input_ids` (int64 or int32), the
     /// optional `attention_mask`, and the `text_embeds` output.
     pub fn load(path: &Path, options: &RuntimeOptions) -> Result<Self, ModelError> {
-        let tower = Tower::load(path, options, "text_embeds")?;
+        let tower = Tower::load("text", path, options, "text_embeds")?;
         let ids = tower
             .input(&["input_ids"])
             .ok_or_else(|| ModelError::BadGraph {
@@ -80,6 +80,12 @@ impl TextEncoder {
         self.tower.provider
     }
 
+    /// Host CPU time of this tower's runs so far (see
+    /// [`crate::encoder::VisionEncoder::cpu_time`]).
+    pub fn cpu_time(&self) -> std::time::Duration {
+        self.tower.cpu_time()
+    }
+
     /// The ONNX file.
     pub fn path(&self) -> &Path {
         &self.tower.path
@@ -127,7 +133,6 @@ impl TextEncoder {
             }
         }
         let t = &mut self.tower;
-        let outputs = t.session.run(inputs)?;
-        Tower::extract(&outputs, &t.output, t.output_type, tokens.len)
+        t.embed(tokens.len, |s| s.run(inputs))
     }
 }

@@ -3,11 +3,14 @@
 //! checked, and the output read back L2-normalised.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 use half::f16;
-use ort::session::Session;
+use ort::session::{Session, SessionOutputs};
 use ort::value::{Outlet, TensorElementType, ValueType};
 
+use crate::cpu::{PoolThreads, PoolTime};
 use crate::embedding::{EmbeddingBatch, l2_normalize_rows};
 use crate::error::ModelError;
 use crate::runtime::{self, RuntimeOptions};
@@ -20,6 +23,10 @@ pub(super) struct Tower {
     pub(super) provider: &'static str,
     pub(super) output: String,
     pub(super) output_type: TensorElementType,
+    /// CPU time of the session's pool threads (`ort-<name>`).
+    pool_time: Arc<PoolTime>,
+    /// CPU time of the calling threads inside [`Tower::run`].
+    run_time: Duration,
 }
 
 pub(super) fn tensor_info(outlet: &Outlet) -> Option<(TensorElementType, Vec<i64>)> {
@@ -41,16 +48,20 @@ pub(super) fn describe(outlets: &[Outlet]) -> String {
 }
 
 impl Tower {
+    /// Loads the tower `name` (`vision`, `text`: its pool threads are
+    /// named `ort-<name>`).
     pub(super) fn load(
+        name: &str,
         path: &Path,
         options: &RuntimeOptions,
         output_name: &str,
     ) -> Result<Self, ModelError> {
-        Self::load_from(path, None, options, output_name)
+        Self::load_from(name, path, None, options, output_name)
     }
 
     /// [`Tower::load`] of `bytes` (an edited `path`) when given.
     pub(super) fn load_from(
+        name: &str,
         path: &Path,
         bytes: Option<&[u8]>,
         options: &RuntimeOptions,
@@ -69,8 +80,14 @@ impl Tower {
         let builder = builder
             .with_intra_op_spinning(options.spinning)
             .map_err(ort_err)?;
+        let pool_time = Arc::new(PoolTime::default());
         let mut builder = builder
             .with_inter_op_spinning(options.spinning)
+            .map_err(ort_err)?
+            .with_thread_manager(PoolThreads {
+                name: format!("ort-{name}"),
+                time: Arc::clone(&pool_time),
+            })
             .map_err(ort_err)?;
         let session = match bytes {
             Some(b) => builder.commit_from_memory(b),
@@ -122,6 +139,8 @@ impl Tower {
             provider,
             output,
             output_type,
+            pool_time,
+            run_time: Duration::ZERO,
         })
     }
 
@@ -130,6 +149,36 @@ impl Tower {
         wanted
             .iter()
             .find_map(|w| inputs.iter().find(|i| i.name() == *w))
+    }
+
+    /// Runs the session (`run` is given it), counting the calling
+    /// thread's CPU time inside, and reads the `n` embeddings.
+    pub(super) fn embed<'s>(
+        &'s mut self,
+        n: usize,
+        run: impl FnOnce(&'s mut Session) -> ort::Result<SessionOutputs<'s>>,
+    ) -> Result<EmbeddingBatch, ModelError> {
+        let Tower {
+            session,
+            run_time,
+            output,
+            output_type,
+            ..
+        } = self;
+        let outputs = crate::cpu::timed(run_time, || run(session))?;
+        Tower::extract(&outputs, output, *output_type, n)
+    }
+
+    /// The session, and where the callers' CPU time inside its runs is
+    /// counted (for a run that [`Tower::run`] cannot wrap).
+    pub(super) fn session_timed(&mut self) -> (&mut Session, &mut Duration) {
+        (&mut self.session, &mut self.run_time)
+    }
+
+    /// Host CPU time of the tower's runs so far: the callers' time inside
+    /// [`Tower::run`] and the pool threads'.
+    pub(super) fn cpu_time(&self) -> Duration {
+        self.run_time + self.pool_time.total()
     }
 
     pub(super) fn extract(

@@ -8,6 +8,7 @@ pub struct EncoderMetrics {
     batch_size: prometheus::HistogramVec,
     inference_seconds: prometheus::HistogramVec,
     queue_wait_seconds: prometheus::HistogramVec,
+    cpu_seconds: prometheus::CounterVec,
     info: prometheus::IntGaugeVec,
 }
 
@@ -33,6 +34,13 @@ impl EncoderMetrics {
                 &["tower"],
                 &SECONDS_BUCKETS,
             ),
+            cpu_seconds: r.seconds_counter_vec(
+                "clipstream_encoder_cpu_seconds_total",
+                "Host CPU time of the tower's ONNX Runtime runs (its pool threads, and the \
+                 encoder thread inside run), by tower: on the CPU provider the inference \
+                 itself, on a GPU the host's share of it.",
+                &["tower"],
+            ),
             info: r.gauge_vec(
                 "clipstream_encoder_info",
                 "The model and execution provider in use (value 1).",
@@ -43,6 +51,7 @@ impl EncoderMetrics {
             m.queue_wait_seconds.with_label_values(&[t.as_str()]);
             m.batch_size.with_label_values(&[t.as_str()]);
             m.inference_seconds.with_label_values(&[t.as_str()]);
+            m.cpu_seconds.with_label_values(&[t.as_str()]);
         }
         m
     }
@@ -61,6 +70,21 @@ impl EncoderMetrics {
     pub fn inference_total(&self, tower: Tower) -> (f64, u64) {
         let h = self.inference_seconds.with_label_values(&[tower.as_str()]);
         (h.get_sample_sum(), h.get_sample_count())
+    }
+
+    /// `tower`'s runs have taken `total` host CPU time since it was
+    /// loaded (one encoder thread per tower reports it).
+    pub fn cpu_time(&self, tower: Tower, total: std::time::Duration) {
+        let c = self.cpu_seconds.with_label_values(&[tower.as_str()]);
+        let more = total.as_secs_f64() - c.get();
+        if more > 0.0 {
+            c.inc_by(more);
+        }
+    }
+
+    /// Host CPU seconds of `tower`'s runs so far.
+    pub fn cpu_seconds(&self, tower: Tower) -> f64 {
+        self.cpu_seconds.with_label_values(&[tower.as_str()]).get()
     }
 
     /// The histogram of how long `tower`'s inputs wait for their batch.

@@ -206,6 +206,9 @@ pub fn vision_encoder(
                         fill_batch(jobs, buffer, per)
                     })
                 });
+                asm.stats
+                    .encoder
+                    .cpu_time(Tower::Vision, encoder.cpu_time());
                 let recs = batch.iter().map(|j| &j.rec);
                 if !finish_batch(&asm, &fatal, Part::Image, recs, result, started) {
                     return;
@@ -247,6 +250,7 @@ pub fn text_encoder(
                         attention_mask: jobs.iter().flat_map(|j| j.mask.iter().copied()).collect(),
                     })
                 });
+                asm.stats.encoder.cpu_time(Tower::Text, encoder.cpu_time());
                 let recs = batch.iter().map(|j| &j.rec);
                 if !finish_batch(&asm, &fatal, Part::Text, recs, result, started) {
                     return;

@@ -144,6 +144,11 @@ pub fn label_values() -> Vec<(&'static str, &'static str, Vec<&'static str>)> {
             "tower",
             towers.clone(),
         ),
+        (
+            "clipstream_encoder_cpu_seconds_total",
+            "tower",
+            towers.clone(),
+        ),
         ("clipstream_queue_wait_seconds", "tower", towers),
         (
             "clipstream_queue_items",

@@ -2,8 +2,8 @@
 //! metrics type registers itself through [`Register`].
 
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry,
+    CounterVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry,
 };
 
 /// Buckets of `clipstream_batch_size`.
@@ -46,6 +46,11 @@ impl Register<'_> {
     /// Counters by label.
     pub fn counter_vec(&self, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
         self.add(IntCounterVec::new(Opts::new(name, help), labels))
+    }
+
+    /// Counters of seconds (fractional) by label.
+    pub fn seconds_counter_vec(&self, name: &str, help: &str, labels: &[&str]) -> CounterVec {
+        self.add(CounterVec::new(Opts::new(name, help), labels))
     }
 
     /// Gauges by label.

@@ -42,6 +42,9 @@ struct Row {
     unit: &'static str,
     /// Host CPU milliseconds per item (all threads).
     cpu_ms: f64,
+    /// Of `cpu_ms`, the model's runs (ONNX Runtime's threads and the
+    /// encoder threads inside `run`), for the local jobs.
+    model_ms: Option<f64>,
     n: usize,
     note: String,
 }
@@ -93,6 +96,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         rate,
         unit: "images/s",
         cpu_ms,
+        model_ms: None,
         n,
         note: format!(
             "SIMD decoder {}",
@@ -123,6 +127,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             rate,
             unit: "images/s",
             cpu_ms,
+            model_ms: None,
             n,
             note: String::new(),
         });
@@ -146,6 +151,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                 rate,
                 unit: "images/s",
                 cpu_ms,
+                model_ms: None,
                 n,
                 note,
             });
@@ -182,6 +188,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             rate,
             unit: "images/s",
             cpu_ms,
+            model_ms: None,
             n,
             note: format!("{:.2} x exact", rate / exact_rate[k]),
         });
@@ -240,6 +247,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             rate: job.records as f64 / job.wall,
             unit: "records/s",
             cpu_ms: 1000.0 * job.cpu / job.records as f64,
+            model_ms: Some(1000.0 * job.model_cpu / job.records as f64),
             n: job.records,
             note: job.threads,
         });
@@ -262,20 +270,31 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         corpus.png.len()
     );
     println!(
-        "{:<64} {:>10} {:<10} {:>11} {:>13}  note",
-        "part", "rate", "", "CPU-ms/item", "cores/GPU@10k"
+        "{:<64} {:>10} {:<10} {:>11} {:>13} {:>9} {:>9}  note",
+        "part", "rate", "", "CPU-ms/item", "cores/GPU@10k", "of which", "outside"
     );
+    println!(
+        "{:<64} {:>10} {:<10} {:>11} {:>13} {:>9} {:>9}",
+        "", "", "", "", "", "model", "model"
+    );
+    let or_dash = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
     for r in &rows {
         println!(
-            "{:<64} {:>10.1} {:<10} {:>11.2} {:>13.1}  {}",
+            "{:<64} {:>10.1} {:<10} {:>11.2} {:>13.1} {:>9} {:>9}  {}",
             r.name,
             r.rate,
             r.unit,
             r.cpu_ms,
             r.cpu_ms * 10.0,
+            or_dash(r.model_ms),
+            or_dash(r.model_ms.map(|m| r.cpu_ms - m)),
             r.note
         );
     }
+    println!(
+        "(model: the CPU time of the towers' ONNX Runtime runs, which a GPU takes over; \
+         outside model: the host's own work, decode, resize, batches, output)"
+    );
     for r in &rows {
         let key: String = r
             .name
@@ -287,8 +306,11 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             .collect::<Vec<_>>()
             .join("_")
             .to_lowercase();
+        let model = r
+            .model_ms
+            .map_or(String::new(), |m| format!(" model_cpu_ms={m:.3}"));
         println!(
-            "bench host_cost.{key} per_s={:.2} cpu_ms={:.3} n={}",
+            "bench host_cost.{key} per_s={:.2} cpu_ms={:.3}{model} n={}",
             r.rate, r.cpu_ms, r.n
         );
     }
@@ -306,6 +328,8 @@ struct Job {
     records: usize,
     wall: f64,
     cpu: f64,
+    /// CPU seconds of the towers' runs, within `cpu`.
+    model_cpu: f64,
     threads: String,
 }
 
@@ -368,6 +392,8 @@ fn local_job(
         if cfg.runtime.spinning { "on" } else { "off" }
     );
     let parts = crate::commands::run::components(&cfg)?;
+    // The load's own runs (a dimension probe) are not the job's.
+    let loaded = (parts.vision.cpu_time() + parts.text.cpu_time()).as_secs_f64();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -376,7 +402,10 @@ fn local_job(
     let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let (t, cpu) = (Instant::now(), cpu_seconds(libc::RUSAGE_SELF));
     let report = rt.block_on(clipstream_pipeline::engine::run(
-        &cfg, parts, stop_rx, stats,
+        &cfg,
+        parts,
+        stop_rx,
+        std::sync::Arc::clone(&stats),
     ))?;
     let (wall, cpu) = (
         t.elapsed().as_secs_f64(),
@@ -390,10 +419,14 @@ fn local_job(
         report.dead_letters_to
     );
     let _ = std::fs::remove_dir_all(&dir);
+    use clipstream_pipeline::stats::Tower;
+    let model_cpu =
+        stats.encoder.cpu_seconds(Tower::Vision) + stats.encoder.cpu_seconds(Tower::Text) - loaded;
     Ok(Job {
         records,
         wall,
         cpu,
+        model_cpu,
         threads,
     })
 }
@@ -447,6 +480,7 @@ fn python_peers(python: &Path, files: &[PathBuf], seconds: f64) -> anyhow::Resul
             rate,
             unit: "images/s",
             cpu_ms,
+            model_ms: None,
             n: n as usize,
             note: name,
         });
