@@ -487,6 +487,10 @@ def overview() -> dict:
     p.append(table("Encoder and build", "Model, execution provider actually in use and clipstream version, per pod.",
                    [f"max by (pod, model, provider)(clipstream_encoder_info{s()})",
                     f"max by (pod, version)(clipstream_build_info{s()})"]))
+    p.append(timeseries("Host CPU of the towers' runs", "Cores busy in the towers' ONNX Runtime runs (its pool threads and the encoder threads inside run), per tower. On the CPU provider this is the inference itself; on a GPU, the host's share of it (launching kernels, copies): what the GPU does not take off the host.", "short",
+                        [(rate("clipstream_encoder_cpu_seconds_total", by="tower"), "{{tower}}")], w=12, decimals=2))
+    p.append(timeseries("Towers' host CPU per finished record", "Host CPU seconds the towers' runs take per finished record (both towers). Compare with the pod's whole CPU per record (container_cpu_usage_seconds_total over the finish rate): the rest is decode, resize, batches and output, which more host cores or fast mode relieve.", "s",
+                        [(f"{rate('clipstream_encoder_cpu_seconds_total')} / ({FINISH_RATE} > 0)", "towers")], w=12))
     return dashboard("clipstream-overview", "clipstream / overview",
                      "Throughput, latency by stage, batching, Kafka lag, errors and outputs of clipstream workers.",
                      ["clipstream"], p, batch_max=True)

@@ -42,6 +42,7 @@ COUNTERS = {
     "clipstream_s3_requests_total": [{"operation": op, "result": r} for op in ("get_object", "head_object", "create_multipart_upload", "upload_part", "complete_multipart_upload") for r in ("ok", "error")],
     "clipstream_s3_retries_total": [{"operation": "get_object"}, {"operation": "upload_part"}],
     "clipstream_s3_bytes_total": [{"direction": "read"}, {"direction": "written"}],
+    "clipstream_encoder_cpu_seconds_total": [{"tower": "vision"}, {"tower": "text"}],
 }
 GAUGES = {
     "clipstream_input_records": [{}],
