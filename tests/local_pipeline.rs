@@ -435,8 +435,20 @@ fn the_benchmarks_run_and_print_every_figure() {
                 .unwrap_or_else(|| panic!("no {field} in {line:?}"));
             assert!(v.is_finite() && v > 0.0, "{line}");
         }
+        // A local job's CPU splits into the model's runs and the rest.
+        if part.starts_with("local_job") {
+            let field = |f: &str| -> f64 {
+                line.split_whitespace()
+                    .find_map(|w| w.strip_prefix(f))
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| panic!("no {f} in {line:?}"))
+            };
+            let (all, model) = (field("cpu_ms="), field("model_cpu_ms="));
+            assert!(model > 0.0 && model < all, "{line}");
+        }
     }
     assert!(stdout.contains("cores/GPU@10k"), "{stdout}");
+    assert!(stdout.contains("outside"), "{stdout}");
     // The corpus is what the README says: three folders.
     for (sub, n) in [
         ("jpeg-640x480", 48),
