@@ -115,6 +115,9 @@ impl ort::environment::ThreadManager for PoolThreads {
         let time = Arc::clone(&self.time);
         std::thread::Builder::new()
             .name(self.name.clone())
+            // What ONNX Runtime's own threads get (glibc's default), not
+            // Rust's 2 MiB: kernels may keep large buffers on the stack.
+            .stack_size(8 << 20)
             .spawn(move || {
                 let id = time.enter();
                 work();
