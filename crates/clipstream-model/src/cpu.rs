@@ -21,7 +21,11 @@ fn clock_time(clock: libc::clockid_t) -> Option<Duration> {
     };
     // SAFETY: `ts` is a valid, writable timespec; the call only writes it.
     let rc = unsafe { libc::clock_gettime(clock, &mut ts) };
-    (rc == 0).then(|| Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
+    let (secs, nanos) = (
+        u64::try_from(ts.tv_sec).ok()?,
+        u32::try_from(ts.tv_nsec).ok()?,
+    );
+    (rc == 0 && nanos < 1_000_000_000).then(|| Duration::new(secs, nanos))
 }
 
 /// The calling thread's CPU time so far.
@@ -87,18 +91,17 @@ impl PoolTime {
         let mut p = self.lock();
         if let Some(i) = p.live.iter().position(|(k, _)| *k == id) {
             let (_, clock) = p.live.swap_remove(i);
-            p.gone += clock_time(clock).unwrap_or_default();
+            p.gone = p.gone.saturating_add(clock_time(clock).unwrap_or_default());
         }
     }
 
     /// All the pool's threads' CPU time so far.
     pub(crate) fn total(&self) -> Duration {
         let p = self.lock();
-        p.gone
-            + p.live
-                .iter()
-                .filter_map(|(_, c)| clock_time(*c))
-                .sum::<Duration>()
+        p.live
+            .iter()
+            .filter_map(|(_, c)| clock_time(*c))
+            .fold(p.gone, Duration::saturating_add)
     }
 }
 
@@ -115,15 +118,23 @@ impl ort::environment::ThreadManager for PoolThreads {
         let time = Arc::clone(&self.time);
         std::thread::Builder::new()
             .name(self.name.clone())
-            // What ONNX Runtime's own threads get (glibc's default), not
-            // Rust's 2 MiB: kernels may keep large buffers on the stack.
+            // glibc's usual default (an 8 MiB stack limit), which ONNX
+            // Runtime's own threads get, not Rust's 2 MiB: kernels may keep
+            // large buffers on the stack.
             .stack_size(8 << 20)
             .spawn(move || {
-                let id = time.enter();
-                work();
-                if let Some(id) = id {
-                    time.leave(id);
+                // Left however `work` ends (a guard), so no entry outlives
+                // its thread.
+                struct Leave(Arc<PoolTime>, Option<u64>);
+                impl Drop for Leave {
+                    fn drop(&mut self) {
+                        if let Some(id) = self.1 {
+                            self.0.leave(id);
+                        }
+                    }
                 }
+                let _leave = Leave(Arc::clone(&time), time.enter());
+                work();
             })
             .map_err(|e| ort::Error::new(format!("spawning an ONNX Runtime thread: {e}")))
     }

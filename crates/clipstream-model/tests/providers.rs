@@ -115,4 +115,11 @@ fn a_towers_runs_count_their_host_cpu_and_its_pool_threads_are_named() {
     // 48 images of 224x224 through a ViT with 32-pixel patches: well over
     // a millisecond of CPU, well under the wall time of a slow machine.
     assert!(last > std::time::Duration::from_millis(1), "{last:?}");
+    // Two intra-op threads: ONNX Runtime's pool thread did part of it, and
+    // was counted.
+    let pool = enc.pool_cpu_time();
+    assert!(
+        pool > std::time::Duration::ZERO && pool < last,
+        "{pool:?} of {last:?}"
+    );
 }

@@ -213,6 +213,13 @@ impl VisionEncoder {
         self.tower.cpu_time()
     }
 
+    /// ONNX Runtime's pool threads' part of [`VisionEncoder::cpu_time`]
+    /// (for tests).
+    #[doc(hidden)]
+    pub fn pool_cpu_time(&self) -> std::time::Duration {
+        self.tower.pool_cpu_time()
+    }
+
     /// The ONNX file.
     pub fn path(&self) -> &Path {
         &self.tower.path

@@ -25,7 +25,7 @@ pub(super) struct Tower {
     pub(super) output_type: TensorElementType,
     /// CPU time of the session's pool threads (`ort-<name>`).
     pool_time: Arc<PoolTime>,
-    /// CPU time of the calling threads inside [`Tower::run`].
+    /// CPU time of the calling threads inside [`Tower::embed`]'s runs.
     run_time: Duration,
 }
 
@@ -170,15 +170,20 @@ impl Tower {
     }
 
     /// The session, and where the callers' CPU time inside its runs is
-    /// counted (for a run that [`Tower::run`] cannot wrap).
+    /// counted (for a run that [`Tower::embed`] cannot wrap).
     pub(super) fn session_timed(&mut self) -> (&mut Session, &mut Duration) {
         (&mut self.session, &mut self.run_time)
     }
 
     /// Host CPU time of the tower's runs so far: the callers' time inside
-    /// [`Tower::run`] and the pool threads'.
+    /// the runs and the pool threads'.
     pub(super) fn cpu_time(&self) -> Duration {
-        self.run_time + self.pool_time.total()
+        self.run_time.saturating_add(self.pool_time.total())
+    }
+
+    /// The pool threads' part of [`Tower::cpu_time`].
+    pub(super) fn pool_cpu_time(&self) -> Duration {
+        self.pool_time.total()
     }
 
     pub(super) fn extract(

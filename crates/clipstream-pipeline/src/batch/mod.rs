@@ -186,6 +186,8 @@ pub fn vision_encoder(
                 PixelInput::Float => 2 * 4,
                 PixelInput::Uint8 => 1 + 4 + 4 + 4,
             };
+            // What the tower ran before (a load's probes) is not counted.
+            let base = encoder.cpu_time();
             for batch in rx.iter() {
                 let started = Instant::now();
                 let _input = budget.charge(width * (batch.len() * per) as u64);
@@ -206,9 +208,8 @@ pub fn vision_encoder(
                         fill_batch(jobs, buffer, per)
                     })
                 });
-                asm.stats
-                    .encoder
-                    .cpu_time(Tower::Vision, encoder.cpu_time());
+                let cpu = encoder.cpu_time().saturating_sub(base);
+                asm.stats.encoder.cpu_time(Tower::Vision, cpu);
                 let recs = batch.iter().map(|j| &j.rec);
                 if !finish_batch(&asm, &fatal, Part::Image, recs, result, started) {
                     return;
@@ -229,6 +230,9 @@ pub fn text_encoder(
     std::thread::Builder::new()
         .name("encode-text".into())
         .spawn(move || {
+            // What the tower ran before (the dimension probe, a label
+            // set's prompts) is not counted.
+            let base = encoder.cpu_time();
             for batch in rx.iter() {
                 let started = Instant::now();
                 let result = encode_isolating(&batch, |jobs| {
@@ -250,7 +254,8 @@ pub fn text_encoder(
                         attention_mask: jobs.iter().flat_map(|j| j.mask.iter().copied()).collect(),
                     })
                 });
-                asm.stats.encoder.cpu_time(Tower::Text, encoder.cpu_time());
+                let cpu = encoder.cpu_time().saturating_sub(base);
+                asm.stats.encoder.cpu_time(Tower::Text, cpu);
                 let recs = batch.iter().map(|j| &j.rec);
                 if !finish_batch(&asm, &fatal, Part::Text, recs, result, started) {
                     return;

@@ -292,8 +292,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         );
     }
     println!(
-        "(model: the CPU time of the towers' ONNX Runtime runs, which a GPU takes over; \
-         outside model: the host's own work, decode, resize, batches, output)"
+        "(model: the host CPU time of the towers' ONNX Runtime runs, the inference itself on the \
+         CPU provider; outside model: the rest, decode, resize, batches, output)"
     );
     for r in &rows {
         let key: String = r
@@ -392,8 +392,6 @@ fn local_job(
         if cfg.runtime.spinning { "on" } else { "off" }
     );
     let parts = crate::commands::run::components(&cfg)?;
-    // The load's own runs (a dimension probe) are not the job's.
-    let loaded = (parts.vision.cpu_time() + parts.text.cpu_time()).as_secs_f64();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -420,8 +418,9 @@ fn local_job(
     );
     let _ = std::fs::remove_dir_all(&dir);
     use clipstream_pipeline::stats::Tower;
+    // From each tower's first batch on (its load's runs are not counted).
     let model_cpu =
-        stats.encoder.cpu_seconds(Tower::Vision) + stats.encoder.cpu_seconds(Tower::Text) - loaded;
+        stats.encoder.cpu_seconds(Tower::Vision) + stats.encoder.cpu_seconds(Tower::Text);
     Ok(Job {
         records,
         wall,
