@@ -2,7 +2,8 @@
 # The first run on a GPU machine, as one script: fetches ONNX Runtime's GPU
 # build, checks CUDA against CPU embeddings (cosine >= 0.9999 fp32, >= 0.999
 # fp16), then benchmarks ViT-B/32 (random weights) on CUDA and TensorRT with
-# GPU utilisation sampled by nvidia-smi and the host CPU-ms per record
+# GPU utilisation sampled by nvidia-smi and the host CPU-ms per record, split
+# into the towers' runs (the host's share of the GPU's work) and the rest
 # (with float and with uint8 model input, `[image] model_input`, side by
 # side: the uint8 input is meant for GPUs and has only been measured on CPU).
 # The parity step also checks that images reach the GPU through a pinned

@@ -519,6 +519,7 @@ fn the_benchmarks_run_and_print_every_figure() {
     // The raw session and the pipeline, in turn, twice.
     assert_eq!(stdout.matches("round ").count(), 2, "{stdout}");
     assert!(stdout.contains("rounds=2"), "{stdout}");
+    assert!(stdout.contains("host CPU-ms per image"), "{stdout}");
 }
 
 /// `[image] model_input = "uint8"`: the same records through a tower that

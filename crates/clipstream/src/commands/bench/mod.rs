@@ -291,15 +291,16 @@ fn pipeline_rate(args: &BenchArgs, files: &[PathBuf]) -> anyhow::Result<f64> {
         args.pipeline_records
     );
     let _ = std::fs::remove_dir_all(&dir);
-    let (busy, batches) = stats
-        .encoder
-        .inference_total(clipstream_pipeline::stats::Tower::Vision);
+    let vision = clipstream_pipeline::stats::Tower::Vision;
+    let (busy, batches) = stats.encoder.inference_total(vision);
     println!(
-        "pipeline: {:.1} s, the vision tower busy {:.1} s ({:.0}%) in {batches} batches ({:.1} images/s while busy)",
+        "pipeline: {:.1} s, the vision tower busy {:.1} s ({:.0}%) in {batches} batches ({:.1} images/s while busy); \
+         its runs took {:.2} host CPU-ms per image",
         secs,
         busy,
         100.0 * busy / secs,
-        report.images as f64 / busy
+        report.images as f64 / busy,
+        1000.0 * stats.encoder.cpu_seconds(vision) / report.images.max(1) as f64
     );
     Ok(report.images as f64 / secs)
 }
