@@ -9,7 +9,7 @@
 use std::path::Path;
 
 use half::f16;
-use ort::value::{Outlet, TensorElementType, TensorRef};
+use ort::value::{Outlet, PrimitiveTensorElementType, TensorElementType, TensorRef};
 
 use crate::error::ModelError;
 use crate::runtime::RuntimeOptions;
@@ -200,10 +200,20 @@ impl VisionEncoder {
         let Some(shape) = self.batch_shape(PixelInput::Uint8, pixels.len(), n, (h, w))? else {
             return Ok(EmbeddingBatch::empty());
         };
-        let t = &mut self.tower;
-        let tensor = TensorRef::from_array_view((shape, pixels))?;
+        self.run_view(shape, pixels, n)
+    }
+
+    /// Runs the tower on `data` laid out as `shape`, read in place.
+    fn run_view<T: PrimitiveTensorElementType + Clone + std::fmt::Debug + 'static>(
+        &mut self,
+        shape: [i64; 4],
+        data: &[T],
+        n: usize,
+    ) -> Result<EmbeddingBatch, ModelError> {
+        let tensor = TensorRef::from_array_view((shape, data))?;
         let input = self.input.as_str();
-        t.embed(n, |s| s.run(ort::inputs![input => tensor]))
+        self.tower
+            .embed(n, |s| s.run(ort::inputs![input => tensor]))
     }
 
     /// Host CPU time of this tower's runs so far: ONNX Runtime's pool
@@ -257,14 +267,20 @@ impl VisionEncoder {
         if let Some(on) = self.force_binding {
             staging.bind = on;
         }
-        let (output, output_type) = (t.output.clone(), t.output_type);
+        let Tower {
+            session,
+            run_time,
+            output,
+            output_type,
+            ..
+        } = t;
         staging.run(
-            t.session_timed(),
+            (session, run_time),
             &self.input,
             self.input_type,
             shape,
             fill,
-            |outputs| Tower::extract(outputs, &output, output_type, n),
+            |outputs| Tower::extract(outputs, output, *output_type, n),
         )
     }
 
@@ -300,18 +316,12 @@ impl VisionEncoder {
         let Some(shape) = self.batch_shape(PixelInput::Float, pixels.len(), n, (h, w))? else {
             return Ok(EmbeddingBatch::empty());
         };
-        let t = &mut self.tower;
-        let input = self.input.as_str();
         match self.input_type {
             TensorElementType::Float16 => {
                 let half: Vec<f16> = pixels.iter().map(|&v| f16::from_f32(v)).collect();
-                let tensor = TensorRef::from_array_view((shape, half.as_slice()))?;
-                t.embed(n, |s| s.run(ort::inputs![input => tensor]))
+                self.run_view(shape, &half, n)
             }
-            _ => {
-                let tensor = TensorRef::from_array_view((shape, pixels))?;
-                t.embed(n, |s| s.run(ort::inputs![input => tensor]))
-            }
+            _ => self.run_view(shape, pixels, n),
         }
     }
 }

@@ -25,8 +25,9 @@ pub(super) struct Tower {
     pub(super) output_type: TensorElementType,
     /// CPU time of the session's pool threads (`ort-<name>`).
     pool_time: Arc<PoolTime>,
-    /// CPU time of the calling threads inside [`Tower::embed`]'s runs.
-    run_time: Duration,
+    /// CPU time of the calling threads inside the runs ([`Tower::embed`],
+    /// the staging buffer's).
+    pub(super) run_time: Duration,
 }
 
 pub(super) fn tensor_info(outlet: &Outlet) -> Option<(TensorElementType, Vec<i64>)> {
@@ -167,12 +168,6 @@ impl Tower {
         } = self;
         let outputs = crate::cpu::timed(run_time, || run(session))?;
         Tower::extract(&outputs, output, *output_type, n)
-    }
-
-    /// The session, and where the callers' CPU time inside its runs is
-    /// counted (for a run that [`Tower::embed`] cannot wrap).
-    pub(super) fn session_timed(&mut self) -> (&mut Session, &mut Duration) {
-        (&mut self.session, &mut self.run_time)
     }
 
     /// Host CPU time of the tower's runs so far: the callers' time inside
