@@ -430,6 +430,32 @@ fn uint8_input_embeds_bit_for_bit_as_the_float_path() {
     }
 }
 
+/// `embed_filled` of `n` images copied from `floats` or `bytes`, as the
+/// tower's buffer takes them; it must ask for the `form` it was loaded for.
+fn fill_from(
+    enc: &mut VisionEncoder,
+    form: clipstream_model::encoder::PixelInput,
+    n: usize,
+    size: (usize, usize),
+    floats: &[f32],
+    bytes: &[u8],
+) -> Result<clipstream_model::EmbeddingBatch, clipstream_model::ModelError> {
+    use clipstream_model::encoder::{PixelInput, PixelsMut};
+    enc.embed_filled(n, size, |buf| {
+        match buf {
+            PixelsMut::Float(dst) => {
+                assert_eq!(form, PixelInput::Float, "a uint8 tower asked for floats");
+                dst.copy_from_slice(floats);
+            }
+            PixelsMut::Bytes(dst) => {
+                assert_eq!(form, PixelInput::Uint8, "a float tower asked for bytes");
+                dst.copy_from_slice(bytes);
+            }
+        }
+        Ok(())
+    })
+}
+
 /// `embed_filled` (the pipeline's path: pixels written straight into the
 /// tower's own input buffer, run through I/O binding) embeds bit for bit as
 /// `embed` / `embed_bytes` do, for fp32, fp16 and uint8 towers, across
@@ -441,7 +467,7 @@ fn uint8_input_embeds_bit_for_bit_as_the_float_path() {
 #[test]
 fn embed_filled_embeds_bit_for_bit_as_embed() {
     use clipstream_model::ModelError;
-    use clipstream_model::encoder::PixelsMut;
+    use clipstream_model::encoder::PixelInput::{Float, Uint8};
     let m = model();
     let size = m.preprocessor.config.output_size();
     let per = m.preprocessor.pixels_len();
@@ -492,47 +518,20 @@ fn embed_filled_embeds_bit_for_bit_as_embed() {
                 &floats[r.start * per..r.end * per],
                 &bytes[r.start * per..r.end * per],
             );
-            let got = float
-                .embed_filled(rows, size, |buf| match buf {
-                    PixelsMut::Float(dst) => {
-                        dst.copy_from_slice(fs);
-                        Ok(())
-                    }
-                    PixelsMut::Bytes(_) => panic!("a float tower asked for bytes"),
-                })
-                .expect("float embed_filled");
-            assert_eq!(
-                bits(&got.data),
-                expect,
-                "{variant:?} float rows {r:?}, binding {binding}"
-            );
-            let got = uint8
-                .embed_filled(rows, size, |buf| match buf {
-                    PixelsMut::Bytes(dst) => {
-                        dst.copy_from_slice(bs);
-                        Ok(())
-                    }
-                    PixelsMut::Float(_) => panic!("a uint8 tower asked for floats"),
-                })
-                .expect("uint8 embed_filled");
-            assert_eq!(
-                bits(&got.data),
-                expect,
-                "{variant:?} uint8 rows {r:?}, binding {binding}"
-            );
+            for (enc, form) in [(&mut float, Float), (&mut uint8, Uint8)] {
+                let got = fill_from(enc, form, rows, size, fs, bs).expect("embed_filled");
+                assert_eq!(
+                    bits(&got.data),
+                    expect,
+                    "{variant:?} {form:?} rows {r:?}, binding {binding}"
+                );
+            }
         }
         let err = float
             .embed_filled(2, size, |_| Err(ModelError::Ort("no pixels".into())))
             .expect_err("the filler's error");
         assert!(err.to_string().contains("no pixels"), "{err}");
-        let again = float
-            .embed_filled(1, size, |buf| match buf {
-                PixelsMut::Float(dst) => {
-                    dst.copy_from_slice(&floats[..per]);
-                    Ok(())
-                }
-                PixelsMut::Bytes(_) => unreachable!(),
-            })
+        let again = fill_from(&mut float, Float, 1, size, &floats[..per], &bytes[..per])
             .expect("after an error");
         assert_eq!(bits(&again.data), bits(&want.data[..dim]));
     }
