@@ -324,7 +324,7 @@ fn decode_jpeg(bytes: &[u8], limits: &DecodeLimits, cover: Cover) -> Result<Deco
     // each over the whole image: a few kilobytes of scans cost minutes of
     // CPU. Real encoders write about ten; the count of SOS markers (FF DA
     // cannot occur inside entropy-coded data) is an upper bound.
-    let scans = bytes.windows(2).filter(|w| w == &[0xFF, 0xDA]).count();
+    let scans = memchr::memmem::find_iter(bytes, &[0xFF, 0xDA]).count();
     if scans > MAX_JPEG_SCANS {
         return Err(ImageError::Unsupported {
             format: "JPEG",
@@ -547,6 +547,33 @@ mod tests {
             }
         }
         assert_eq!(dimensions(b"not an image"), None);
+    }
+
+    /// The scan count is an upper bound: every FF DA in the file counts,
+    /// here inside a comment segment, so 500 still decode and 501 do not.
+    #[test]
+    fn too_many_scans_are_refused_before_decoding() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/images");
+        let jpeg = std::fs::read(dir.join("jpeg-1600x1200.jpg")).expect("fixture");
+        let real = memchr::memmem::find_iter(&jpeg, &[0xFF, 0xDA]).count();
+        let with_comment = |pairs: usize| {
+            let body: Vec<u8> = [0xFF, 0xDA].repeat(pairs);
+            let len = u16::try_from(body.len() + 2).expect("fits a segment");
+            let mut out = jpeg[..2].to_vec();
+            out.extend_from_slice(&[0xFF, 0xFE]);
+            out.extend_from_slice(&len.to_be_bytes());
+            out.extend_from_slice(&body);
+            out.extend_from_slice(&jpeg[2..]);
+            out
+        };
+        let limits = DecodeLimits::default();
+        let at_limit = with_comment(MAX_JPEG_SCANS - real);
+        decode(&at_limit, &limits, false).expect("500 markers decode");
+        let over = with_comment(MAX_JPEG_SCANS - real + 1);
+        let err = decode(&over, &limits, false).expect_err("501 markers");
+        assert_eq!(err.kind(), "unsupported_image", "{err}");
+        assert!(err.to_string().contains("501 scans"), "{err}");
     }
 
     #[test]
