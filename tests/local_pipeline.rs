@@ -448,6 +448,9 @@ fn the_benchmarks_run_and_print_every_figure() {
         }
     }
     assert!(stdout.contains("cores/GPU@10k"), "{stdout}");
+    // The ratios measured in turn, item by item.
+    assert!(stdout.contains("x the decode floor"), "{stdout}");
+    assert!(stdout.contains("x exact"), "{stdout}");
     assert!(stdout.contains("outside"), "{stdout}");
     // The corpus is what the README says: three folders.
     for (sub, n) in [

@@ -22,13 +22,6 @@ use clipstream_model::preprocess::{ImageMode, buffers, decode, resample};
 use super::common::BenchArgs;
 use super::corpus;
 
-/// This thread's CPU time where the system can tell (Linux), else the
-/// process's (the one-core figures then include the other threads).
-#[cfg(target_os = "linux")]
-const THREAD: libc::c_int = libc::RUSAGE_THREAD;
-#[cfg(not(target_os = "linux"))]
-const THREAD: libc::c_int = libc::RUSAGE_SELF;
-
 /// CPU seconds (user + system) used so far by `who`.
 fn cpu_seconds(who: libc::c_int) -> f64 {
     super::common::usage(who).0
@@ -49,21 +42,48 @@ struct Row {
     note: String,
 }
 
-/// Runs `step` on this thread for `seconds` (after one warm-up call) and
-/// returns (items/s, CPU-ms per item, items).
-fn one_core(
+/// One part's figures: items per second of its own time, CPU-ms per item,
+/// items.
+type Part = (f64, f64, usize);
+
+/// Runs `steps` on this thread item by item in turn (each call one item,
+/// given the item's number; which goes first rotates) for about `seconds` each, after one warm-up
+/// call each, and returns each step's [`Part`]. Taken in turn, a drift in
+/// the machine's speed (a shared machine's drifts by 15-25% from one
+/// measurement to the next) slows every step alike, so their ratios hold
+/// where figures taken one after the other do not. Each call is timed by
+/// this thread's CPU clock and the wall clock.
+fn interleaved<const K: usize>(
     seconds: f64,
-    mut step: impl FnMut() -> anyhow::Result<usize>,
-) -> anyhow::Result<(f64, f64, usize)> {
-    step()?;
-    let budget = Duration::from_secs_f64(seconds);
-    let (t, cpu) = (Instant::now(), cpu_seconds(THREAD));
-    let mut n = 0;
-    while t.elapsed() < budget {
-        n += step()?;
+    steps: &mut [&mut dyn FnMut(usize) -> anyhow::Result<()>; K],
+) -> anyhow::Result<[Part; K]> {
+    for step in steps.iter_mut() {
+        step(0)?;
     }
-    let (wall, cpu) = (t.elapsed().as_secs_f64(), cpu_seconds(THREAD) - cpu);
-    Ok((n as f64 / wall, 1000.0 * cpu / n.max(1) as f64, n))
+    let budget = Duration::from_secs_f64(seconds * K as f64);
+    let thread_cpu = || clipstream_model::cpu::thread_time().unwrap_or_default();
+    let (mut wall, mut cpu, mut n) = ([Duration::ZERO; K], [Duration::ZERO; K], [0usize; K]);
+    let started = Instant::now();
+    let mut round = 0;
+    while started.elapsed() < budget {
+        for j in 0..K {
+            let k = (j + round) % K;
+            let (t, c) = (Instant::now(), thread_cpu());
+            steps[k](n[k] + 1)?;
+            cpu[k] += thread_cpu().saturating_sub(c);
+            wall[k] += t.elapsed();
+            n[k] += 1;
+        }
+        round += 1;
+    }
+    Ok(std::array::from_fn(|k| {
+        let items = n[k].max(1) as f64;
+        (
+            items / wall[k].as_secs_f64().max(1e-9),
+            1000.0 * cpu[k].as_secs_f64() / items,
+            n[k],
+        )
+    }))
 }
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
@@ -81,118 +101,148 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let small = read_all(&corpus.jpeg_small)?;
     let large = read_all(&corpus.jpeg_large)?;
     let s = args.seconds;
+    let mut fast = model.preprocessor.clone();
+    fast.mode = ImageMode::Fast;
 
-    let mut i = 0;
-    let (rate, cpu_ms, n) = one_core(s, || {
-        let d = std::hint::black_box(pre.decode(&small[i % small.len()])?);
-        // As preprocessing does: the pixel buffer is reused.
-        buffers::give_bytes(d.rgb.data);
-        i += 1;
-        Ok(1)
-    })?;
-    let floor = rate;
-    rows.push(Row {
-        name: "JPEG decode alone, 640x480 (libjpeg-turbo)".into(),
+    // Each size's parts are timed item by item in turn (see `interleaved`),
+    // so that the ratios in the notes compare like with like.
+    // 640x480: decode alone (the floor of exact output), exact
+    // preprocessing, fast mode.
+    let mut exact_out = out.clone();
+    let mut fast_out = out.clone();
+    let small_parts = interleaved(
+        s,
+        &mut [
+            &mut |i| {
+                let d = std::hint::black_box(pre.decode(&small[i % small.len()])?);
+                // As preprocessing does: the pixel buffer is reused.
+                buffers::give_bytes(d.rgb.data);
+                Ok(())
+            },
+            &mut |i| {
+                pre.preprocess_into(&small[i % small.len()], &mut exact_out)?;
+                Ok(())
+            },
+            &mut |i| {
+                fast.preprocess_into(&small[i % small.len()], &mut fast_out)?;
+                Ok(())
+            },
+        ],
+    )?;
+    // 1600x1200: decoded whole, and at the smallest DCT scale (1/8), where
+    // little is left but the entropy decoding every scale pays: the floor
+    // of what a reduced-scale decode (fast mode) can cost; then exact
+    // preprocessing and fast mode.
+    let whole = |bytes: &[u8], cover: Option<(usize, usize)>| -> anyhow::Result<()> {
+        let d = decode::decode_reduced(bytes, &pre.limits, false, &|_, _| cover)?;
+        buffers::give_bytes(std::hint::black_box(d).rgb.data);
+        Ok(())
+    };
+    let large_parts = interleaved(
+        s,
+        &mut [
+            &mut |i| {
+                whole(&large[i % large.len()], None)?;
+                Ok(())
+            },
+            &mut |i| {
+                whole(&large[i % large.len()], Some((1, 1)))?;
+                Ok(())
+            },
+            &mut |i| {
+                pre.preprocess_into(&large[i % large.len()], &mut exact_out)?;
+                Ok(())
+            },
+            &mut |i| {
+                fast.preprocess_into(&large[i % large.len()], &mut fast_out)?;
+                Ok(())
+            },
+        ],
+    )?;
+    let row = |name: String, (rate, cpu_ms, n): Part, note: String| Row {
+        name,
         rate,
         unit: "images/s",
         cpu_ms,
         model_ms: None,
         n,
-        note: format!(
-            "SIMD decoder {}",
-            if cfg!(feature = "jpeg-simd") {
-                "built in (`jpeg-simd`; on when nasm was found at build time)"
-            } else {
-                "not built (`jpeg-simd` off)"
-            }
-        ),
-    });
-    // A large photo: decoding it whole, and at the smallest DCT scale
-    // (1/8), where little is left but the entropy decoding every scale
-    // pays: the floor of what a reduced-scale decode (fast mode) can cost.
-    for (label, cover) in [
-        ("whole", None),
-        ("at 1/8 DCT scale: the entropy-decoding floor", Some((1, 1))),
-    ] {
-        let mut i = 0;
-        let (rate, cpu_ms, n) = one_core(s, || {
-            let bytes = &large[i % large.len()];
-            let d = decode::decode_reduced(bytes, &pre.limits, false, &|_, _| cover)?;
-            buffers::give_bytes(std::hint::black_box(d).rgb.data);
-            i += 1;
-            Ok(1)
-        })?;
-        rows.push(Row {
-            name: format!("JPEG decode, 1600x1200, {label}"),
-            rate,
-            unit: "images/s",
-            cpu_ms,
-            model_ms: None,
-            n,
-            note: String::new(),
-        });
-    }
-    for (simd, label) in [(false, "scalar resize, before"), (true, "default")] {
-        resample::set_simd(simd);
-        for (files, size) in [(&small, "640x480"), (&large, "1600x1200")] {
-            let mut i = 0;
-            let (rate, cpu_ms, n) = one_core(s, || {
-                pre.preprocess_into(&files[i % files.len()], &mut out)?;
-                i += 1;
-                Ok(1)
-            })?;
-            let note = if size == "640x480" {
-                format!("{:.2} x the decode floor", rate / floor)
-            } else {
-                String::new()
-            };
-            rows.push(Row {
-                name: format!("exact preprocess, {size} JPEG ({label})"),
-                rate,
-                unit: "images/s",
-                cpu_ms,
-                model_ms: None,
-                n,
-                note,
-            });
-        }
-    }
+        note,
+    };
+    let [floor, exact_small, fast_small] = small_parts;
+    let [whole_large, eighth_large, exact_large, fast_large] = large_parts;
+    // The scalar resize (before) on its own: taken in turn with the others,
+    // its buffers and caches slowed the parts after it by a tenth.
+    resample::set_simd(false);
+    let [scalar_small] = interleaved(
+        s,
+        &mut [&mut |i| {
+            pre.preprocess_into(&small[i % small.len()], &mut out)?;
+            Ok(())
+        }],
+    )?;
+    let [scalar_large] = interleaved(
+        s,
+        &mut [&mut |i| {
+            pre.preprocess_into(&large[i % large.len()], &mut out)?;
+            Ok(())
+        }],
+    )?;
     resample::set_simd(true);
-    let mut fast = model.preprocessor.clone();
-    fast.mode = ImageMode::Fast;
-    let mut exact_rate = [0f64; 2];
-    for r in &rows {
-        if r.name
-            .starts_with("exact preprocess, 640x480 JPEG (default)")
-        {
-            exact_rate[0] = r.rate;
-        } else if r
-            .name
-            .starts_with("exact preprocess, 1600x1200 JPEG (default)")
-        {
-            exact_rate[1] = r.rate;
+    let simd_note = format!(
+        "SIMD decoder {}",
+        if cfg!(feature = "jpeg-simd") {
+            "built in (`jpeg-simd`; on when nasm was found at build time)"
+        } else {
+            "not built (`jpeg-simd` off)"
         }
-    }
-    for (k, (files, size)) in [(&small, "640x480"), (&large, "1600x1200")]
-        .into_iter()
-        .enumerate()
-    {
-        let mut i = 0;
-        let (rate, cpu_ms, n) = one_core(s, || {
-            fast.preprocess_into(&files[i % files.len()], &mut out)?;
-            i += 1;
-            Ok(1)
-        })?;
-        rows.push(Row {
-            name: format!("fast preprocess, {size} JPEG (`[image] mode = \"fast\"`)"),
-            rate,
-            unit: "images/s",
-            cpu_ms,
-            model_ms: None,
-            n,
-            note: format!("{:.2} x exact", rate / exact_rate[k]),
-        });
-    }
+    );
+    let of_floor = |p: Part| format!("{:.2} x the decode floor", floor.1 / p.1);
+    let of_exact = |p: Part, exact: Part| format!("{:.2} x exact", exact.1 / p.1);
+    rows.push(row(
+        "JPEG decode alone, 640x480 (libjpeg-turbo)".into(),
+        floor,
+        simd_note,
+    ));
+    rows.push(row(
+        "JPEG decode, 1600x1200, whole".into(),
+        whole_large,
+        String::new(),
+    ));
+    rows.push(row(
+        "JPEG decode, 1600x1200, at 1/8 DCT scale: the entropy-decoding floor".into(),
+        eighth_large,
+        String::new(),
+    ));
+    rows.push(row(
+        "exact preprocess, 640x480 JPEG (scalar resize, before)".into(),
+        scalar_small,
+        of_floor(scalar_small),
+    ));
+    rows.push(row(
+        "exact preprocess, 1600x1200 JPEG (scalar resize, before)".into(),
+        scalar_large,
+        String::new(),
+    ));
+    rows.push(row(
+        "exact preprocess, 640x480 JPEG (default)".into(),
+        exact_small,
+        of_floor(exact_small),
+    ));
+    rows.push(row(
+        "exact preprocess, 1600x1200 JPEG (default)".into(),
+        exact_large,
+        String::new(),
+    ));
+    rows.push(row(
+        "fast preprocess, 640x480 JPEG (`[image] mode = \"fast\"`)".into(),
+        fast_small,
+        of_exact(fast_small, exact_small),
+    ));
+    rows.push(row(
+        "fast preprocess, 1600x1200 JPEG (`[image] mode = \"fast\"`)".into(),
+        fast_large,
+        of_exact(fast_large, exact_large),
+    ));
     drop(model);
 
     let records = args.host_cost_records;
