@@ -363,14 +363,35 @@ fn convolve_rows_avx2(taps: &[u8], weights: &[i32], acc: &mut [i32], out: &mut [
 #[inline(always)]
 fn convolve_rows_generic(taps: &[u8], weights: &[i32], acc: &mut [i32], out: &mut [u8]) {
     let n = out.len();
-    let acc = &mut acc[..n];
+    // Blocks of L outputs summed over every tap in registers (four AVX2
+    // vectors), so the sums are stored once, not once per tap.
+    const L: usize = 32;
+    let blocks = n / L * L;
+    for x0 in (0..blocks).step_by(L) {
+        let mut a = [1i32 << (PRECISION_BITS - 1); L];
+        for (k, &w) in weights.iter().enumerate() {
+            let row: &[u8; L] = taps[k * n + x0..k * n + x0 + L]
+                .try_into()
+                .unwrap_or(&[0; L]);
+            for (a, &v) in a.iter_mut().zip(row) {
+                *a += i32::from(v) * w;
+            }
+        }
+        for (o, &a) in out[x0..x0 + L].iter_mut().zip(&a) {
+            *o = clip8(a);
+        }
+    }
+    // The rest, a tap at a time through `acc`.
+    let rest = n - blocks;
+    let acc = &mut acc[..rest];
     acc.fill(1 << (PRECISION_BITS - 1));
-    for (row, &w) in taps.chunks_exact(n.max(1)).zip(weights) {
+    for (k, &w) in weights.iter().enumerate() {
+        let row = &taps[k * n + blocks..(k + 1) * n];
         for (a, &v) in acc.iter_mut().zip(row) {
             *a += i32::from(v) * w;
         }
     }
-    for (o, &a) in out.iter_mut().zip(acc.iter()) {
+    for (o, &a) in out[blocks..].iter_mut().zip(acc.iter()) {
         *o = clip8(a);
     }
 }
