@@ -123,3 +123,22 @@ fn a_towers_runs_count_their_host_cpu_and_its_pool_threads_are_named() {
         "{pool:?} of {last:?}"
     );
 }
+
+/// A pixel buffer whose length does not match the batch is the caller's
+/// error, returned, not a panic; a size whose product overflows too.
+#[test]
+fn a_pixel_buffer_of_the_wrong_length_is_an_error() {
+    let mut v = load(vec![ExecutionProvider::Cpu], false).expect("loads");
+    let err = v
+        .embed(&[0.0; 10], 1, (224, 224))
+        .expect_err("10 values for a 224x224 image");
+    assert!(err.to_string().contains("150528 pixel values"), "{err}");
+    let err = v
+        .embed(&[0.0; 10], usize::MAX / 2, (224, 224))
+        .expect_err("an overflowing size");
+    assert!(err.to_string().contains("pixel values"), "{err}");
+    let err = v
+        .embed_filled(usize::MAX / 2, (224, 224), |_| Ok(()))
+        .expect_err("an overflowing batch in the tower's buffer");
+    assert!(err.to_string().contains("pixel values"), "{err}");
+}

@@ -185,8 +185,14 @@ impl VisionEncoder {
             }
             _ => {}
         }
-        assert_eq!(len, n * 3 * h * w, "pixel buffer size");
-        Ok(Some([n as i64, 3, h as i64, w as i64]))
+        let (shape, need) = batch_dims(n, (h, w))?;
+        if need != len {
+            return Err(ModelError::Runtime(format!(
+                "a batch of {n} images of {w}x{h} takes {need} pixel values, and {len} were given \
+                 (a caller bug)"
+            )));
+        }
+        Ok(Some(shape))
     }
 
     /// Embeds `n` images given as resized, cropped bytes `[n, 3, h, w]`
@@ -256,7 +262,7 @@ impl VisionEncoder {
         if n == 0 {
             return Ok(EmbeddingBatch::empty());
         }
-        let shape = [n as i64, 3, h as i64, w as i64];
+        let (shape, _) = batch_dims(n, (h, w))?;
         let t = &mut self.tower;
         let staging = match &mut self.staging {
             Some(s) => s,
@@ -323,5 +329,20 @@ impl VisionEncoder {
             }
             _ => self.run_view(shape, pixels, n),
         }
+    }
+}
+
+/// The `[n, 3, h, w]` shape of a batch and how many values it holds; an
+/// error where that does not fit the address space or ONNX Runtime's
+/// dimensions.
+fn batch_dims(n: usize, (h, w): (usize, usize)) -> Result<([i64; 4], usize), ModelError> {
+    let values = [3, h, w].iter().try_fold(n, |a, &b| a.checked_mul(b));
+    let dim = |v: usize| i64::try_from(v).ok();
+    match (values, dim(n), dim(h), dim(w)) {
+        (Some(values), Some(n), Some(h), Some(w)) => Ok(([n, 3, h, w], values)),
+        _ => Err(ModelError::Runtime(format!(
+            "a batch of {n} images of {w}x{h} takes more pixel values than fit in memory \
+             (a caller bug)"
+        ))),
     }
 }
