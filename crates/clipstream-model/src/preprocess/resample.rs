@@ -522,25 +522,26 @@ fn transpose3_ssse3(src: &[u8], stride: usize, offset: usize, h: usize, w: usize
     use std::arch::x86_64::*;
     const C: usize = 3;
     let line = h * C;
-    assert!(
-        dst.len() >= w * line
-            && (h == 0 || w == 0 || src.len() >= (h - 1) * stride + offset + w * C),
-        "transpose3: buffers too small"
-    );
     let widen = _mm_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1);
     // The last 4 bytes zeroed, so that shifted vectors can be OR-ed.
     let narrow = _mm_setr_epi8(0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14, -1, -1, -1, -1);
-    // 16 bytes from byte `s`, of which the block uses the first 12: past
-    // the end of `src` the last 4 are zeros.
+    // 16 bytes from byte `s`, of which the block uses the first 12; where
+    // `src` has fewer than 16 left, what it has, then zeros (whatever the
+    // arguments, nothing outside `src` is read).
     let load = |s: usize| -> __m128i {
-        if s + 16 <= src.len() {
-            // SAFETY: bytes s..s + 16 lie within `src` (checked above).
-            unsafe { _mm_loadu_si128(src.as_ptr().add(s).cast()) }
-        } else {
-            let mut b = [0u8; 16];
-            b[..12].copy_from_slice(&src[s..s + 12]);
-            // SAFETY: `b` is 16 readable bytes.
-            unsafe { _mm_loadu_si128(b.as_ptr().cast()) }
+        match src.get(s..) {
+            Some(rest) if rest.len() >= 16 => {
+                // SAFETY: `rest` has at least 16 readable bytes.
+                unsafe { _mm_loadu_si128(rest.as_ptr().cast()) }
+            }
+            rest => {
+                let rest = rest.unwrap_or_default();
+                let mut b = [0u8; 16];
+                let k = rest.len().min(12);
+                b[..k].copy_from_slice(&rest[..k]);
+                // SAFETY: `b` is 16 readable bytes.
+                unsafe { _mm_loadu_si128(b.as_ptr().cast()) }
+            }
         }
     };
     let (h16, w4) = (h / 16 * 16, w / 4 * 4);
@@ -817,6 +818,56 @@ mod tests {
                 "case {case}: {w}x{h}, offset {offset}, stride {stride}"
             );
         }
+    }
+
+    /// The SSSE3 transpose reads nothing past the end of `src`: here `src`
+    /// ends right before a page that may not be read (a read past it
+    /// would kill the test), for sizes whose last block reads the last
+    /// bytes.
+    #[test]
+    #[allow(unsafe_code)]
+    fn transpose3_reads_nothing_past_the_end() {
+        // SAFETY: sysconf has no preconditions.
+        let page =
+            usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).expect("page size");
+        // SAFETY: a fresh anonymous private mapping of two pages; the second
+        // is then made unreadable, and the slices below lie in the first.
+        let base = unsafe {
+            let p = libc::mmap(
+                std::ptr::null_mut(),
+                2 * page,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            );
+            assert_ne!(p, libc::MAP_FAILED);
+            assert_eq!(
+                libc::mprotect(p.cast::<u8>().add(page).cast(), page, libc::PROT_NONE),
+                0
+            );
+            p.cast::<u8>()
+        };
+        for (w, h, offset, pad) in [(4, 16, 0, 0), (8, 32, 3, 0), (20, 16, 1, 5), (5, 17, 0, 0)] {
+            let stride = offset + w * 3 + pad;
+            let len = (h - 1) * stride + offset + w * 3;
+            // SAFETY: `len` bytes ending at the page's end, within the
+            // mapping's first page (len < page), written before read.
+            let src = unsafe {
+                let start = base.add(page - len);
+                for i in 0..len {
+                    start.add(i).write((i * 7) as u8);
+                }
+                std::slice::from_raw_parts(start, len)
+            };
+            let mut want = vec![0u8; w * h * 3];
+            let mut got = vec![1u8; w * h * 3];
+            transpose_n::<3>(src, stride, offset, h, w, &mut want);
+            transpose3(src, stride, offset, h, w, &mut got);
+            assert_eq!(got, want, "{w}x{h}, offset {offset}, stride {stride}");
+        }
+        // SAFETY: the mapping made above, no longer borrowed.
+        unsafe { libc::munmap(base.cast(), 2 * page) };
     }
 
     const PILLOW_RAMP_4X4_TO_3X2: [u8; 18] = [

@@ -46,38 +46,47 @@ struct Row {
 /// items.
 type Part = (f64, f64, usize);
 
-/// Runs `steps` on this thread item by item in turn (each call one item,
-/// given the item's number; which goes first rotates) for about `seconds` each, after one warm-up
-/// call each, and returns each step's [`Part`]. Taken in turn, a drift in
-/// the machine's speed (a shared machine's drifts by 15-25% from one
-/// measurement to the next) slows every step alike, so their ratios hold
-/// where figures taken one after the other do not. Each call is timed by
-/// this thread's CPU clock and the wall clock.
+/// Runs `steps` on this thread item by item in turn, one call (one item,
+/// given its number) of each per round in an order shuffled every round,
+/// until `seconds` times the number of steps have passed (after one
+/// warm-up call each), and returns each step's [`Part`]. Taken in turn, a
+/// drift in the machine's speed (a shared machine's drifts by 15-25% from
+/// one measurement to the next) slows every step alike, so their ratios
+/// hold where figures taken one after the other do not; shuffled, no step
+/// mostly runs after the same other one (whose caches it would inherit).
+/// Each call is timed by this thread's CPU clock and the wall clock.
 fn interleaved<const K: usize>(
     seconds: f64,
     steps: &mut [&mut dyn FnMut(usize) -> anyhow::Result<()>; K],
 ) -> anyhow::Result<[Part; K]> {
+    let thread_cpu = || {
+        clipstream_model::cpu::thread_time()
+            .context("this system cannot read a thread's CPU clock (CLOCK_THREAD_CPUTIME_ID)")
+    };
+    thread_cpu()?;
     for step in steps.iter_mut() {
         step(0)?;
     }
     let budget = Duration::from_secs_f64(seconds * K as f64);
-    let thread_cpu = || clipstream_model::cpu::thread_time().unwrap_or_default();
     let (mut wall, mut cpu, mut n) = ([Duration::ZERO; K], [Duration::ZERO; K], [0usize; K]);
+    let mut rand = corpus::xorshift(0x2545_F491_4F6C_DD1D);
+    let mut order: [usize; K] = std::array::from_fn(|k| k);
     let started = Instant::now();
-    let mut round = 0;
-    while started.elapsed() < budget {
-        for j in 0..K {
-            let k = (j + round) % K;
-            let (t, c) = (Instant::now(), thread_cpu());
+    // At least one round, however short the budget.
+    while n[0] == 0 || started.elapsed() < budget {
+        for j in (1..K).rev() {
+            order.swap(j, (rand() % (j as u64 + 1)) as usize);
+        }
+        for k in order {
+            let (t, c) = (Instant::now(), thread_cpu()?);
             steps[k](n[k] + 1)?;
-            cpu[k] += thread_cpu().saturating_sub(c);
+            cpu[k] += thread_cpu()?.saturating_sub(c);
             wall[k] += t.elapsed();
             n[k] += 1;
         }
-        round += 1;
     }
     Ok(std::array::from_fn(|k| {
-        let items = n[k].max(1) as f64;
+        let items = n[k] as f64;
         (
             items / wall[k].as_secs_f64().max(1e-9),
             1000.0 * cpu[k].as_secs_f64() / items,
@@ -196,8 +205,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             "not built (`jpeg-simd` off)"
         }
     );
-    let of_floor = |p: Part| format!("{:.2} x the decode floor", floor.1 / p.1);
-    let of_exact = |p: Part, exact: Part| format!("{:.2} x exact", exact.1 / p.1);
+    // Ratios of CPU per image, taken in turn.
+    let of_floor = |p: Part| format!("{:.2} x the decode floor (CPU per image)", floor.1 / p.1);
+    let of_exact = |p: Part, exact: Part| format!("{:.2} x exact (CPU per image)", exact.1 / p.1);
     rows.push(row(
         "JPEG decode alone, 640x480 (libjpeg-turbo)".into(),
         floor,
@@ -216,12 +226,12 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     rows.push(row(
         "exact preprocess, 640x480 JPEG (scalar resize, before)".into(),
         scalar_small,
-        of_floor(scalar_small),
+        "timed on its own, after the others".into(),
     ));
     rows.push(row(
         "exact preprocess, 1600x1200 JPEG (scalar resize, before)".into(),
         scalar_large,
-        String::new(),
+        "timed on its own, after the others".into(),
     ));
     rows.push(row(
         "exact preprocess, 640x480 JPEG (default)".into(),
