@@ -1,8 +1,10 @@
-//! What the benchmarks share: their arguments, CPU time, and the generated
-//! images.
+//! What the benchmarks share: their arguments, CPU time, timing parts in
+//! turn, and the generated images.
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use clap::Args;
 
 use crate::args::{ImageArgs, ModelArgs};
@@ -112,4 +114,63 @@ pub(super) fn list_images(dir: &Path) -> Vec<PathBuf> {
         .unwrap_or_default();
     files.sort();
     files
+}
+
+/// One part's figures: items per second of its own time, CPU-ms per item,
+/// items.
+pub(super) type Part = (f64, f64, usize);
+
+/// Runs `steps` on this thread item by item in turn, one call (one item,
+/// given its number) of each per round in an order shuffled every round,
+/// until `seconds` times the number of steps have passed (after one
+/// warm-up call each), and returns each step's [`Part`]. Taken in turn, a
+/// drift in the machine's speed (a shared machine's drifts by 15-25% from
+/// one measurement to the next) slows every step alike, so their ratios
+/// hold where figures taken one after the other do not; shuffled, no step
+/// mostly runs after the same other one (whose caches it would inherit).
+/// Each call is timed by this thread's CPU clock and the wall clock.
+pub(super) fn interleaved<const K: usize>(
+    seconds: f64,
+    steps: &mut [&mut dyn FnMut(usize) -> anyhow::Result<()>; K],
+) -> anyhow::Result<[Part; K]> {
+    let thread_cpu = || {
+        clipstream_model::cpu::thread_time()
+            .context("this system cannot read a thread's CPU clock (CLOCK_THREAD_CPUTIME_ID)")
+    };
+    thread_cpu()?;
+    for step in steps.iter_mut() {
+        step(0)?;
+    }
+    let budget = Duration::from_secs_f64(seconds * K as f64);
+    let (mut wall, mut cpu, mut n) = ([Duration::ZERO; K], [Duration::ZERO; K], [0usize; K]);
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    let mut rand = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut order: [usize; K] = std::array::from_fn(|k| k);
+    let started = Instant::now();
+    // At least one round, however short the budget.
+    while n[0] == 0 || started.elapsed() < budget {
+        for j in (1..K).rev() {
+            order.swap(j, (rand() % (j as u64 + 1)) as usize);
+        }
+        for k in order {
+            let (t, c) = (Instant::now(), thread_cpu()?);
+            steps[k](n[k] + 1)?;
+            cpu[k] += thread_cpu()?.saturating_sub(c);
+            wall[k] += t.elapsed();
+            n[k] += 1;
+        }
+    }
+    Ok(std::array::from_fn(|k| {
+        let items = n[k] as f64;
+        (
+            items / wall[k].as_secs_f64().max(1e-9),
+            1000.0 * cpu[k].as_secs_f64() / items,
+            n[k],
+        )
+    }))
 }
