@@ -38,9 +38,11 @@ pub struct BenchArgs {
     /// ratio (a shared machine's speed drifts between two measurements).
     #[arg(long, default_value_t = 3, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100))]
     pub rounds: u32,
-    /// Print the host CPU cost per record instead: decode floor, exact
-    /// preprocessing (SIMD resize and scalar, side by side), the local job
-    /// on a catalog-like corpus, and the Python peers with `--python`.
+    /// Print the host CPU cost per record instead: the decode floor, exact
+    /// and fast preprocessing (timed item by item in turn, so their ratios
+    /// hold on a machine whose speed drifts), the scalar resize before, the
+    /// local job on a catalog-like corpus, and the Python peers with
+    /// `--python`.
     #[arg(long)]
     pub host_cost: bool,
     /// The `--host-cost` corpus: 640x480 and 1600x1200 JPEGs and a few PNGs,
