@@ -731,18 +731,22 @@ mod tests {
         assert_eq!(out.data, PILLOW_RAMP_4X4_TO_3X2);
     }
 
+    /// A xorshift generator of numbers below its argument.
+    fn below(mut state: u64) -> impl FnMut(u64) -> u64 {
+        move |n| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state % n
+        }
+    }
+
     /// The vectorised passes (transposed horizontal pass, AVX2 kernel) give
     /// the bytes of Pillow's scalar loops, for every filter, channel count,
     /// up- and downscale and window.
     #[test]
     fn vectorised_passes_are_bit_identical_to_the_scalar_ones() {
-        let mut state = 0x2545_F491_4F6C_DD1Du64;
-        let mut rand = move |n: u64| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state % n
-        };
+        let mut rand = below(0x2545_F491_4F6C_DD1D);
         let filters = [
             Filter::Bilinear,
             Filter::Bicubic,
@@ -784,13 +788,7 @@ mod tests {
     /// last pixel read (the loads near the end must not read past it).
     #[test]
     fn transpose3_matches_the_scalar_loop() {
-        let mut state = 0x9E37_79B9_7F4A_7C15u64;
-        let mut rand = move |n: u64| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state % n
-        };
+        let mut rand = below(0x9E37_79B9_7F4A_7C15);
         let sizes = [
             (1, 1),
             (4, 16),

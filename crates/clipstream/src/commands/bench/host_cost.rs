@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clipstream_model::ClipModel;
-use clipstream_model::preprocess::{ImageMode, buffers, decode, resample};
+use clipstream_model::preprocess::{ImageMode, ImagePreprocessor, buffers, decode, resample};
 
 use super::common::{BenchArgs, Part, interleaved};
 use super::corpus;
@@ -51,7 +51,6 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     )?;
     model.preprocessor.limits = args.images.limits();
     let pre = model.preprocessor.clone();
-    let mut out = vec![0f32; pre.pixels_len()];
     let mut rows = Vec::new();
 
     let small = read_all(&corpus.jpeg_small)?;
@@ -64,8 +63,6 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     // so that the ratios in the notes compare like with like.
     // 640x480: decode alone (the floor of exact output), exact
     // preprocessing, fast mode.
-    let mut exact_out = out.clone();
-    let mut fast_out = out.clone();
     let small_parts = interleaved(
         s,
         &mut [
@@ -75,44 +72,30 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                 buffers::give_bytes(d.rgb.data);
                 Ok(())
             },
-            &mut |i| {
-                pre.preprocess_into(&small[i % small.len()], &mut exact_out)?;
-                Ok(())
-            },
-            &mut |i| {
-                fast.preprocess_into(&small[i % small.len()], &mut fast_out)?;
-                Ok(())
-            },
+            &mut prep_step(&pre, &small),
+            &mut prep_step(&fast, &small),
         ],
     )?;
     // 1600x1200: decoded whole, and at the smallest DCT scale (1/8), where
     // little is left but the entropy decoding every scale pays: the floor
     // of what a reduced-scale decode (fast mode) can cost; then exact
     // preprocessing and fast mode.
-    let whole = |bytes: &[u8], cover: Option<(usize, usize)>| -> anyhow::Result<()> {
-        let d = decode::decode_reduced(bytes, &pre.limits, false, &|_, _| cover)?;
-        buffers::give_bytes(std::hint::black_box(d).rgb.data);
-        Ok(())
+    let decode_step = |cover: Option<(usize, usize)>| {
+        let (large, limits) = (&large, &pre.limits);
+        move |i: usize| -> anyhow::Result<()> {
+            let bytes = &large[i % large.len()];
+            let d = decode::decode_reduced(bytes, limits, false, &|_, _| cover)?;
+            buffers::give_bytes(std::hint::black_box(d).rgb.data);
+            Ok(())
+        }
     };
     let large_parts = interleaved(
         s,
         &mut [
-            &mut |i| {
-                whole(&large[i % large.len()], None)?;
-                Ok(())
-            },
-            &mut |i| {
-                whole(&large[i % large.len()], Some((1, 1)))?;
-                Ok(())
-            },
-            &mut |i| {
-                pre.preprocess_into(&large[i % large.len()], &mut exact_out)?;
-                Ok(())
-            },
-            &mut |i| {
-                fast.preprocess_into(&large[i % large.len()], &mut fast_out)?;
-                Ok(())
-            },
+            &mut decode_step(None),
+            &mut decode_step(Some((1, 1))),
+            &mut prep_step(&pre, &large),
+            &mut prep_step(&fast, &large),
         ],
     )?;
     let row = |name: String, (rate, cpu_ms, n): Part, note: String| Row {
@@ -129,20 +112,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     // The scalar resize (before) on its own: taken in turn with the others,
     // its buffers and caches slowed the parts after it by a tenth.
     resample::set_simd(false);
-    let [scalar_small] = interleaved(
-        s,
-        &mut [&mut |i| {
-            pre.preprocess_into(&small[i % small.len()], &mut out)?;
-            Ok(())
-        }],
-    )?;
-    let [scalar_large] = interleaved(
-        s,
-        &mut [&mut |i| {
-            pre.preprocess_into(&large[i % large.len()], &mut out)?;
-            Ok(())
-        }],
-    )?;
+    let [scalar_small] = interleaved(s, &mut [&mut prep_step(&pre, &small)])?;
+    let [scalar_large] = interleaved(s, &mut [&mut prep_step(&pre, &large)])?;
     resample::set_simd(true);
     let simd_note = format!(
         "SIMD decoder {}",
@@ -322,6 +293,16 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// A step for [`interleaved`]: `pre` preprocesses item `i` of `files`
+/// (round robin) into a buffer of its own.
+fn prep_step<'a>(
+    pre: &'a ImagePreprocessor,
+    files: &'a [Vec<u8>],
+) -> impl FnMut(usize) -> anyhow::Result<()> + 'a {
+    let mut out = vec![0f32; pre.pixels_len()];
+    move |i| Ok(pre.preprocess_into(&files[i % files.len()], &mut out)?)
 }
 
 fn read_all(files: &[PathBuf]) -> anyhow::Result<Vec<Vec<u8>>> {
