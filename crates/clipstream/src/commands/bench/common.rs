@@ -118,6 +118,17 @@ pub(super) fn list_images(dir: &Path) -> Vec<PathBuf> {
     files
 }
 
+/// A xorshift64 generator (deterministic corpora and orders, no
+/// dependency).
+pub(super) fn xorshift(mut state: u64) -> impl FnMut() -> u64 {
+    move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    }
+}
+
 /// One part's figures: items per second of its own time, CPU-ms per item,
 /// items.
 pub(super) type Part = (f64, f64, usize);
@@ -145,13 +156,7 @@ pub(super) fn interleaved<const K: usize>(
     }
     let budget = Duration::from_secs_f64(seconds * K as f64);
     let (mut wall, mut cpu, mut n) = ([Duration::ZERO; K], [Duration::ZERO; K], [0usize; K]);
-    let mut state = 0x2545_F491_4F6C_DD1Du64;
-    let mut rand = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
+    let mut rand = xorshift(0x2545_F491_4F6C_DD1D);
     let mut order: [usize; K] = std::array::from_fn(|k| k);
     let started = Instant::now();
     // At least one round, however short the budget.

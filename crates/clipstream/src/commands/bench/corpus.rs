@@ -37,7 +37,7 @@ pub fn ensure(dir: &Path) -> anyhow::Result<Corpus> {
         }
         eprintln!("writing {n} {w}x{h} images into {}", sub.display());
         std::fs::create_dir_all(&sub).with_context(|| format!("creating {}", sub.display()))?;
-        let mut rand = xorshift(0x9E37_79B9_7F4A_7C15 ^ (w * 31 + h) as u64);
+        let mut rand = super::common::xorshift(0x9E37_79B9_7F4A_7C15 ^ (w * 31 + h) as u64);
         for k in 0..n {
             let rgb = photo(w, h, &mut rand);
             let (bytes, ext) = if png {
@@ -57,16 +57,6 @@ pub fn ensure(dir: &Path) -> anyhow::Result<Corpus> {
         jpeg_large: part("jpeg-1600x1200", 12, 1600, 1200, false)?,
         png: part("png-640x480", 4, 640, 480, true)?,
     })
-}
-
-/// A xorshift64 generator (deterministic corpus, no dependency).
-pub fn xorshift(mut state: u64) -> impl FnMut() -> u64 {
-    move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    }
 }
 
 /// One synthetic photo, RGB, `w * h * 3` bytes.

@@ -314,7 +314,7 @@ fn ensure_images(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let (w, h) = (640usize, 480usize);
-    let mut rand = corpus::xorshift(0x9E37_79B9_7F4A_7C15);
+    let mut rand = common::xorshift(0x9E37_79B9_7F4A_7C15);
     for k in 0..64 {
         let rgb = corpus::photo(w, h, &mut rand);
         let jpeg = corpus::encode_jpeg(&rgb, w, h, 88.0, true)?;
